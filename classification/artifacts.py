@@ -1,0 +1,153 @@
+"""The files every stage writes and reads: atomic writes and the one versioned ``summary.json`` schema.
+
+summary.json (schema_version 1), shared by the classification, detection and segmentation stages::
+
+    {
+      "schema_version": 1,
+      "stage": "classification" | "detection" | "segmentation",
+      "arm": "d_cosine",            # study arm (defaults to the config / run name)
+      "seed": 0,
+      "metrics": {...},             # percentages 0-100, as in the paper's tables:
+                                    #   classification: top1, top5, ema_top1, ema_top5 (ema_* None without EMA)
+                                    #   detection: mAP, per_class_AP {class: AP}
+                                    #   segmentation: mIoU, aAcc, mAcc, per_class_IoU {class: IoU}
+      "protocol": {...},            # what makes numbers comparable: dataset, image size, schedule, eval mode
+      "config": {...},              # the resolved config of the run
+      "backbone": {...} | null,     # detection/segmentation: the export's meta.json (null: random init)
+      "history": [...],             # per-epoch rows, e.g. {"epoch", "lr", "train_loss", "top1"}
+      "lr_schedule": [[t, lr], ...],  # sampled learning rate against epoch (float), for plots
+      "wall_time_s": 12.3,
+      "versions": {"torch": ..., "timm": ..., ...},
+      "created": "2026-11-27T10:00:00+00:00"
+    }
+
+The report reads only these files; ``read_summary`` refuses any other schema version.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+STAGES = ("classification", "detection", "segmentation")
+
+
+def _mkstemp_beside(path: Path) -> str:
+    """A temporary file next to ``path`` with the permissions a plain open() would give (mkstemp uses 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename: the old file survives a crash."""
+    path = Path(path)
+    tmp = _mkstemp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a same-directory temporary file and a rename (a full disk leaves the old file)."""
+    import torch
+
+    path = Path(path)
+    tmp = _mkstemp_beside(path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def stack_versions() -> dict[str, str]:
+    """Versions of whatever parts of the stack are importable (mm* only where installed)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "torchvision", "timm", "numpy", "mmengine", "mmcv", "mmdet", "mmsegmentation"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_summary(
+    path: str | Path,
+    *,
+    stage: str,
+    arm: str,
+    seed: int,
+    metrics: dict[str, Any],
+    protocol: dict[str, Any],
+    config: dict[str, Any],
+    wall_time_s: float,
+    backbone: dict[str, Any] | None = None,
+    history: list[dict[str, Any]] | None = None,
+    lr_schedule: list[list[float]] | None = None,
+) -> dict[str, Any]:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "arm": arm,
+        "seed": int(seed),
+        "metrics": metrics,
+        "protocol": protocol,
+        "config": config,
+        "backbone": backbone,
+        "history": history or [],
+        "lr_schedule": lr_schedule or [],
+        "wall_time_s": round(float(wall_time_s), 2),
+        "versions": stack_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(path, summary)
+    return summary
+
+
+class SummaryError(ValueError):
+    pass
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """Load a summary.json, refusing unreadable files and unknown schema versions with one clear line."""
+    path = Path(path)
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SummaryError(f"{path}: cannot read summary ({e}); rerun the stage that writes it") from e
+    version = summary.get("schema_version") if isinstance(summary, dict) else None
+    if version != SCHEMA_VERSION:
+        raise SummaryError(
+            f"{path}: summary schema_version {version!r} is not supported (this toolkit reads version "
+            f"{SCHEMA_VERSION}); rerun the stage with this toolkit version"
+        )
+    if summary.get("stage") not in STAGES:
+        raise SummaryError(f"{path}: unknown stage {summary.get('stage')!r}; expected one of {STAGES}")
+    return summary

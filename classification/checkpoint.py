@@ -1,0 +1,102 @@
+"""Training checkpoints: atomic, complete (model, EMA, optimizer, scaler, schedule, RNG), weights-only loadable."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .artifacts import atomic_torch_save
+from .config import Config, config_from_dict
+from .models import build_model
+
+LAST, BEST = "last.pth", "best.pth"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of every library the run draws from, as tensors and plain types (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),  # (version, tuple of ints, float or None): plain types
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP's ``module`` and torch.compile's ``_orig_mod`` wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    state = dict(state, rng=rng_state())
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load one of our checkpoints (weights_only=True: tensors and plain containers only)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no such checkpoint; give a run dir holding {LAST} or a .pth file") from e
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              f"it is damaged or not one of ours: retrain or pick another file") from e
+
+
+def resolve_checkpoint(src: str | Path) -> Path:
+    """A run dir (its best, else last checkpoint) or a checkpoint file."""
+    src = Path(src)
+    if src.is_dir():
+        for name in (BEST, LAST):
+            if (src / name).is_file():
+                return src / name
+        raise CheckpointError(f"{src}: no {BEST} or {LAST} in this run dir; train it first (tools/train_cls.sh)")
+    return src
+
+
+def load_classifier(src: str | Path, *, ema: bool = False) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Rebuild a trained classifier from a run dir or checkpoint: (model in eval mode, its config, checkpoint)."""
+    path = resolve_checkpoint(src)
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a classification checkpoint of this toolkit (no config/model)")
+    cfg = config_from_dict(ckpt["config"], str(path))
+    weights = ckpt["model"]
+    if ema:
+        if ckpt.get("ema") is None:
+            raise CheckpointError(f"{path}: this run kept no EMA weights (ema_decay was 0); use raw weights")
+        weights = ckpt["ema"]
+    model = build_model(cfg.variant, ckpt["num_classes"], zero_gamma=cfg.zero_gamma, init="timm", mean=cfg.mean,
+                        std=cfg.std)
+    model.load_state_dict(weights, strict=True)
+    return model.eval(), cfg, ckpt

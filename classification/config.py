@@ -1,0 +1,187 @@
+"""The classification config: one typed place for every default, recipes are YAML deltas.
+
+The defaults are the paper's §2 baseline (He et al. 2019): every trick off. A recipe file holds only the keys
+that differ; ``--set key=value`` overrides on the command line. Unknown keys and wrong types are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    name: str = ""  # run name; defaults to the recipe file's stem
+    # --- model (§4) -------------------------------------------------------------------------------------
+    variant: str = "B"  # A | B | C | D, see classification/variants.py
+    zero_gamma: bool = False  # §3.1: last BN gamma of every residual block starts at 0 (timm's default is on)
+    init: str = "xavier"  # §2: Xavier-uniform conv/FC weights; "timm": timm's own (Kaiming) init
+    # --- data (§2) ----------------------------------------------------------------------------------------
+    data_root: str = "data/imagenet"  # ImageFolder root holding train/ and val/
+    image_size: int = 224  # train crop and eval crop, pixels
+    eval_resize: float = 256 / 224  # eval: resize shorter side to image_size * eval_resize, then center crop
+    mean: list[float] = field(default_factory=lambda: [123.68, 116.779, 103.939])  # RGB, 0-255 scale
+    std: list[float] = field(default_factory=lambda: [58.393, 57.12, 57.375])
+    color_jitter: float = 0.4  # brightness/contrast/saturation factors drawn from [1-x, 1+x] (GluonCV)
+    pca_lighting: float = 0.1  # AlexNet-style PCA lighting noise, alpha ~ N(0, x)
+    workers: int = 4  # data loader processes per GPU
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    bad_images: str = "error"  # "error": stop naming the file; "skip": drop it from the batch and count it
+    # --- optimisation (§2, §3.1, §5.1) ----------------------------------------------------------------------
+    epochs: int = 120
+    batch_size: int = 32  # per process; the global batch is batch_size x world size
+    base_lr: float = 0.1  # the learning rate at a global batch of 256 when lr_scaling is "linear"
+    lr_scaling: str = "none"  # "linear" (§3.1): lr = base_lr x global_batch / 256; "none": lr = base_lr
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    no_bias_decay: bool = False  # §3.1: weight decay on conv/FC weights only, never on biases or BN
+    warmup_epochs: float = 0.0  # §3.1: linear warmup from 0, per iteration
+    schedule: str = "step"  # "step" (§2) or "cosine" (§5.1), per iteration after warmup
+    step_epochs: list[int] = field(default_factory=lambda: [30, 60, 90])
+    step_gamma: float = 0.1
+    # --- precision and speed (§3.2) -------------------------------------------------------------------------
+    amp: str = "none"  # "none" (fp32), "fp16" (fp32 master weights + loss scaling), "bf16"
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    # --- refinements (§5) ----------------------------------------------------------------------------------
+    label_smoothing: float = 0.0  # §5.2 epsilon
+    mixup_alpha: float = 0.0  # §5.4, Beta(alpha, alpha); 0 = off
+    distill_teacher: str = ""  # §5.3: a timm model name (pretrained) or our run dir / checkpoint; "" = off
+    distill_temperature: float = 20.0  # §5.3 T
+    distill_weight: float = 1.0  # weight of T^2 KL(teacher || student)
+    task_weight: float = 1.0  # weight of the cross-entropy on the (smoothed, mixed) labels
+    ema_decay: float = 0.0  # exponential moving average of the weights (not in the paper); 0 = off
+    # --- run ------------------------------------------------------------------------------------------------
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels (bitwise-reproducible resume on CPU)
+    log_interval: int = 20  # iterations between log lines (and host synchronisations)
+    checkpoint_interval: int = 0  # also save last.pth every N iterations; 0 = at epoch ends only
+    max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite steps
+    max_steps: int = 0  # stop after this many iterations in total (smoke tests, benchmarks); 0 = no limit
+
+    def global_batch(self, world_size: int) -> int:
+        return self.batch_size * world_size
+
+    def peak_lr(self, world_size: int) -> float:
+        """§3.1 linear scaling: 0.1 for 256 images becomes 0.4 for 1024."""
+        if self.lr_scaling == "linear":
+            return self.base_lr * self.global_batch(world_size) / 256
+        return self.base_lr
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "variant": ("A", "B", "C", "D"),
+    "init": ("xavier", "timm"),
+    "bad_images": ("error", "skip"),
+    "lr_scaling": ("none", "linear"),
+    "schedule": ("step", "cosine"),
+    "amp": ("none", "fp16", "bf16"),
+}
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = get_type_hints(Config)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check (and for numbers, widen) one value against the field's type; no silent string->number casts."""
+    typ = _TYPES[key]
+    bad = ConfigError(f"{source}: '{key}' must be {typ.__name__ if hasattr(typ, '__name__') else typ}, "
+                      f"got {value!r}")
+    if get_origin(typ) is list:
+        (item,) = get_args(typ)
+        if not isinstance(value, list):
+            raise bad
+        if item is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
+        if item is int and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise bad
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif typ is str:
+        if not isinstance(value, str):
+            raise bad
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{source}: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{source}: unknown key '{key}' (valid keys are the fields of classification/config.py)")
+        setattr(cfg, key, _coerce(key, value, source))
+    return cfg
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` pairs; the value is read as YAML (so 0.1, true, [30, 60] have their types)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            delta = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror}); check the path") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]}); fix the file") from e
+        if not isinstance(delta, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(delta).__name__}")
+        apply_overrides(cfg, delta, str(path))
+        cfg.name = cfg.name or path.stem
+    apply_overrides(cfg, parse_set(list(overrides)), "--set")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config: {msg}")
+
+    need(cfg.epochs > 0 and cfg.batch_size > 0, "epochs and batch_size must be positive")
+    need(0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+    need(cfg.mixup_alpha >= 0, "mixup_alpha must be >= 0")
+    need(cfg.mixup_alpha == 0 or cfg.batch_size % 2 == 0, "mixup needs an even batch_size")
+    need(0 <= cfg.warmup_epochs < cfg.epochs, "warmup_epochs must be in [0, epochs)")
+    need(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)")
+    need(len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values (RGB, 0-255)")
+    need(cfg.distill_temperature > 0, "distill_temperature must be > 0")
+
+
+def config_from_dict(values: dict[str, Any], source: str) -> Config:
+    """Rebuild a saved (resolved) config, e.g. from a checkpoint or a run dir's config.yaml."""
+    cfg = apply_overrides(Config(), values, source)
+    validate(cfg)
+    return cfg

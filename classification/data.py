@@ -1,0 +1,178 @@
+"""ImageFolder data with the paper's augmentation (§2), deterministic per (seed, epoch, sample).
+
+Each sample's random augmentation is drawn from a generator seeded by (seed, epoch, index), not from the
+worker's global RNG, so that a run resumed in the middle of an epoch, with any number of workers, sees the
+same images as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+
+from .config import Config
+
+# ImageNet RGB PCA on 0-1 pixels (AlexNet §4.1; fb.resnet.torch and GluonCV use the same values).
+PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+class DataError(RuntimeError):
+    """A dataset problem the user must fix; the message names the file."""
+
+
+class Lighting:
+    """PCA lighting noise (§2: alpha ~ N(0, 0.1)) on a 0-1 RGB tensor."""
+
+    def __init__(self, alphastd: float):
+        self.alphastd = alphastd
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.alphastd == 0:
+            return img
+        alpha = torch.randn(3) * self.alphastd
+        rgb = PCA_EIGVEC @ (alpha * PCA_EIGVAL)
+        return img + rgb.view(3, 1, 1)
+
+
+def train_transform(cfg: Config) -> transforms.Compose:
+    """§2: RandomResizedCrop (area 8-100 %, aspect 3/4-4/3), flip, colour jitter, PCA lighting, normalise.
+
+    The paper scales "hue, saturation and brightness" by U[0.6, 1.4]; the authors' GluonCV code jitters
+    brightness, contrast and saturation by 0.4, which we follow (torchvision's hue is a shift, not a scale).
+    """
+    j = cfg.color_jitter
+    return transforms.Compose([
+        transforms.RandomResizedCrop(cfg.image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                     interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0),
+        transforms.ToTensor(),
+        Lighting(cfg.pca_lighting),
+        transforms.Normalize([m / 255 for m in cfg.mean], [s / 255 for s in cfg.std]),
+    ])
+
+
+def eval_transform(cfg: Config) -> transforms.Compose:
+    """§2: resize the shorter side to 256 (for a 224 crop), center crop."""
+    return transforms.Compose([
+        transforms.Resize(round(cfg.image_size * cfg.eval_resize), interpolation=transforms.InterpolationMode.BILINEAR,
+                          antialias=True),
+        transforms.CenterCrop(cfg.image_size),
+        transforms.ToTensor(),
+        transforms.Normalize([m / 255 for m in cfg.mean], [s / 255 for s in cfg.std]),
+    ])
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()  # decode now: a truncated file raises here, with its name, not later in a transform
+        return img.convert("RGB")
+
+
+class ImageFolderData(Dataset):
+    """torchvision ImageFolder whose items are keyed by (index, epoch); bad images raise or are flagged.
+
+    Returns (image, label) or, when ``skip_bad``, (None, -1) for an unreadable file, which ``collate`` drops and
+    counts. Indexing with a plain int uses epoch 0 (evaluation is deterministic anyway).
+    """
+
+    def __init__(self, root: str | Path, transform, *, seed: int, skip_bad: bool):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such folder; point --data-root at the ImageFolder holding train/ and val/")
+        try:
+            self.folder = datasets.ImageFolder(str(root), loader=_load_rgb, allow_empty=False)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"{root}: {e}; see tools/check_data.py imagenet") from e
+        self.transform = transform
+        self.seed = seed
+        self.skip_bad = skip_bad
+
+    @property
+    def classes(self) -> list[str]:
+        return self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        path, label = self.folder.samples[index]
+        try:
+            img = _load_rgb(path)
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            if self.skip_bad:
+                return None, -1
+            raise DataError(f"{path}: unreadable image ({e}); replace or delete it, or set bad_images=skip") from e
+        # Seed the augmentation from (seed, epoch, index) only: see the module docstring.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+            return self.transform(img), label
+
+
+class EpochSampler(Sampler):
+    """torch's DistributedSampler order for this rank, tagged with the epoch and resumable mid-epoch."""
+
+    def __init__(self, n: int, *, rank: int, world_size: int, seed: int, batch_size: int):
+        self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                        drop_last=True)
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def __iter__(self):
+        indices = list(self.inner)[self.skip_batches * self.batch_size:]
+        return iter([(i, self.epoch) for i in indices])
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip_batches * self.batch_size
+
+
+def collate(batch):
+    """Stack the good samples; return the number of skipped (unreadable) ones as a third element."""
+    good = [(x, y) for x, y in batch if y >= 0]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
+    xs, ys = zip(*good)
+    return torch.stack(xs), torch.tensor(ys), len(batch) - len(good)
+
+
+def _worker_init(worker_id: int) -> None:
+    # numpy/random in workers are not used by our transforms, but seed them so third-party ones are repeatable.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool):
+    root = Path(cfg.data_root)
+    skip = cfg.bad_images == "skip"
+    train_set = ImageFolderData(root / "train", train_transform(cfg), seed=cfg.seed, skip_bad=skip)
+    val_set = ImageFolderData(root / "val", eval_transform(cfg), seed=cfg.seed, skip_bad=skip)
+    if val_set.classes != train_set.classes:
+        raise DataError(f"{root}: train/ and val/ have different class folders; see tools/check_data.py imagenet")
+    if len(train_set) < cfg.batch_size * world_size:
+        raise DataError(f"{root / 'train'}: {len(train_set)} images is fewer than one global batch "
+                        f"({cfg.batch_size} x {world_size}); lower batch_size")
+    sampler = EpochSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed,
+                           batch_size=cfg.batch_size)
+    common = dict(num_workers=cfg.workers, pin_memory=pin_memory, collate_fn=collate, worker_init_fn=_worker_init,
+                  persistent_workers=cfg.persistent_workers and cfg.workers > 0)
+    train = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+    # Evaluation: each rank takes every world_size-th image, no padding, so the reduced counts are exact.
+    val = DataLoader(val_set, batch_size=cfg.batch_size, sampler=list(range(rank, len(val_set), world_size)),
+                     shuffle=False, **common)
+    return train, val, sampler, train_set.classes

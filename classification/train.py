@@ -1,0 +1,375 @@
+"""Train a ResNet-50 A/B/C/D with any subset of the paper's tricks; rerunning the same command resumes.
+
+    python -m classification.train CONFIG.yaml [--data-root DIR] [--work-dir DIR] [--set key=value ...]
+    torchrun --nproc_per_node=8 -m classification.train CONFIG.yaml ...      # DDP, one process per GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.distributed as dist
+import yaml
+from timm.utils import ModelEmaV3
+
+from .artifacts import atomic_write_bytes, atomic_write_json, write_summary
+from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, load_classifier, save_checkpoint, set_rng_state
+from .config import Config, ConfigError, load_config
+from .data import DataError, build_loaders
+from .models import build_model
+from .tricks import build_mixup, build_optimizer, build_scheduler, build_task, lr_at
+
+log = logging.getLogger("classification")
+
+# Keys that may change between a run and its resume without changing the result.
+RUNTIME_KEYS = {"name", "data_root", "workers", "pin_memory", "persistent_workers", "log_interval",
+                "checkpoint_interval", "compile"}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (cluster preemption): finish the current step, save, exit."""
+
+    def __init__(self):
+        self.set = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
+        self.set = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """All ranks stop at the same step: any rank's flag stops everyone (a collective; call on all ranks)."""
+        if not dist.is_initialized():
+            return self.set
+        return bool(all_reduce(torch.tensor([float(self.set)], device=device)).item())
+
+
+def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, ema, cfg: Config, epoch: int,
+                    first_step: int, iters_per_epoch: int, device: torch.device, stop: StopFlag) -> dict:
+    """One epoch from ``first_step``; returns its statistics, with ``stopped_at`` set on preemption."""
+    task.train()
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
+                    enabled=cfg.amp != "none")
+    loss_sum = torch.zeros((), device=device)
+    skipped = torch.zeros((), device=device)  # steps the loss scaler skipped (non-finite gradients)
+    streak = torch.zeros((), device=device)  # consecutive skipped steps
+    images, bad, data_wait = 0, 0, 0.0
+    t_start = t_last = time.perf_counter()
+    for step, (x, y, n_bad) in enumerate(loader, start=first_step):
+        data_wait += time.perf_counter() - t_last
+        bad += n_bad
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup is not None:
+            x, y = x[: len(x) // 2 * 2], y[: len(y) // 2 * 2]  # mixup pairs samples (skipped images can leave one)
+            x, y = mixup(x, y)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        global_step = epoch * iters_per_epoch + step
+        scheduler.step_update(num_updates=global_step + 1)  # lr of update i is schedule(i + 1), see tricks.py
+
+        with torch.autocast(**autocast):
+            loss = task(x, y)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skips the update when any gradient is inf/NaN
+        found_inf = sum(scaler._found_inf_per_device(optimizer).values())  # device tensors: no host sync
+        scaler.update()
+        if ema is not None:
+            ema.update(model, step=global_step)
+
+        loss_sum += torch.where(found_inf > 0, 0.0, loss.detach().float())
+        skipped += found_inf
+        streak = (streak + found_inf) * (found_inf > 0)
+        images += len(x)
+        logging_step = (step + 1) % cfg.log_interval == 0 or step + 1 == iters_per_epoch
+        if logging_step:  # the only host synchronisation of the step
+            n_ok = step + 1 - first_step - skipped.item()
+            elapsed = time.perf_counter() - t_start
+            log.info("epoch %d [%d/%d] loss %.4f lr %.5f | %.1f img/s, data wait %.0f%% | skipped %d, bad images %d",
+                     epoch, step + 1, iters_per_epoch, loss_sum.item() / max(n_ok, 1), optimizer.param_groups[0]["lr"],
+                     images / elapsed, 100 * data_wait / elapsed, skipped.item(), bad)
+            if streak.item() >= cfg.max_nonfinite_steps:
+                raise TrainingError(
+                    f"loss or gradients non-finite for {int(streak.item())} consecutive steps (epoch {epoch}, step "
+                    f"{step + 1}): lower base_lr, add warmup_epochs or use amp=bf16; {LAST} holds the last good epoch")
+        t_last = time.perf_counter()
+        if (logging_step or not dist.is_initialized()) and stop.agreed(device):
+            return dict(stopped_at=step + 1)
+        if cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
+            return dict(checkpoint_at=step + 1)
+    elapsed = time.perf_counter() - t_start
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    steps = torch.tensor(float(iters_per_epoch - first_step), device=device)
+    loss_sum, n_ok, skipped = all_reduce(torch.stack([loss_sum, steps - skipped, skipped])).tolist()
+    return dict(train_loss=loss_sum / max(n_ok, 1), images_per_s=images * world / elapsed,
+                data_wait_share=data_wait / elapsed, skipped_steps=int(skipped / world), bad_images=bad)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, cfg: Config) -> tuple[float, float]:
+    """Top-1 / top-5 (%) over the whole validation set, reduced over ranks."""
+    model.eval()
+    counts = torch.zeros(3, device=device)  # correct@1, correct@5, seen
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
+                    enabled=cfg.amp != "none")
+    for x, y, _ in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(**autocast):
+            logits = model(x)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
+    c1, c5, n = all_reduce(counts).tolist()
+    return 100 * c1 / max(n, 1), 100 * c5 / max(n, 1)
+
+
+def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module | None:
+    """§5.3 teacher: one of our run dirs / checkpoints, or a timm model name with its pretrained weights."""
+    if not cfg.distill_teacher:
+        return None
+    if Path(cfg.distill_teacher).exists():
+        teacher, _, ckpt = load_classifier(cfg.distill_teacher, ema=False)
+        if ckpt["num_classes"] != num_classes:
+            raise ConfigError(f"distill_teacher {cfg.distill_teacher}: teacher predicts {ckpt['num_classes']} "
+                              f"classes, the data has {num_classes}; train the teacher on the same data")
+    else:
+        teacher = timm.create_model(cfg.distill_teacher, pretrained=True)  # downloads from the hub
+        if teacher.num_classes != num_classes:
+            raise ConfigError(f"distill_teacher {cfg.distill_teacher}: predicts {teacher.num_classes} classes, the "
+                              f"data has {num_classes}; use a teacher trained on this label space")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def check_resumable(ckpt: dict, cfg: Config, world_size: int, path: Path) -> None:
+    saved = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_KEYS}
+    now = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}
+    changed = sorted(k for k in now if saved.get(k) != now[k])
+    if changed:
+        raise CheckpointError(f"{path}: this run dir was started with different settings ({', '.join(changed)}); "
+                              f"use another --work-dir or restore the original settings")
+    if ckpt["world_size"] != world_size:
+        raise CheckpointError(f"{path}: saved with {ckpt['world_size']} processes, now {world_size}; resume with "
+                              f"GPUS={ckpt['world_size']} (the global batch and schedule depend on it)")
+
+
+def setup_logging(run_dir: Path, main: bool) -> None:
+    handlers: list[logging.Handler] = []
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")]
+    else:
+        handlers = [logging.NullHandler()]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)
+
+
+def write_epoch_metrics(run_dir: Path, row: dict, tb) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    csv = run_dir / "metrics.csv"
+    if not csv.exists():
+        csv.write_text(",".join(row) + "\n")
+    with open(csv, "a") as f:
+        f.write(",".join("" if v is None else str(v) for v in row.values()) + "\n")
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            tb.add_scalar(key, value, row["epoch"])
+    tb.flush()
+
+
+def run(cfg: Config, run_dir: Path, d: Dist) -> int:
+    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+    train_loader, val_loader, sampler, classes = build_loaders(cfg, d.rank, d.world_size,
+                                                               cfg.pin_memory and device.type == "cuda")
+    ipe = len(train_loader)
+    model = build_model(cfg.variant, len(classes), zero_gamma=cfg.zero_gamma, init=cfg.init, mean=cfg.mean,
+                        std=cfg.std).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    task = build_task(model, cfg, load_teacher(cfg, len(classes), device), device)
+    optimizer = build_optimizer(model, cfg, d.world_size)
+    scheduler = build_scheduler(optimizer, cfg, ipe)
+    fp16 = cfg.amp == "fp16"
+    # The scaler also guards fp32/bf16: with scale 1 it only skips updates whose gradients are not finite.
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0, growth_factor=2.0,
+                                  backoff_factor=0.5, growth_interval=2000 if fp16 else 2**30, enabled=True)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, min_decay=0.0, update_after_step=0, use_warmup=False,
+                     device=None) if cfg.ema_decay > 0 else None
+    mixup = build_mixup(cfg, len(classes))
+
+    epoch, first_step, history, best_top1 = 0, 0, [], -1.0
+    last = run_dir / LAST
+    if last.exists():
+        ckpt = load_checkpoint(last)
+        check_resumable(ckpt, cfg, d.world_size, last)
+        model.load_state_dict(ckpt["model"], strict=True)
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        epoch, first_step, history, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best_top1"]
+        log.info("resumed from %s at epoch %d, step %d", last, epoch, first_step)
+    if cfg.compile:
+        task.compile(backend="inductor", mode=None)
+    if d.world_size > 1:
+        task.prepare_distributed(device_ids=[d.local_rank] if device.type == "cuda" else None)
+
+    def save(path: Path, epoch: int, step: int) -> None:
+        if d.main:
+            save_checkpoint(path, model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            scheduler=scheduler.state_dict(), epoch=epoch, step=step, history=history,
+                            best_top1=best_top1, config=cfg.to_dict(), num_classes=len(classes), classes=classes,
+                            world_size=d.world_size)
+
+    if d.main:
+        atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        log.info("%s: ResNet-50-%s, %d classes, %d iterations/epoch, global batch %d, peak lr %.4g, device %s",
+                 cfg.name, cfg.variant, len(classes), ipe, cfg.global_batch(d.world_size), cfg.peak_lr(d.world_size),
+                 device)
+    tb = None
+    if d.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(run_dir / "tb"))
+    stop = StopFlag()
+    t0 = time.perf_counter()
+    while epoch < cfg.epochs:
+        sampler.set_epoch(epoch, skip_batches=first_step)
+        stats = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, mixup, ema, cfg, epoch,
+                                first_step, ipe, device, stop)
+        if "stopped_at" in stats or "checkpoint_at" in stats:
+            first_step = stats.get("stopped_at", stats.get("checkpoint_at"))
+            save(last, epoch, first_step)
+            if "stopped_at" in stats:
+                log.info("stopped by signal at epoch %d step %d; %s saved, rerun the same command to resume",
+                         epoch, first_step, last)
+                return 0
+            continue
+        top1, top5 = evaluate(model, val_loader, device, cfg)
+        ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, cfg) if ema else (None, None)
+        epoch, first_step = epoch + 1, 0
+        row = dict(epoch=epoch, lr=optimizer.param_groups[0]["lr"], train_loss=stats["train_loss"], top1=top1,
+                   top5=top5, ema_top1=ema_top1, ema_top5=ema_top5, images_per_s=stats["images_per_s"],
+                   data_wait_share=stats["data_wait_share"], skipped_steps=stats["skipped_steps"],
+                   bad_images=stats["bad_images"])
+        history.append(row)
+        log.info("epoch %d: top-1 %.2f top-5 %.2f%s, train loss %.4f, %.1f img/s", epoch, top1, top5,
+                 f" (EMA top-1 {ema_top1:.2f})" if ema else "", stats["train_loss"], stats["images_per_s"])
+        if d.main:
+            write_epoch_metrics(run_dir, row, tb)
+            if top1 > best_top1:
+                best_top1 = top1
+                save(run_dir / BEST, epoch, 0)
+            save(last, epoch, 0)
+    if d.main:
+        write_run_summary(cfg, run_dir, history, len(classes), d.world_size, ipe, time.perf_counter() - t0)
+    return 0
+
+
+def write_run_summary(cfg: Config, run_dir: Path, history: list[dict], num_classes: int, world_size: int,
+                      ipe: int, wall: float) -> None:
+    final = history[-1]
+    total = cfg.epochs * ipe
+    points = sorted({round(i * (total - 1) / 199) for i in range(200)})
+    write_summary(
+        run_dir / "summary.json", stage="classification", arm=cfg.name, seed=cfg.seed,
+        metrics=dict(top1=final["top1"], top5=final["top5"], ema_top1=final["ema_top1"], ema_top5=final["ema_top5"],
+                     best_top1=max(r["top1"] for r in history),
+                     images_per_s=sum(r["images_per_s"] for r in history) / len(history)),
+        protocol=dict(dataset=str(Path(cfg.data_root).resolve().name), num_classes=num_classes,
+                      image_size=cfg.image_size, epochs=cfg.epochs, global_batch=cfg.global_batch(world_size),
+                      eval=f"resize {round(cfg.image_size * cfg.eval_resize)}, center crop {cfg.image_size}"),
+        config=cfg.to_dict(), wall_time_s=wall, history=history,
+        lr_schedule=[[i / ipe, lr_at(cfg, world_size, ipe, i)] for i in points],
+    )
+    log.info("summary: %s (top-1 %.2f, top-5 %.2f)", run_dir / "summary.json", final["top1"], final["top5"])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m classification.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="recipe YAML (configs/classification/...); only the keys that differ from the "
+                                  "defaults in classification/config.py")
+    p.add_argument("--data-root", help="ImageFolder root holding train/ and val/ (overrides data_root)")
+    p.add_argument("--work-dir", help="run dir (default: work_dirs/cls/<config name>); rerun to resume")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.set) + ([f"data_root={args.data_root}"] if args.data_root else [])
+    d = Dist()
+    try:
+        cfg = load_config(args.config, overrides)
+        run_dir = Path(args.work_dir or f"work_dirs/cls/{cfg.name}")
+        d = setup_distributed()
+        setup_logging(run_dir, d.main)
+        return run(cfg, run_dir, d)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

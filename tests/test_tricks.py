@@ -1,0 +1,206 @@
+"""Each trick against an independent reference formula, on tiny inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from classification.config import ConfigError, load_config
+from classification.models import build_model, zero_gamma_bns
+from classification.tricks import (
+    build_criterion,
+    build_mixup,
+    build_optimizer,
+    build_scheduler,
+    build_task,
+    lr_at,
+    param_groups,
+)
+
+IPE = 10  # iterations per epoch in the schedule tests
+
+
+def tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+
+
+def cfg_with(**kv):
+    return load_config(None, [f"{k}={v}" for k, v in kv.items()])
+
+
+def reference_lr(i, *, peak, warmup, total, schedule, steps=(), gamma=0.1):
+    """The paper's formulas, written independently: update i (0-based) is batch i + 1 of §3.1."""
+    t = i + 1
+    if t < warmup:
+        return peak * t / warmup
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))) * peak
+    return peak * gamma ** len([s for s in steps if i >= s])
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+@pytest.mark.parametrize("warmup_epochs", [0, 2])
+@pytest.mark.parametrize("batch,world,scaling", [(32, 8, "linear"), (128, 8, "linear"), (64, 1, "none")])
+def test_lr_schedule_matches_closed_form(schedule, warmup_epochs, batch, world, scaling):
+    cfg = cfg_with(schedule=schedule, warmup_epochs=warmup_epochs, batch_size=batch, lr_scaling=scaling, epochs=12,
+                   step_epochs="[4, 8]")
+    peak = 0.1 * batch * world / 256 if scaling == "linear" else 0.1
+    assert cfg.peak_lr(world) == pytest.approx(peak)
+    opt = build_optimizer(tiny_model(), cfg, world)
+    sched = build_scheduler(opt, cfg, IPE)
+    for i in [0, 1, 5, 19, 20, 21, 39, 40, 41, 60, 79, 80, 81, 119]:
+        sched.step_update(num_updates=i + 1)
+        want = reference_lr(i, peak=peak, warmup=warmup_epochs * IPE, total=12 * IPE, schedule=schedule,
+                            steps=(40, 80))
+        for group in opt.param_groups:
+            assert group["lr"] == pytest.approx(want, abs=1e-12), (i, group["lr"], want)
+        assert lr_at(cfg, world, IPE, i) == pytest.approx(want, abs=1e-12)
+
+
+def test_linear_scaling_rule_numbers():
+    # §3.1: 0.1 at batch 256, 0.4 at batch 1024 (8 GPUs x 128).
+    assert cfg_with(lr_scaling="linear", batch_size=32).peak_lr(8) == pytest.approx(0.1)
+    assert cfg_with(lr_scaling="linear", batch_size=128).peak_lr(8) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_label_smoothing_loss_is_ce_against_smoothed_targets(eps):
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    q = (1 - eps) * F.one_hot(y, 5).float() + eps / 5
+    want = -(q * logits.log_softmax(1)).sum(1).mean()
+    assert build_criterion(cfg_with(label_smoothing=eps))(logits, y).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_mixup_targets_are_smoothed_convex_combinations():
+    cfg = cfg_with(mixup_alpha=0.2, label_smoothing=0.1)
+    mixup = build_mixup(cfg, num_classes=4)
+    np.random.seed(0)
+    x, y = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    xm, t = mixup(x.clone(), y)
+    assert torch.allclose(t.sum(1), torch.ones(6))
+    q = 0.9 * F.one_hot(y, 4).float() + 0.1 / 4
+    # Recover lambda from the targets, then check images and targets mix the same pairs (batch mode: i <-> flip).
+    lam = ((t - q.flip(0)) / (q - q.flip(0) + 1e-12))[0, y[0]].item()
+    assert 0 <= lam <= 1
+    assert torch.allclose(t, lam * q + (1 - lam) * q.flip(0), atol=1e-6)
+    assert torch.allclose(xm, lam * x + (1 - lam) * x.flip(0), atol=1e-5)
+
+
+def test_mixup_lambda_one_is_identity():
+    from timm.data.mixup import mixup_target
+
+    y = torch.tensor([0, 2, 1, 1])
+    t = mixup_target(y, num_classes=3, lam=1.0, smoothing=0.1)
+    assert torch.allclose(t, 0.9 * F.one_hot(y, 3).float() + 0.1 / 3)
+    mixup = build_mixup(cfg_with(mixup_alpha=0.2), num_classes=3)
+    mixup._params_per_batch = lambda: (1.0, False)  # force lambda = 1
+    x = torch.randn(4, 3, 2, 2)
+    xm, t = mixup(x.clone(), y)
+    assert torch.equal(xm, x) and torch.allclose(t, F.one_hot(y, 3).float())
+
+
+class FixedLogits(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.w = nn.Parameter(torch.zeros(()))
+        self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.2, 0.2, 0.2)}
+        self.num_classes, self.in_chans = logits.shape[1], 3
+
+    def forward(self, x):
+        return self.logits + 0 * self.w
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0, 20.0])
+def test_distillation_loss_is_ce_plus_t2_kl(T):
+    torch.manual_seed(0)
+    z, r, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    cfg = cfg_with(distill_temperature=T, distill_weight=1.0, task_weight=1.0)
+    task = build_task(FixedLogits(z), cfg, FixedLogits(r), torch.device("cpu"))
+    loss = task(torch.zeros(4, 3, 2, 2), y)["loss"]
+    p_t, log_p_s = (r / T).softmax(1), (z / T).log_softmax(1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(1).mean()
+    assert loss.item() == pytest.approx((F.cross_entropy(z, y) + T * T * kl).item(), rel=1e-5)
+
+
+def test_distillation_term_is_zero_when_student_equals_teacher():
+    z = torch.randn(4, 5)
+    task = build_task(FixedLogits(z), cfg_with(distill_temperature=20.0, task_weight=0.0), FixedLogits(z.clone()),
+                      torch.device("cpu"))
+    assert abs(task(torch.zeros(4, 3, 2, 2), torch.tensor([0, 1, 2, 3]))["loss"].item()) < 1e-6
+
+
+@pytest.mark.parametrize("variant", ["B", "D"])
+def test_no_bias_decay_groups(variant):
+    model = build_model(variant, 10, zero_gamma=False, init="timm", mean=[0, 0, 0], std=[1, 1, 1])
+    cfg = cfg_with(no_bias_decay=True, weight_decay=1e-4)
+    opt = build_optimizer(model, cfg, 1)
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))  # every parameter exactly once
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and pname == "weight":
+                assert wd_of[id(p)] == 1e-4, f"{name}.{pname}"
+            else:
+                assert wd_of[id(p)] == 0.0, f"{name}.{pname}"
+    # Off: the §2 baseline decays everything.
+    groups = param_groups(model, cfg_with(no_bias_decay=False))
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 1e-4
+
+
+@pytest.mark.parametrize("variant", ["A", "B", "C", "D"])
+@pytest.mark.parametrize("init", ["xavier", "timm"])
+def test_zero_gamma(variant, init):
+    on = build_model(variant, 10, zero_gamma=True, init=init, mean=[0, 0, 0], std=[1, 1, 1])
+    off = build_model(variant, 10, zero_gamma=False, init=init, mean=[0, 0, 0], std=[1, 1, 1])
+    assert len(zero_gamma_bns(on)) == 16
+    assert all(torch.all(w == 0) for w in zero_gamma_bns(on))
+    assert all(torch.all(w == 1) for w in zero_gamma_bns(off))
+
+
+def test_variants_differ_where_the_paper_says():
+    m = {v: build_model(v, 10, zero_gamma=False, init="timm", mean=[0, 0, 0], std=[1, 1, 1]) for v in "ABCD"}
+    for stage in ("layer2", "layer3", "layer4"):
+        a, b = getattr(m["A"], stage)[0], getattr(m["B"], stage)[0]
+        assert a.conv1.stride == (2, 2) and a.conv2.stride == (1, 1)  # A: stride in the 1x1
+        assert b.conv1.stride == (1, 1) and b.conv2.stride == (2, 2)  # B: stride in the 3x3
+        d = getattr(m["D"], stage)[0]
+        assert isinstance(d.downsample[0], nn.AvgPool2d) and d.downsample[0].stride == 2  # D: avg-pool shortcut
+        assert isinstance(getattr(m["C"], stage)[0].downsample[0], nn.Conv2d)
+    assert isinstance(m["B"].conv1, nn.Conv2d) and m["B"].conv1.kernel_size == (7, 7)
+    for v in "CD":  # three 3x3 convs (32, 32, 64) replace the 7x7 stem
+        convs = [c for c in m[v].conv1 if isinstance(c, nn.Conv2d)]
+        assert [c.kernel_size for c in convs] == [(3, 3)] * 3 and [c.out_channels for c in convs] == [32, 32, 64]
+    x = torch.randn(1, 3, 64, 64)
+    for v, model in m.items():
+        assert model.eval()(x).shape == (1, 10)
+        assert model.forward_features(x).shape == (1, 2048, 2, 2)
+
+
+def test_xavier_init_is_applied():
+    model = build_model("D", 10, zero_gamma=False, init="xavier", mean=[0, 0, 0], std=[1, 1, 1])
+    w = model.layer3[1].conv2.weight
+    fan_in, fan_out = w.shape[1] * 9, w.shape[0] * 9
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert torch.all(model.fc.bias == 0)
+
+
+def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'lr'"):
+        cfg_with(lr=0.1)
+    with pytest.raises(ConfigError, match="'epochs' must be int"):
+        cfg_with(epochs=1.5)
+    with pytest.raises(ConfigError, match="'schedule' must be one of"):
+        cfg_with(schedule="linear")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variant: D\nmixup: 0.2\n")
+    with pytest.raises(ConfigError, match=f"{bad}: unknown key 'mixup'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="'zero_gamma' must be bool"):
+        cfg_with(zero_gamma='"yes"')
