@@ -11,12 +11,14 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -227,6 +229,8 @@ def write_epoch_metrics(run_dir: Path, row: dict, tb) -> None:
 def run(cfg: Config, run_dir: Path, d: Dist) -> int:
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    np.random.seed(cfg.seed + d.rank)  # timm's Mixup draws lambda from numpy
+    random.seed(cfg.seed + d.rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -265,6 +269,9 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
         set_rng_state(ckpt["rng"])
         epoch, first_step, history, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best_top1"]
         log.info("resumed from %s at epoch %d, step %d", last, epoch, first_step)
+    if epoch >= cfg.epochs and (run_dir / "summary.json").exists():
+        log.info("%s: already complete (%d epochs); nothing to do", run_dir, epoch)
+        return 0
     if cfg.compile:
         task.compile(backend="inductor", mode=None)
     if d.world_size > 1:

@@ -1,0 +1,6 @@
+"""Embedded default data: seeded synthetic datasets in the real ImageFolder / Pascal VOC / ADE20K formats.
+
+- ``datakit.render``: the shared shape x texture vocabulary and the scene renderer (numpy only).
+- ``datakit.make``: writers for the three on-disk formats; ``main(argv)`` is ``tools/make_data.py``.
+- ``datakit.check``: validators for real or generated trees; ``main(argv)`` is ``tools/check_data.py``.
+"""

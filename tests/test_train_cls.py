@@ -1,0 +1,145 @@
+"""The classification trainer end to end on a tiny ImageFolder: resume, preemption, bad data, DDP."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from classification import train
+from classification.artifacts import read_summary
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["image_size=32", "batch_size=4", "workers=0", "init=timm", "log_interval=1", "step_epochs=[1]"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Two colour classes, 8 train / 2 val images each, 40 px."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 2)):
+        for c, base in enumerate(([200, 40, 40], [40, 40, 200])):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(rng.normal(base, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+def run_train(folder, work, *sets, config="configs/classification/demo/smoke.yaml"):
+    return train.main([str(REPO / config), "--data-root", str(folder), "--work-dir", str(work),
+                       "--set", *TINY, *sets])
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(folder, tmp_path, monkeypatch):
+    tricks = ["deterministic=true", "epochs=2", "mixup_alpha=0.2", "label_smoothing=0.1", "schedule=cosine",
+              "warmup_epochs=0.5", "no_bias_decay=true", "zero_gamma=true", "ema_decay=0.9"]
+    assert run_train(folder, tmp_path / "straight", *tricks) == 0
+
+    calls = {"n": 0}
+
+    def stop_at_third_step(self, device):
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    with monkeypatch.context() as m:
+        m.setattr(train.StopFlag, "agreed", stop_at_third_step)
+        assert run_train(folder, tmp_path / "resumed", *tricks) == 0
+    partial = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    assert (partial["epoch"], partial["step"]) == (0, 3)
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    assert run_train(folder, tmp_path / "resumed", *tricks) == 0  # the same command resumes
+
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    assert a["history"][-1]["top1"] == b["history"][-1]["top1"]
+    summary = read_summary(tmp_path / "resumed" / "summary.json")
+    assert summary["stage"] == "classification" and summary["metrics"]["ema_top1"] is not None
+    assert len(summary["history"]) == 2 and summary["lr_schedule"][0][1] > 0
+
+
+def test_rerun_of_complete_run_does_nothing_and_changed_config_is_refused(folder, tmp_path, capsys):
+    assert run_train(folder, tmp_path / "r", "epochs=1") == 0
+    before = (tmp_path / "r" / "summary.json").read_bytes()
+    assert run_train(folder, tmp_path / "r", "epochs=1") == 0
+    assert (tmp_path / "r" / "summary.json").read_bytes() == before
+    assert run_train(folder, tmp_path / "r", "epochs=1", "variant=D") == 1
+    err = capsys.readouterr().err
+    assert "last.pth" in err and "variant" in err and err.count("\n") == 1
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(folder, tmp_path):
+    cmd = [sys.executable, "-m", "classification.train", str(REPO / "configs/classification/demo/smoke.yaml"),
+           "--data-root", str(folder), "--work-dir", str(tmp_path / "run"), "--set", *TINY, "epochs=100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 0 [1/" in line:
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, "".join(lines)
+    assert any("stopped by signal" in line for line in lines)
+    ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert ckpt["step"] >= 1 and ckpt["epoch"] == 0 and ckpt["config"]["epochs"] == 100
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path, capsys):
+    broken = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(folder), str(broken)], check=True)
+    bad = broken / "train" / "class1" / "3.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    assert run_train(broken, tmp_path / "r1", "epochs=1") == 1
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and "bad_images=skip" in err and "\n" not in err
+
+    assert run_train(broken, tmp_path / "r2", "epochs=1", "bad_images=skip") == 0
+    summary = read_summary(tmp_path / "r2" / "summary.json")
+    assert summary["history"][0]["bad_images"] == 1
+
+
+def test_missing_data_root_is_one_clear_line(tmp_path, capsys):
+    assert run_train(tmp_path / "nowhere", tmp_path / "r", "epochs=1") == 1
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path / "nowhere" / "train") in err and "--data-root" in err and "\n" not in err
+
+
+def test_nonfinite_losses_stop_the_run(folder, tmp_path, capsys, monkeypatch):
+    real = train.build_task
+
+    def nan_task(*args, **kwargs):
+        task = real(*args, **kwargs)
+        forward = task.forward
+        task.forward = lambda x, y: {**forward(x, y), "loss": forward(x, y)["loss"] * float("nan")}
+        return task
+
+    monkeypatch.setattr(train, "build_task", nan_task)
+    assert run_train(folder, tmp_path / "r", "epochs=1", "max_nonfinite_steps=2") == 1
+    assert "non-finite for 2 consecutive steps" in capsys.readouterr().err
+
+
+def test_ddp_under_torchrun_two_cpu_processes(folder, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           "-m", "classification.train", str(REPO / "configs/classification/demo/smoke.yaml"),
+           "--data-root", str(folder), "--work-dir", str(tmp_path / "ddp"), "--set", *TINY, "epochs=1",
+           "lr_scaling=linear"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = read_summary(tmp_path / "ddp" / "summary.json")
+    assert summary["protocol"]["global_batch"] == 8
+    assert summary["config"]["lr_scaling"] == "linear"
+    ckpt = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
+    # 16 training images, global batch 8: 2 iterations per epoch, each rank saw 4 images per step.
+    assert "[2/2]" in out.stdout
