@@ -45,6 +45,49 @@ def patch_mmcv_source(src_dir: str | Path) -> None:
         print(f"patched {path}: '{old}' -> '{new}' ({why})")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Run time
+# ----------------------------------------------------------------------------------------------------------
+
+_applied = False
+_trusted_dirs: list[Path] = []
+
+
+def trust_checkpoints_in(directory: str | Path) -> None:
+    """Opt in to full unpickling for the checkpoints mmengine's Runner wrote into ``directory`` (a run's own
+    work_dir); see ``_load_from_local``."""
+    _trusted_dirs.append(Path(directory).resolve())
+
+
+def _load_from_local(filename: str, map_location=None):
+    """mmengine 0.10.7 calls ``torch.load(path)`` without ``weights_only``; since torch 2.6 that means weights-only
+    loading, which refuses the Runner's own checkpoints (resume, test after train): their ``message_hub`` pickles
+    mmengine ``HistoryBuffer`` objects and numpy scalars, whose numpy 2 pickles need ``builtins.getattr``, a
+    global that cannot be allow-listed safely. So: files inside a directory registered with
+    ``trust_checkpoints_in`` (the toolkit's own run dirs) load fully; every other file (pretrained weights, our
+    exports, anything downloaded) stays weights-only. Delete when mmengine passes ``weights_only`` itself (not in any
+    release as of 2026-11).
+    """
+    import torch
+
+    path = Path(filename).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{filename} can not be found.")
+    trusted = any(path.is_relative_to(d) for d in _trusted_dirs)
+    return torch.load(path, map_location=map_location, weights_only=not trusted)
+
+
+def apply() -> None:
+    """Apply every run-time fix once; the detection and segmentation stages call this before using mmengine."""
+    global _applied
+    if _applied:
+        return
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes="", loader=_load_from_local, force=True)
+    _applied = True
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "patch-mmcv-source":
         raise SystemExit("usage: python transfer/compat.py patch-mmcv-source MMCV_SOURCE_DIR")

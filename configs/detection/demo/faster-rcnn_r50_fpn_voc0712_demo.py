@@ -1,0 +1,44 @@
+# The Table 8 recipe (configs/detection/faster-rcnn_r50_fpn_voc0712.py: same model, frozen stem + stage 1,
+# norm_eval, SGD, step decay, VOC07 11-point mAP), shrunk for the embedded data on a CPU: images of about
+# 190x140 px resized to 256 px instead of 1000x600, boxes down to 4 px kept (the stock filter drops < 32 px),
+# a short schedule, lr tuned for batch 2.
+_base_ = '../faster-rcnn_r50_fpn_voc0712.py'
+
+scale = (256, 256)
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='Resize', scale=scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+voc = dict(type='VOCDataset', data_root='data/VOCdevkit', pipeline=train_pipeline,
+           filter_cfg=dict(filter_empty_gt=True, min_size=4, bbox_min_size=4))
+train_dataloader = dict(
+    batch_size=2, num_workers=2,
+    dataset=dict(type='RepeatDataset', times=1, dataset=dict(
+        type='ConcatDataset', ignore_keys=['dataset_type'], datasets=[
+            dict(voc, ann_file='VOC2007/ImageSets/Main/trainval.txt', data_prefix=dict(sub_data_root='VOC2007/')),
+            dict(voc, ann_file='VOC2012/ImageSets/Main/trainval.txt', data_prefix=dict(sub_data_root='VOC2012/')),
+        ])))
+test_dataloader = dict(num_workers=1, dataset=dict(data_root='data/VOCdevkit', pipeline=test_pipeline))
+# No validation during these short runs: the stage tests once at the end.
+val_dataloader = None
+val_evaluator = None
+val_cfg = None
+
+max_epochs = 2
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=20),
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[max_epochs - 1], gamma=0.1),
+]
+optim_wrapper = dict(optimizer=dict(lr=0.01))
+auto_scale_lr = dict(enable=False, base_batch_size=2)
+default_hooks = dict(logger=dict(interval=10))
