@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Check the installed stack: versions, mmcv's compiled ops, accelerators, and each known incompatibility.
+
+    python tools/doctor.py        # exit 0 when all is well; else one line per problem with its fix, exit 1
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+FIX_INSTALL = "run tools/setup_env.sh (or make setup)"
+
+
+def pinned() -> dict[str, str]:
+    out = {}
+    for line in (REPO / "requirements" / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            out[name.strip().lower()] = version.strip()
+    return out
+
+
+def main() -> int:
+    problems: list[str] = []
+    ok: list[str] = []
+    pins = pinned()
+    for name in ("torch", "torchvision", "timm", "numpy", "mmengine", "mmcv", "mmdet", "mmsegmentation", "ftfy",
+                 "regex"):
+        try:
+            have = md.version(name)
+        except md.PackageNotFoundError:
+            problems.append(f"{name}: not installed; {FIX_INSTALL}")
+            continue
+        want = pins.get(name)
+        if want and have.split("+")[0] != want:
+            problems.append(f"{name}: {have} installed, requirements/constraints.txt pins {want}; {FIX_INSTALL}")
+        else:
+            ok.append(f"{name} {have}")
+    print("stack: " + ", ".join(ok))
+
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    try:
+        from mmcv.ops import RoIAlign, nms
+
+        for dev in devices:
+            boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60.0]], device=dev)
+            _, keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7], device=dev), iou_threshold=0.5)
+            if keep.tolist() != [0, 2]:
+                problems.append(f"mmcv nms on {dev}: kept {keep.tolist()}, expected [0, 2]; rebuild mmcv: "
+                                f"delete the cached wheel (~/.cache/bot-toolkit) and {FIX_INSTALL}")
+            feats = torch.arange(16.0, device=dev).view(1, 1, 4, 4)
+            out = RoIAlign((1, 1), spatial_scale=1.0, sampling_ratio=1, aligned=False)(
+                feats, torch.tensor([[0, 0, 0, 4, 4.0]], device=dev))
+            if abs(out.item() - feats[0, 0, 2, 2].item()) > 1e-4:  # one sample at the box centre (2, 2)
+                problems.append(f"mmcv RoIAlign on {dev}: {out.item()} != {feats[0, 0, 2, 2].item()}; rebuild mmcv")
+            print(f"mmcv ops: nms and RoIAlign run on {dev}")
+    except (ImportError, RuntimeError) as e:  # the compiled extension is missing or built for another torch
+        problems.append(f"mmcv compiled ops: {str(e).splitlines()[0]}; {FIX_INSTALL} (builds mmcv with its ops)")
+
+    if torch.cuda.is_available():
+        print(f"CUDA: {torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s); "
+              f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}, fp16 autocast yes")
+    else:
+        print("CUDA: not available (CPU only: training runs, slowly; amp=fp16 gains nothing on CPU)")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        print("CPU bf16 autocast: available")
+    except RuntimeError as e:
+        print(f"CPU bf16 autocast: unavailable ({e})")
+
+    # Known incompatibilities of the old OpenMMLab stack on current torch (transfer/compat.py).
+    try:
+        from mmengine.logging import HistoryBuffer
+        from mmengine.runner.checkpoint import CheckpointLoader
+
+        from transfer import compat
+
+        compat.apply()
+        import numpy as np
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "epoch_1.pth"
+            history = HistoryBuffer()
+            history.update(np.float64(1.0))  # numpy 2 pickles this with builtins.getattr: weights-only refuses it
+            torch.save({"message_hub": {"loss": history}, "state_dict": {}}, path)
+            compat.trust_checkpoints_in(d)
+            CheckpointLoader.load_checkpoint(str(path), map_location="cpu")
+        print("mmengine Runner checkpoints: load (transfer/compat.py)")
+    except Exception as e:  # noqa: BLE001 - any failure here is the problem to report
+        problems.append(f"mmengine checkpoint loading: {type(e).__name__}: {str(e).splitlines()[0]}; "
+                        f"see transfer/compat.py")
+    try:
+        import mmdet  # noqa: F401 - asserts mmcv < 2.2.0 at import
+        import mmseg  # noqa: F401 - imports ftfy and regex
+
+        print("mmdet and mmseg import (their mmcv version checks pass)")
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"mmdet/mmseg import: {str(e).splitlines()[0]}; {FIX_INSTALL}")
+
+    for line in problems:
+        print(f"problem: {line}")
+    print(f"doctor: {'all well' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
