@@ -1,0 +1,121 @@
+"""The mm side of the export: build the target backbone from the pinned mmdet / mmseg, and prove it holds the export.
+
+mmengine loads ``init_cfg=dict(type='Pretrained', ...)`` with ``strict=False`` and only logs what it skipped, so
+the detection and segmentation stages call ``verify_backbone_loaded`` after the model is initialised (before the
+first training step changes the weights): every backbone tensor, parameters and buffers, must equal the export.
+Nothing here loads with ``strict=False``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from classification.checkpoint import unwrap
+from classification.export import BACKBONE_PTH, ExportError, check_shapes, format_keys, load_export
+from classification.variants import get_variant
+
+LIBRARIES = ("mmdet", "mmseg")
+# MMSegmentation's FCN / dilated layout (mmseg::_base_/models/fcn_r50-d8.py): output stride 8, the first block of
+# each dilated stage with half the dilation (contract_dilation).
+DILATED = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True)
+
+
+def _registry(library: str):
+    if library == "mmdet":
+        import mmdet.models  # noqa: F401 - registers the backbones
+        from mmdet.registry import MODELS
+    elif library == "mmseg":
+        import mmseg.models  # noqa: F401
+        from mmseg.registry import MODELS
+    else:
+        raise ValueError(f"library must be one of {LIBRARIES}, got {library!r}")
+    return MODELS
+
+
+def mm_backbone_cfg(meta: dict[str, Any], library: str = "mmdet", dilated: bool = False,
+                    checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """The ``backbone`` config dict of the export's variant for ``library`` (what the stages' configs use).
+
+    mmdet 3.3 registers no ``ResNetV1c``: there variant C is ``ResNet`` with ``deep_stem=True`` (the same module
+    mmseg's three-line ``ResNetV1c`` subclass builds). ``checkpoint``: add ``init_cfg`` Pretrained from it.
+    """
+    v = get_variant(meta["variant"])
+    registry = _registry(library)
+    if registry.get(v.mm_type) is not None:
+        cfg: dict[str, Any] = dict(type=v.mm_type, depth=50)
+    else:
+        cfg = dict(type="ResNet", depth=50, deep_stem=v.deep_stem, avg_down=v.avg_down)
+    cfg.update(style=v.mm_style, num_stages=4, out_indices=(0, 1, 2, 3))
+    if dilated:
+        if library != "mmseg":
+            raise ValueError("the dilated (output stride 8) layout is mmseg's FCN backbone; use library='mmseg'")
+        cfg.update(DILATED)
+    if checkpoint is not None:
+        cfg["init_cfg"] = dict(type="Pretrained", checkpoint=str(checkpoint))
+    return cfg
+
+
+def build_mm_backbone(meta: dict[str, Any], library: str = "mmdet", dilated: bool = False,
+                      checkpoint: str | Path | None = None) -> nn.Module:
+    """The export's target backbone, built by the pinned package's own registry (randomly initialised until
+    ``init_weights()``; with ``checkpoint`` that loads it through mmengine's Pretrained init)."""
+    return _registry(library).build(mm_backbone_cfg(meta, library, dilated, checkpoint))
+
+
+def data_preprocessor_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
+    """mean/std/bgr_to_rgb for mm's data_preprocessor: the classifier's normalisation; mm loads BGR images."""
+    if meta.get("color_order") != "RGB":
+        raise ExportError(f"export meta color_order {meta.get('color_order')!r}: expected 'RGB'; re-export it")
+    return dict(mean=list(meta["mean"]), std=list(meta["std"]), bgr_to_rgb=True)
+
+
+def _backbone_of(model: nn.Module) -> nn.Module:
+    """A backbone, or the backbone of a (DDP-wrapped) detector / segmentor."""
+    model = unwrap(model)
+    backbone = getattr(model, "backbone", None)
+    return backbone if isinstance(backbone, nn.Module) else model
+
+
+def check_export_matches(state_dict: dict[str, torch.Tensor], backbone: nn.Module) -> None:
+    """The export's key set and every shape equal the target backbone's; else ExportError listing the keys."""
+    target = {k: tuple(v.shape) for k, v in _backbone_of(backbone).state_dict().items()}
+    check_shapes(state_dict, target, f"export vs {type(_backbone_of(backbone)).__name__}")
+
+
+def load_into(backbone: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Check, then ``load_state_dict(strict=True)``."""
+    backbone = _backbone_of(backbone)
+    check_export_matches(state_dict, backbone)
+    backbone.load_state_dict(state_dict, strict=True)
+    return backbone
+
+
+def _export_state(export: str | Path | dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    if isinstance(export, dict):
+        return export, "the export"
+    state, _ = load_export(export)
+    return state, str(export)
+
+
+def verify_backbone_loaded(model_backbone: nn.Module, export: str | Path | dict[str, torch.Tensor]
+                           ) -> dict[str, Any]:
+    """Every tensor (params AND buffers) of an initialised backbone equals the export; else ExportError naming them.
+
+    Call it after mmengine's ``init_weights()`` and before training. ``model_backbone``: the backbone or the whole
+    (wrapped) model; ``export``: an export dir or its state dict. Returns a record for summary.json.
+    """
+    backbone = _backbone_of(model_backbone)
+    state, what = _export_state(export)
+    check_export_matches(state, backbone)
+    own = backbone.state_dict()
+    differ = [k for k, t in own.items() if not torch.equal(t.detach().to("cpu", state[k].dtype), state[k])]
+    if differ:
+        hint = (f"set init_cfg=dict(type='Pretrained', checkpoint='{Path(what) / BACKBONE_PTH}') and check that "
+                f"init_weights() ran" if not isinstance(export, dict) else "the pretrained weights did not load")
+        raise ExportError(f"{type(backbone).__name__} does not hold {what}: {len(differ)} of {len(state)} tensors "
+                          f"differ ({format_keys(differ)}); {hint}")
+    return dict(backbone_loaded=True, tensors_checked=len(state), export=what)
