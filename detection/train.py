@@ -27,8 +27,8 @@ def summarize(mm: dict[str, float], cfg) -> tuple[dict, dict]:
     return dict(mAP=mm[prefix + "mAP"] * 100, per_class_AP=per_class), protocol
 
 
-STAGE = Stage(name="detection", check_data="voc", metric_types={"VOCMetric": "VOCMetricPerClass"},
-              summarize=summarize)
+STAGE = Stage(name="detection", library="mmdet", check_data="voc",
+              metric_types={"VOCMetric": "VOCMetricPerClass"}, summarize=summarize)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,8 @@ def summarize(mm: dict[str, float], cfg) -> tuple[dict, dict]:
     return metrics, protocol
 
 
-STAGE = Stage(name="segmentation", check_data="ade20k", metric_types={"IoUMetric": "IoUMetricPerClass"},
-              summarize=summarize)
+STAGE = Stage(name="segmentation", library="mmseg", check_data="ade20k",
+              metric_types={"IoUMetric": "IoUMetricPerClass"}, summarize=summarize)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from classification.artifacts import write_summary
 @dataclass(frozen=True)
 class Stage:
     name: str  # "detection" | "segmentation"
+    library: str  # "mmdet" | "mmseg"
     check_data: str  # dataset kind for datakit.check ("voc" | "ade20k")
     metric_types: dict[str, str]  # the installed metric -> ours, which also returns per-class numbers
     summarize: Callable[[dict[str, float], Any], tuple[dict, dict]]  # (mm metrics, cfg) -> (metrics, protocol)
@@ -52,14 +53,16 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
     """Edit the loaded mmengine config in place for our backbone and data; return what was decided."""
     backbone = cfg.model.backbone
     if meta is not None:
-        backbone.type = meta["mm_type"]
-        if meta["mm_type"] == "ResNet":
-            backbone.style = meta["mm_style"]  # A = 'caffe' (stride in the 1x1), B = 'pytorch'
-        backbone.init_cfg = dict(type="Pretrained", checkpoint=str(export_ckpt))
+        from transfer.backbone_check import data_preprocessor_kwargs, mm_backbone_cfg
+
+        # Only the variant's keys (type, style: A = 'caffe'; deep stem / avg-pool shortcut where the library has no
+        # ResNetV1c); the config keeps its own layout (dilations, strides, frozen stages, norm_eval).
+        variant_keys = mm_backbone_cfg(meta, stage.library, checkpoint=export_ckpt)
+        for key in ("type", "depth", "style", "deep_stem", "avg_down", "init_cfg"):
+            if key in variant_keys:
+                backbone[key] = variant_keys[key]
         # Our classifier's input normalisation, so the backbone sees what it was trained on.
-        cfg.model.data_preprocessor.mean = list(meta["mean"])
-        cfg.model.data_preprocessor.std = list(meta["std"])
-        cfg.model.data_preprocessor.bgr_to_rgb = meta["color_order"] == "RGB"  # mmcv decodes images as BGR
+        cfg.model.data_preprocessor.update(data_preprocessor_kwargs(meta))
         cfg.custom_hooks = [*cfg.get("custom_hooks", []),
                             dict(type="VerifyBackboneHook", export=str(export_ckpt.parent))]
     else:
