@@ -19,3 +19,19 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_data")
     generate(root, seed=0, scale="tiny", log=None)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet-50-D trained for one epoch on the tiny ImageFolder, exported (tools/export_backbone.py's library)."""
+    from classification import train
+    from classification.export import export_backbone
+
+    run = tmp_path_factory.mktemp("tiny_cls")
+    rc = train.main([str(REPO / "configs/classification/demo/r50d_all_tricks.yaml"), "--data-root",
+                     str(tiny_data / "imagenet"), "--work-dir", str(run), "--set", "image_size=32", "epochs=1",
+                     "batch_size=4", "workers=0", "log_interval=4", "warmup_epochs=0.5"])
+    assert rc == 0
+    out = run / "export"
+    export_backbone(run, out)
+    return out

@@ -25,7 +25,7 @@ class VerifyBackboneHook(Hook):
     def __init__(self, export: str):
         self.export = export
 
-    def before_run(self, runner) -> None:
+    def before_train(self, runner) -> None:  # after init_weights() and any resume (mmengine 0.10 order)
         if runner.iter > 0:  # resumed: the backbone has trained since initialisation
             runner.logger.info(f"VerifyBackboneHook: resumed at iteration {runner.iter}, checked at the start")
             return

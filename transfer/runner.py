@@ -71,7 +71,8 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
         cfg.model.pretrained = None  # the stock configs point it at a URL (no network; and it would win)
 
     if world_size() == 1:  # SyncBN needs a process group; one process computes the same statistics with BN
-        walk(cfg.model, lambda d: d.__setitem__("type", "BN") if d.get("type") == "SyncBN" else None)
+        for key in cfg.keys():  # the model's norm layers and the configs' top-level norm_cfg variables
+            walk(cfg[key], lambda d: d.__setitem__("type", "BN") if d.get("type") == "SyncBN" else None)
     data_root = str(Path(args.data_root).resolve())
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
         walk(cfg.get(loader), lambda d: d.__setitem__("data_root", data_root) if "data_root" in d else None)
@@ -126,7 +127,7 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from classification.export import ExportError, load_export
+    from classification.export import load_export
 
     work_dir = Path(args.work_dir)
     if (work_dir / "summary.json").exists():
@@ -142,10 +143,7 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
 
     meta, export_ckpt = None, None
     if args.export != "none":
-        try:
-            _, meta = load_export(args.export)
-        except ExportError as e:
-            raise StageError(str(e)) from e
+        _, meta = load_export(args.export)  # refuses a damaged or inconsistent export, naming the keys
         export_ckpt = (Path(args.export) / "backbone.pth").resolve()
     cfg = Config.fromfile(args.config)
     cfg.merge_from_dict(args.cfg_options)
@@ -172,9 +170,11 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
 
 
 def main(stage: Stage, argv: list[str] | None = None) -> int:
+    from classification.export import ExportError
+
     args = parse_args(stage, argv)
     try:
         return run(stage, args)
-    except (StageError, FileNotFoundError) as e:
+    except (StageError, ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

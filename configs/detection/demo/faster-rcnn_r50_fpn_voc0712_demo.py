@@ -33,12 +33,15 @@ val_dataloader = None
 val_evaluator = None
 val_cfg = None
 
-max_epochs = 2
-train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs)
+# Iteration-based so that the schedule (and the demo's time) does not depend on the dataset size.
+max_iters = 200
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters)
+train_dataloader.update(sampler=dict(type='InfiniteSampler', shuffle=True))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=20),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[max_epochs - 1], gamma=0.1),
+    dict(type='MultiStepLR', begin=0, end=max_iters, by_epoch=False, milestones=[int(max_iters * 0.75)], gamma=0.1),
 ]
 optim_wrapper = dict(optimizer=dict(lr=0.01))
 auto_scale_lr = dict(enable=False, base_batch_size=2)
-default_hooks = dict(logger=dict(interval=10))
+default_hooks = dict(logger=dict(interval=10), checkpoint=dict(by_epoch=False, interval=100))
+log_processor = dict(by_epoch=False)
