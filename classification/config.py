@@ -31,6 +31,7 @@ class Config:
     eval_resize: float = 256 / 224  # eval: resize shorter side to image_size * eval_resize, then center crop
     mean: list[float] = field(default_factory=lambda: [123.68, 116.779, 103.939])  # RGB, 0-255 scale
     std: list[float] = field(default_factory=lambda: [58.393, 57.12, 57.375])
+    crop_min_area: float = 0.08  # RandomResizedCrop keeps 8-100 % of the image area
     color_jitter: float = 0.4  # brightness/contrast/saturation factors drawn from [1-x, 1+x] (GluonCV)
     pca_lighting: float = 0.1  # AlexNet-style PCA lighting noise, alpha ~ N(0, x)
     workers: int = 4  # data loader processes per GPU

@@ -42,14 +42,14 @@ class Lighting:
 
 
 def train_transform(cfg: Config) -> transforms.Compose:
-    """§2: RandomResizedCrop (area 8-100 %, aspect 3/4-4/3), flip, colour jitter, PCA lighting, normalise.
+    """§2: RandomResizedCrop (area 8-100 % by default, aspect 3/4-4/3), flip, colour jitter, PCA lighting, normalise.
 
     The paper scales "hue, saturation and brightness" by U[0.6, 1.4]; the authors' GluonCV code jitters
     brightness, contrast and saturation by 0.4, which we follow (torchvision's hue is a shift, not a scale).
     """
     j = cfg.color_jitter
     return transforms.Compose([
-        transforms.RandomResizedCrop(cfg.image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+        transforms.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_area, 1.0), ratio=(3 / 4, 4 / 3),
                                      interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
         transforms.RandomHorizontalFlip(p=0.5),
         transforms.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0),

@@ -116,3 +116,18 @@ def test_mask_outside_label_space_gives_the_checkers_lines(tiny_data, tmp_path):
     Image.fromarray(arr).save(mask)
     out = run_stage("segmentation", "none", ade, tmp_path / "run")
     assert out.returncode == 1 and str(mask) in out.stderr
+
+
+def test_transfer_scripts_resolve_their_source(tiny_export, tmp_path):
+    from classification.export import ExportError
+    from transfer.source import resolve
+
+    assert resolve("none") == "none"
+    assert resolve(str(tiny_export)) == str(tiny_export)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_export.parent, run, ignore=shutil.ignore_patterns("export"))
+    assert resolve(str(run)) == str(run / "export") and (run / "export" / "meta.json").is_file()  # exported once
+    with pytest.raises(ExportError, match="no such export or run dir"):
+        resolve(str(tmp_path / "missing"))
+    usage = subprocess.run(["bash", str(REPO / "tools/transfer_det.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "SRC" in usage.stdout

@@ -29,10 +29,10 @@ val_dataloader = None
 val_evaluator = None
 val_cfg = None
 
-max_iters = 100
+max_iters = 40
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
 param_scheduler = [dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=max_iters, by_epoch=False)]
 optim_wrapper = dict(optimizer=dict(lr=0.01))
 auto_scale_lr = dict(enable=False, base_batch_size=4)
-default_hooks = dict(logger=dict(interval=10), checkpoint=dict(by_epoch=False, interval=50),
+default_hooks = dict(logger=dict(interval=10), checkpoint=dict(by_epoch=False, interval=20),
                      visualization=dict(type='SegVisualizationHook', draw=False))
