@@ -10,7 +10,9 @@ setup(
     version="0.1.0",
     description="Bag of Tricks (He et al., CVPR 2019) classification and downstream transfer toolkit",
     python_requires=">=3.10",
-    packages=find_packages(include=["classification*", "detection*", "segmentation*", "transfer*", "study*", "datakit*"]),
+    packages=find_packages(
+        include=["classification*", "detection*", "segmentation*", "transfer*", "study*", "datakit*"]
+    ),
     install_requires=[
         "torch",
         "torchvision",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -25,7 +24,7 @@ import torch.distributed as dist
 import yaml
 from timm.utils import ModelEmaV3
 
-from .artifacts import atomic_write_bytes, atomic_write_json, write_summary
+from .artifacts import atomic_write_bytes, write_summary
 from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, load_classifier, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, load_config
 from .data import DataError, build_loaders

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import sys
 
-from transfer.runner import Stage, main as run_stage, walk
+from transfer.runner import Stage, walk
+from transfer.runner import main as run_stage
 
 
 def summarize(mm: dict[str, float], cfg) -> tuple[dict, dict]:

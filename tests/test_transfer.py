@@ -16,7 +16,8 @@ SITE = Path(torch.__file__).parents[1]
 
 STAGES = {
     "detection": dict(config="configs/detection/demo/faster-rcnn_r50_fpn_voc0712_demo.py", data="VOCdevkit",
-                      short=["train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2"], tool=SITE / "mmdet/.mim/tools/train.py"),
+                      short=["train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2"],
+                      tool=SITE / "mmdet/.mim/tools/train.py"),
     "segmentation": dict(config="configs/segmentation/demo/fcn_r50-d8_ade20k_demo.py", data="ADEChallengeData2016",
                          short=["train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2"],
                          tool=SITE / "mmseg/.mim/tools/train.py"),

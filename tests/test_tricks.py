@@ -177,7 +177,7 @@ def test_variants_differ_where_the_paper_says():
         convs = [c for c in m[v].conv1 if isinstance(c, nn.Conv2d)]
         assert [c.kernel_size for c in convs] == [(3, 3)] * 3 and [c.out_channels for c in convs] == [32, 32, 64]
     x = torch.randn(1, 3, 64, 64)
-    for v, model in m.items():
+    for model in m.values():
         assert model.eval()(x).shape == (1, 10)
         assert model.forward_features(x).shape == (1, 2048, 2, 2)
 

@@ -108,7 +108,8 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help=f"mmengine config (configs/{stage.name}/...)")
     p.add_argument("--data-root", required=True, help="dataset root (VOCdevkit / ADEChallengeData2016)")
     p.add_argument("--work-dir", required=True, help="run dir; rerun the same command to resume")
-    p.add_argument("--arm", default=None, help="study arm name for the summary (default: the export's, or 'random_init')")
+    p.add_argument("--arm", default=None,
+                   help="study arm name for the summary (default: the export's, or 'random_init')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                    help="'pytorch' under torchrun")
@@ -118,15 +119,14 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
 
 def run(stage: Stage, args: argparse.Namespace) -> int:
     from datakit.check import CHECKS
-
     from transfer import compat
 
     compat.apply()
-    import transfer.hooks  # noqa: F401 - registers VerifyBackboneHook (the dumped config imports it itself)
-    import transfer.metrics  # noqa: F401 - registers the per-class metrics
     from mmengine.config import Config
     from mmengine.runner import Runner
 
+    import transfer.hooks  # noqa: F401 - registers VerifyBackboneHook (the dumped config imports it itself)
+    import transfer.metrics  # noqa: F401 - registers the per-class metrics
     from classification.export import load_export
 
     work_dir = Path(args.work_dir)
