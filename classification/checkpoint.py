@@ -57,7 +57,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:
-    state = dict(state, rng=rng_state())
+    """``state`` holds everything to resume, including ``rng``: a list of every rank's ``rng_state()``."""
     atomic_torch_save(state, path)
 
 

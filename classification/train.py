@@ -25,7 +25,16 @@ import yaml
 from timm.utils import ModelEmaV3
 
 from .artifacts import atomic_write_bytes, write_summary
-from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, load_classifier, save_checkpoint, set_rng_state
+from .checkpoint import (
+    BEST,
+    LAST,
+    CheckpointError,
+    load_checkpoint,
+    load_classifier,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import Config, ConfigError, load_config
 from .data import DataError, build_loaders
 from .models import build_model
@@ -90,8 +99,10 @@ class StopFlag:
 
 
 def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, ema, cfg: Config, epoch: int,
-                    first_step: int, iters_per_epoch: int, device: torch.device, stop: StopFlag) -> dict:
-    """One epoch from ``first_step``; returns its statistics, with ``stopped_at`` set on preemption."""
+                    first_step: int, iters_per_epoch: int, device: torch.device, stop: StopFlag,
+                    save_every=None) -> dict:
+    """One epoch from ``first_step``; returns its statistics, or ``stopped_at`` on preemption.
+    ``save_every(epoch, steps_done)`` is called every ``checkpoint_interval`` iterations (on every rank)."""
     task.train()
     autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
                     enabled=cfg.amp != "none")
@@ -103,6 +114,9 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
     for step, (x, y, n_bad) in enumerate(loader, start=first_step):
         data_wait += time.perf_counter() - t_last
         bad += n_bad
+        if len(x) < 2:  # BatchNorm needs two samples; skipping the batch on one rank would hang DDP
+            raise DataError(f"epoch {epoch} step {step + 1}: {n_bad} unreadable images left {len(x)} in the batch; "
+                            f"run tools/check_data.py imagenet {cfg.data_root}")
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if mixup is not None:
             x, y = x[: len(x) // 2 * 2], y[: len(y) // 2 * 2]  # mixup pairs samples (skipped images can leave one)
@@ -117,7 +131,9 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)  # skips the update when any gradient is inf/NaN
-        found_inf = sum(scaler._found_inf_per_device(optimizer).values())  # device tensors: no host sync
+        # Private but long-stable GradScaler API (torch 2.14 pinned): per-device inf flags, no host sync.
+        found = scaler._found_inf_per_device(optimizer)
+        found_inf = sum(found.values()) if found else torch.zeros((), device=device)
         scaler.update()
         if ema is not None:
             ema.update(model, step=global_step)
@@ -140,8 +156,8 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
         t_last = time.perf_counter()
         if (logging_step or not dist.is_initialized()) and stop.agreed(device):
             return dict(stopped_at=step + 1)
-        if cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
-            return dict(checkpoint_at=step + 1)
+        if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
+            save_every(epoch, step + 1)
     elapsed = time.perf_counter() - t_start
     world = dist.get_world_size() if dist.is_initialized() else 1
     steps = torch.tensor(float(iters_per_epoch - first_step), device=device)
@@ -179,7 +195,11 @@ def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> torch.n
             raise ConfigError(f"distill_teacher {cfg.distill_teacher}: teacher predicts {ckpt['num_classes']} "
                               f"classes, the data has {num_classes}; train the teacher on the same data")
     else:
-        teacher = timm.create_model(cfg.distill_teacher, pretrained=True)  # downloads from the hub
+        try:
+            teacher = timm.create_model(cfg.distill_teacher, pretrained=True)  # downloads from the hub once
+        except (RuntimeError, OSError) as e:
+            raise ConfigError(f"distill_teacher {cfg.distill_teacher}: {str(e).splitlines()[0]}; give one of our run "
+                              f"dirs or a timm model name whose weights can be downloaded or are cached") from e
         if teacher.num_classes != num_classes:
             raise ConfigError(f"distill_teacher {cfg.distill_teacher}: predicts {teacher.num_classes} classes, the "
                               f"data has {num_classes}; use a teacher trained on this label space")
@@ -211,14 +231,13 @@ def setup_logging(run_dir: Path, main: bool) -> None:
                         handlers=handlers, force=True)
 
 
-def write_epoch_metrics(run_dir: Path, row: dict, tb) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    csv = run_dir / "metrics.csv"
-    if not csv.exists():
-        csv.write_text(",".join(row) + "\n")
-    with open(csv, "a") as f:
-        f.write(",".join("" if v is None else str(v) for v in row.values()) + "\n")
+def write_epoch_metrics(run_dir: Path, history: list[dict], tb) -> None:
+    """Rewrite metrics.jsonl / metrics.csv from the history (the checkpoint's copy is the truth: a crash between
+    a checkpoint and these files never duplicates or loses a row) and log the newest row to TensorBoard."""
+    atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+    lines = [",".join(history[0])] + [",".join("" if v is None else str(v) for v in r.values()) for r in history]
+    atomic_write_bytes(run_dir / "metrics.csv", ("\n".join(lines) + "\n").encode())
+    row = history[-1]
     for key, value in row.items():
         if key != "epoch" and isinstance(value, (int, float)):
             tb.add_scalar(key, value, row["epoch"])
@@ -254,7 +273,7 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
                      device=None) if cfg.ema_decay > 0 else None
     mixup = build_mixup(cfg, len(classes))
 
-    epoch, first_step, history, best_top1 = 0, 0, [], -1.0
+    epoch, first_step, history, best_top1, wall_before = 0, 0, [], -1.0, 0.0
     last = run_dir / LAST
     if last.exists():
         ckpt = load_checkpoint(last)
@@ -265,8 +284,9 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"][d.rank])
         epoch, first_step, history, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best_top1"]
+        wall_before = ckpt["wall_time_s"]
         log.info("resumed from %s at epoch %d, step %d", last, epoch, first_step)
     if epoch >= cfg.epochs and (run_dir / "summary.json").exists():
         log.info("%s: already complete (%d epochs); nothing to do", run_dir, epoch)
@@ -277,13 +297,19 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
         task.prepare_distributed(device_ids=[d.local_rank] if device.type == "cuda" else None)
 
     def save(path: Path, epoch: int, step: int) -> None:
+        """Call on every rank: each rank's RNG state is gathered (mixup draws differ per rank); rank 0 writes."""
+        rngs = [rng_state()]
+        if dist.is_initialized():
+            rngs = [None] * d.world_size
+            dist.all_gather_object(rngs, rng_state())
         if d.main:
             save_checkpoint(path, model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                             scheduler=scheduler.state_dict(), epoch=epoch, step=step, history=history,
                             best_top1=best_top1, config=cfg.to_dict(), num_classes=len(classes), classes=classes,
-                            world_size=d.world_size)
+                            world_size=d.world_size, rng=rngs, wall_time_s=wall_before + time.perf_counter() - t0)
 
+    t0 = time.perf_counter()
     if d.main:
         atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         log.info("%s: ResNet-50-%s, %d classes, %d iterations/epoch, global batch %d, peak lr %.4g, device %s",
@@ -295,19 +321,15 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
 
         tb = SummaryWriter(str(run_dir / "tb"))
     stop = StopFlag()
-    t0 = time.perf_counter()
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch, skip_batches=first_step)
         stats = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, mixup, ema, cfg, epoch,
-                                first_step, ipe, device, stop)
-        if "stopped_at" in stats or "checkpoint_at" in stats:
-            first_step = stats.get("stopped_at", stats.get("checkpoint_at"))
-            save(last, epoch, first_step)
-            if "stopped_at" in stats:
-                log.info("stopped by signal at epoch %d step %d; %s saved, rerun the same command to resume",
-                         epoch, first_step, last)
-                return 0
-            continue
+                                first_step, ipe, device, stop, save_every=lambda e, s: save(last, e, s))
+        if "stopped_at" in stats:
+            save(last, epoch, stats["stopped_at"])
+            log.info("stopped by signal at epoch %d step %d; %s saved, rerun the same command to resume",
+                     epoch, stats["stopped_at"], last)
+            return 0
         top1, top5 = evaluate(model, val_loader, device, cfg)
         ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, cfg) if ema else (None, None)
         epoch, first_step = epoch + 1, 0
@@ -318,14 +340,15 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
         history.append(row)
         log.info("epoch %d: top-1 %.2f top-5 %.2f%s, train loss %.4f, %.1f img/s", epoch, top1, top5,
                  f" (EMA top-1 {ema_top1:.2f})" if ema else "", stats["train_loss"], stats["images_per_s"])
+        if top1 > best_top1:
+            best_top1 = top1
+            save(run_dir / BEST, epoch, 0)
+        save(last, epoch, 0)
         if d.main:
-            write_epoch_metrics(run_dir, row, tb)
-            if top1 > best_top1:
-                best_top1 = top1
-                save(run_dir / BEST, epoch, 0)
-            save(last, epoch, 0)
+            write_epoch_metrics(run_dir, history, tb)
     if d.main:
-        write_run_summary(cfg, run_dir, history, len(classes), d.world_size, ipe, time.perf_counter() - t0)
+        write_run_summary(cfg, run_dir, history, len(classes), d.world_size, ipe,
+                          wall_before + time.perf_counter() - t0)
     return 0
 
 

@@ -40,7 +40,8 @@ def run_train(folder, work, *sets, config="configs/classification/demo/smoke.yam
 
 def test_interrupted_and_resumed_run_ends_with_identical_weights(folder, tmp_path, monkeypatch):
     tricks = ["deterministic=true", "epochs=2", "mixup_alpha=0.2", "label_smoothing=0.1", "schedule=cosine",
-              "warmup_epochs=0.5", "no_bias_decay=true", "zero_gamma=true", "ema_decay=0.9"]
+              "warmup_epochs=0.5", "no_bias_decay=true", "zero_gamma=true", "ema_decay=0.9",
+              "checkpoint_interval=3"]  # also saves in the middle of epochs, in place
     assert run_train(folder, tmp_path / "straight", *tricks) == 0
 
     calls = {"n": 0}

@@ -16,7 +16,7 @@ WHEEL_DIR=${WHEEL_CACHE:-$HOME/.cache/bot-toolkit/wheels}/torch-${TORCH_VERSION}
 
 # Everything that decides what gets installed; the stamp records its hash.
 stamp_inputs=(tools/setup_env.sh "$CONSTRAINTS" setup.py transfer/compat.py)
-want=$(cat "${stamp_inputs[@]}" | sha256sum | cut -c1-16)
+want=$({ cat "${stamp_inputs[@]}"; echo "FORCE_CUDA=${FORCE_CUDA:-} $("$PYTHON" -V 2>&1)"; } | sha256sum | cut -c1-16)
 if [[ -f $VENV/.stamp && $(cat $VENV/.stamp) == "$want" ]]; then
     exit 0
 fi
