@@ -38,7 +38,7 @@ from .checkpoint import (
 from .config import Config, ConfigError, load_config
 from .data import DataError, build_loaders
 from .models import build_model
-from .tricks import build_mixup, build_optimizer, build_scheduler, build_task, lr_at
+from .tricks import autocast_kwargs, build_mixup, build_optimizer, build_scaler, build_scheduler, build_task, lr_at
 
 log = logging.getLogger("classification")
 
@@ -104,8 +104,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
     """One epoch from ``first_step``; returns its statistics, or ``stopped_at`` on preemption.
     ``save_every(epoch, steps_done)`` is called every ``checkpoint_interval`` iterations (on every rank)."""
     task.train()
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
-                    enabled=cfg.amp != "none")
+    autocast = autocast_kwargs(cfg, device)
     loss_sum = torch.zeros((), device=device)
     skipped = torch.zeros((), device=device)  # steps the loss scaler skipped (non-finite gradients)
     streak = torch.zeros((), device=device)  # consecutive skipped steps
@@ -171,8 +170,7 @@ def evaluate(model, loader, device: torch.device, cfg: Config) -> tuple[float, f
     """Top-1 / top-5 (%) over the whole validation set, reduced over ranks."""
     model.eval()
     counts = torch.zeros(3, device=device)  # correct@1, correct@5, seen
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
-                    enabled=cfg.amp != "none")
+    autocast = autocast_kwargs(cfg, device)
     for x, y, _ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last:
@@ -265,10 +263,7 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
     task = build_task(model, cfg, load_teacher(cfg, len(classes), device), device)
     optimizer = build_optimizer(model, cfg, d.world_size)
     scheduler = build_scheduler(optimizer, cfg, ipe)
-    fp16 = cfg.amp == "fp16"
-    # The scaler also guards fp32/bf16: with scale 1 it only skips updates whose gradients are not finite.
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0, growth_factor=2.0,
-                                  backoff_factor=0.5, growth_interval=2000 if fp16 else 2**30, enabled=True)
+    scaler = build_scaler(cfg, device)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, min_decay=0.0, update_after_step=0, use_warmup=False,
                      device=None) if cfg.ema_decay > 0 else None
     mixup = build_mixup(cfg, len(classes))

@@ -76,6 +76,20 @@ def lr_at(cfg: Config, world_size: int, iters_per_epoch: int, i: int) -> float:
     return peak * cfg.step_gamma ** sum(i >= e * iters_per_epoch for e in cfg.step_epochs)
 
 
+def autocast_kwargs(cfg: Config, device: torch.device) -> dict:
+    """§3.2 mixed precision: ``torch.autocast(**autocast_kwargs(cfg, device))`` for training and evaluation."""
+    return dict(device_type=device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
+                enabled=cfg.amp != "none")
+
+
+def build_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler:
+    """§3.2 loss scaling for fp16. The scaler also guards fp32/bf16: with scale 1 that never grows it only skips
+    updates whose gradients are not finite (the non-finite counter in the trainer reads its flags)."""
+    fp16 = cfg.amp == "fp16"
+    return torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0, growth_factor=2.0,
+                                backoff_factor=0.5, growth_interval=2000 if fp16 else 2**30, enabled=True)
+
+
 def build_mixup(cfg: Config, num_classes: int) -> Mixup | None:
     """§5.4 mixup with soft targets; label smoothing (§5.2) is applied to the one-hot targets before mixing."""
     if cfg.mixup_alpha <= 0:

@@ -29,7 +29,7 @@ from classification import train  # noqa: E402
 from classification.config import load_config  # noqa: E402
 from classification.data import build_loaders  # noqa: E402
 from classification.models import build_model  # noqa: E402
-from classification.tricks import build_mixup, build_optimizer, build_scheduler, build_task  # noqa: E402
+from classification.tricks import build_mixup, build_optimizer, build_scaler, build_scheduler, build_task  # noqa: E402
 from classification.variants import get_variant  # noqa: E402
 
 
@@ -69,8 +69,7 @@ def our_loop(cfg, batches, device) -> float:
     task = build_task(model, cfg, None, device)
     opt = build_optimizer(model, cfg, 1)
     sched = build_scheduler(opt, cfg, len(batches))
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if cfg.amp == "fp16" else 1.0,
-                                  growth_interval=2000 if cfg.amp == "fp16" else 2**30)
+    scaler = build_scaler(cfg, device)
     sync(device)
     t0 = time.perf_counter()
     train.train_one_epoch(task, model, batches, opt, sched, scaler, build_mixup(cfg, 10), None, cfg, 0, 0,

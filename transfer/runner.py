@@ -134,12 +134,13 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
         print(f"{work_dir / 'summary.json'} exists: this run is complete (delete it to evaluate again)")
         return 0
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
-        problems = CHECKS[stage.check_data](args.data_root)
-        if problems:
+    # Every rank checks (cheap next to training), so under torchrun all stop here with the same one line.
+    problems = CHECKS[stage.check_data](args.data_root)
+    if problems:
+        if main_process:
             print("\n".join(problems), file=sys.stderr)
-            raise StageError(f"{args.data_root}: {len(problems)} problems in the {stage.check_data} data (above); "
-                             f"fix them (tools/check_data.py {stage.check_data} {args.data_root})")
+        raise StageError(f"{args.data_root}: {len(problems)} problems in the {stage.check_data} data (above); "
+                         f"fix them (tools/check_data.py {stage.check_data} {args.data_root})")
 
     meta, export_ckpt = None, None
     if args.export != "none":
