@@ -34,7 +34,7 @@ from datakit.render import (
     render_segmentation,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: near-upright objects, object-centric classification images, scene_classes
 JPEG_QUALITY = 90  # fixed, and Pillow writes no timestamps: same seed -> same bytes
 
 
@@ -50,6 +50,7 @@ class Scale:
     ade_train: int
     ade_val: int
     ade_size: tuple[int, int]  # min, max side (px)
+    scene_classes: int = 20  # VOC and ADE20K scenes draw objects from the first N categories
 
 
 # The one table of sizes. tiny: the tests (a few seconds); small: the CPU demo (well under a minute);
@@ -58,9 +59,11 @@ SCALES: dict[str, Scale] = {
     "tiny": Scale(cls_classes=4, cls_train=8, cls_val=4, cls_size=(64, 64),
                   voc_trainval=12, voc_test=8, voc_size=128,
                   ade_train=12, ade_val=6, ade_size=(128, 128)),
+    # small's scenes hold only the 10 categories its classifiers learn (as every VOC class is an ImageNet one):
+    # with 20, a 160-image detection set gave each class too few boxes for the demo's short schedules.
     "small": Scale(cls_classes=10, cls_train=80, cls_val=20, cls_size=(64, 80),
                    voc_trainval=80, voc_test=48, voc_size=160,
-                   ade_train=100, ade_val=40, ade_size=(128, 160)),
+                   ade_train=100, ade_val=40, ade_size=(128, 160), scene_classes=10),
     "medium": Scale(cls_classes=20, cls_train=200, cls_val=50, cls_size=(64, 96),
                     voc_trainval=300, voc_test=200, voc_size=192,
                     ade_train=400, ade_val=100, ade_size=(160, 192)),
@@ -172,7 +175,7 @@ def write_voc(devkit: Path, seed: int, scale: Scale, log: Log | None = None) -> 
                 rng = image_rng(seed, _STREAM[year], split_code, i)
                 w = int(round(scale.voc_size * rng.uniform(1.0, 1.3)))
                 h = int(round(scale.voc_size * rng.uniform(0.75, 1.0)))
-                scene = render_detection(rng, h, w)
+                scene = render_detection(rng, h, w, scale.scene_classes)
                 _save_jpeg(base / "JPEGImages" / f"{image_id}.jpg", scene.image)
                 xml = voc_xml(year, f"{image_id}.jpg", w, h, scene.objects)
                 (base / "Annotations" / f"{image_id}.xml").write_text(xml, encoding="utf-8")
@@ -202,7 +205,7 @@ def write_ade20k(root: Path, seed: int, scale: Scale, log: Log | None = None) ->
         for i in range(count):
             rng = image_rng(seed, _STREAM["ade20k"], split_code, i)
             h, w = _side(rng, *scale.ade_size), _side(rng, *scale.ade_size)
-            scene = render_segmentation(rng, h, w)
+            scene = render_segmentation(rng, h, w, scale.scene_classes)
             stem = f"{prefix}_{i + 1:08d}"
             _save_jpeg(img_dir / f"{stem}.jpg", scene.image)
             _save_mask(ann_dir / f"{stem}.png", scene.labels)

@@ -22,7 +22,8 @@ import numpy as np
 SHAPES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "heart", "ellipse", "crescent", "arrow",
 )
-# Every shape stays distinct under any rotation (no square vs diamond, no hexagon vs circle at 10 px).
+# Every shape stays distinct under any rotation (no square vs diamond, no hexagon vs circle at 10 px), though
+# objects are drawn near-upright (MAX_TILT), as most real objects are photographed.
 TEXTURES: tuple[str, ...] = ("stripes", "checker", "dots", "solid", "grid", "waves")
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -103,6 +104,10 @@ BACKGROUND_IDS: dict[str, int] = {
 }
 
 SS = 2  # supersampling factor
+# Objects tilt at most this much (radians, ~20 degrees). At any angle, shapes and stripe/wave orientations vary
+# so much that ResNet-50 from scratch learns slowly: a minimal timm loop (ResNet-50-D, 48 px, batch 16, lr 0.01,
+# 6 epochs on the small set) reached 38.5 % top-1 with objects at any angle and 56.5 % near-upright.
+MAX_TILT = 0.35
 
 assert len(ADE20K_CLASSES) == ADE20K_NUM_CLASSES
 assert len({c.name for c in CATEGORIES}) == len(CATEGORIES) == len(VOC_CLASSES)
@@ -389,7 +394,7 @@ def _draw_category(canvas: Canvas, rng: np.random.Generator, cat: Category, cx: 
                    min_visible: float = 0.0, avoid: list[tuple[int, int, int, int]] | None = None,
                    label: bool = True) -> _Placement | None:
     """Draw one vocabulary object; None (nothing drawn) if it would be too clipped or overlap `avoid` boxes."""
-    angle = rng.uniform(0, 2 * math.pi)
+    angle = rng.uniform(-MAX_TILT, MAX_TILT)
     sx, sy = rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)  # mild anisotropy, the shape stays readable
     pl = canvas.place(lambda u, v: shape_mask(cat.shape, u, v), cx, cy, r, angle, sx, sy)
     if pl is None or pl.visible < min_visible:
@@ -420,16 +425,17 @@ def _overlap(b1: tuple[int, int, int, int], b2: tuple[int, int, int, int]) -> fl
 
 
 def render_classification(rng: np.random.Generator, category: Category, height: int, width: int) -> np.ndarray:
-    """One dominant object of `category` (random position/scale/rotation/colours) plus small distractors."""
+    """One dominant object of `category` (random position/scale/tilt/colours) on a scene with a little clutter.
+
+    Object-centric like ImageNet photos: the object spans 60-85 % of the short side. With smaller objects
+    (44-80 %), more clutter and small objects of other categories, the loop described at MAX_TILT reached
+    26.0 % instead of 38.5 % (both with objects at any angle).
+    """
     canvas = Canvas(height, width, with_labels=False)
     _background(canvas, rng)
-    _clutter(canvas, rng, int(rng.integers(1, 5)))
+    _clutter(canvas, rng, int(rng.integers(0, 2)))
     side = min(height, width)
-    for _ in range(int(rng.integers(0, 3))):  # distractors: other categories, far smaller than the main object
-        other = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
-        _draw_category(canvas, rng, other, rng.uniform(0, width), rng.uniform(0, height),
-                       side * rng.uniform(0.07, 0.12))
-    r = side * rng.uniform(0.22, 0.4)
+    r = side * rng.uniform(0.3, 0.42)
     for attempt in range(10):
         m = 0.75 * r
         cx = rng.uniform(m, max(m, width - m)) if attempt < 9 else width / 2
@@ -459,7 +465,7 @@ DIFFICULT_FRACTION = 0.09
 
 
 def _scene(rng: np.random.Generator, height: int, width: int, with_labels: bool, n_objects: int,
-           radius: tuple[float, float], small_prob: float) -> Scene:
+           radius: tuple[float, float], small_prob: float, categories: int) -> Scene:
     canvas = Canvas(height, width, with_labels)
     _background(canvas, rng)
     _clutter(canvas, rng, int(rng.integers(2, 8)))
@@ -470,7 +476,7 @@ def _scene(rng: np.random.Generator, height: int, width: int, with_labels: bool,
     radii.sort(reverse=True)  # big first: small objects drawn later stay visible
     objects: list[SceneObject] = []
     for r in radii:
-        cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        cat = CATEGORIES[int(rng.integers(categories))]
         for _ in range(15):
             pl = _draw_category(canvas, rng, cat, rng.uniform(0, width), rng.uniform(0, height), r,
                                 min_visible=0.45, avoid=[o.box for o in objects])
@@ -482,11 +488,16 @@ def _scene(rng: np.random.Generator, height: int, width: int, with_labels: bool,
     return Scene(canvas.finish(rng), objects, canvas.labels)
 
 
-def render_detection(rng: np.random.Generator, height: int, width: int) -> Scene:
-    """A VOC-style scene: 1-4 vocabulary objects (boxes, truncated and difficult flags) on a cluttered scene."""
-    return _scene(rng, height, width, False, int(rng.integers(1, 5)), (0.07, 0.3), small_prob=0.35)
+def render_detection(rng: np.random.Generator, height: int, width: int, categories: int = len(CATEGORIES)) -> Scene:
+    """A VOC-style scene: 1-4 objects of the first `categories` categories (boxes, truncated and difficult
+    flags) on a cluttered scene."""
+    return _scene(rng, height, width, False, int(rng.integers(1, 5)), (0.07, 0.3), small_prob=0.35,
+                  categories=categories)
 
 
-def render_segmentation(rng: np.random.Generator, height: int, width: int) -> Scene:
-    """An ADE20K-style scene with its label map: background regions, clutter (0), 1-5 vocabulary objects."""
-    return _scene(rng, height, width, True, int(rng.integers(1, 6)), (0.08, 0.3), small_prob=0.0)
+def render_segmentation(rng: np.random.Generator, height: int, width: int,
+                        categories: int = len(CATEGORIES)) -> Scene:
+    """An ADE20K-style scene with its label map: background regions, clutter (0), 1-5 objects of the first
+    `categories` categories."""
+    return _scene(rng, height, width, True, int(rng.integers(1, 6)), (0.08, 0.3), small_prob=0.0,
+                  categories=categories)

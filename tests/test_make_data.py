@@ -136,3 +136,19 @@ def test_cli_bad_arguments_one_line(args: list[str], tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_scenes_draw_only_the_scale_categories() -> None:
+    """`scene_classes` limits VOC / ADE20K objects to the first N categories (small: the 10 it classifies)."""
+    from datakit.render import image_rng, render_detection, render_segmentation
+
+    assert make.SCALES["small"].scene_classes == make.SCALES["small"].cls_classes == 10
+    seen_det, seen_seg = set(), set()
+    for i in range(30):
+        seen_det |= {o.category.index for o in render_detection(image_rng(0, 99, i), 96, 128, categories=3).objects}
+        scene = render_segmentation(image_rng(0, 98, i), 96, 96, categories=3)
+        seen_seg |= set(np.unique(scene.labels).tolist())
+    assert seen_det == {0, 1, 2}
+    objects_ids = {c.ade_id for c in CATEGORIES}
+    assert seen_seg & objects_ids == {c.ade_id for c in CATEGORIES[:3]}
+    assert seen_seg - objects_ids <= set(BACKGROUND_IDS.values()) | {IGNORE_ID}
