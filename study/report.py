@@ -308,6 +308,27 @@ def table6(study: Study) -> Table:
     return t
 
 
+def pretraining_gain(study: Study, stage: str, metrics: list[tuple[str, str]]) -> str | None:
+    """Each pretrained arm against the random-init control under the same downstream recipe: the first question
+    of transfer (the demo's), and the only gain there is when a study has no b_standard arm."""
+    if paper.RANDOM_INIT not in study.arms:
+        return None
+    parts = []
+    for arm in study.arms:
+        if arm == paper.RANDOM_INIT:
+            continue
+        gains = []
+        for metric, label in metrics:
+            a, r = study.stat(arm, stage, metric), study.stat(paper.RANDOM_INIT, stage, metric)
+            if a is not None and r is not None:
+                gains.append(f"{label} {fmt_gain(a.mean - r.mean)}")
+        if gains:
+            parts.append(f"{paper.display_name(arm)}: {', '.join(gains)}")
+    if not parts:
+        return None
+    return "Pretrained vs random init (ours, difference of means, same downstream recipe): " + "; ".join(parts) + "."
+
+
 def table8(study: Study) -> Table:
     header = ["arm", "ours ImageNet top-1", "ours VOC mAP", "mAP gain vs B-standard (ours)", "paper top-1",
               "paper mAP", "mAP gain vs B-standard (paper)"]
@@ -322,6 +343,8 @@ def table8(study: Study) -> Table:
     t.notes += [f"† paper cell {m}." for m in sorted(marks)]
     t.notes += [describe_protocol(study, "detection"), "ImageNet top-1 is the arm's classification result (Table 6)."]
     t.notes.append(finding(study, "detection", "mAP", "table8", "mAP", "VOC mAP"))
+    if gain := pretraining_gain(study, "detection", [("mAP", "mAP")]):
+        t.notes.append(gain)
     return t
 
 
@@ -343,6 +366,8 @@ def table9(study: Study) -> Table:
     t.notes += [describe_protocol(study, st), "ImageNet top-1 is the arm's classification result (Table 6)."]
     t.notes.append(finding(study, st, "mIoU", "table9", "mIoU", "ADE mIoU"))
     t.notes.append(finding(study, st, "aAcc", "table9", "aAcc", "ADE pixel acc"))
+    if gain := pretraining_gain(study, st, [("aAcc", "pixel acc"), ("mIoU", "mIoU")]):
+        t.notes.append(gain)
     return t
 
 
@@ -634,7 +659,7 @@ def paper_tables(study: Study) -> tuple[list[Table], list[str]]:
         if study.has_stage(stage):
             t = build(study)
             if paper.B_STANDARD not in study.arms:
-                t.notes.insert(0, "No b_standard arm in this study: our gains cannot be computed.")
+                t.notes.insert(0, "No b_standard arm in this study: our gains vs B-standard cannot be computed.")
             tables.append(t)
         else:
             absent.append(f"{name}: no {stage} summaries in this study.")

@@ -129,6 +129,15 @@ def test_findings_are_computed(report):
     assert "2 of 2 refinement steps" in acc and "Gains over B-standard with the paper's sign: 1 of 2" in acc
 
 
+def test_pretraining_gain_over_random_init(report):
+    _, md, _ = report
+    lines = [line for line in md.splitlines() if line.startswith("Pretrained vs random init")]
+    assert len(lines) == 2  # Tables 8 and 9; x_custom has no downstream result and is left out
+    assert lines[0].endswith(": B-standard: mAP +30.00; + cosine: mAP +31.50; + mixup: mAP +31.20.")  # - 40.00
+    assert lines[1].endswith(": B-standard: pixel acc +25.00, mIoU +20.00; + cosine: pixel acc +26.25, mIoU +21.50; "
+                             "+ mixup: pixel acc +25.50, mIoU +21.80.")  # - 50.00, - 10.00
+
+
 def test_protocol_lines(report):
     _, md, _ = report
     assert ("Protocol (classification): dataset=imagenet-synthetic, image_size=224, eval=resize 256, center crop "
