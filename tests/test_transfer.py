@@ -132,3 +132,47 @@ def test_transfer_scripts_resolve_their_source(tiny_export, tmp_path):
         resolve(str(tmp_path / "missing"))
     usage = subprocess.run(["bash", str(REPO / "tools/transfer_det.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "SRC" in usage.stdout
+
+
+def test_c4_detector_holds_the_export_in_backbone_and_shared_head(tiny_data, tiny_export, tmp_path):
+    """configs/detection/faster-rcnn_r50_c4_voc0712.py (no FPN, the paper's protocol): stem + stages 1-3 in the
+    backbone, stage 4 in roi_head.shared_head (with ResNet-D's avg-pool shortcut), both verified; a step trains."""
+    import argparse
+
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
+
+    from classification.export import ExportError, load_export
+    from detection.train import STAGE
+    from transfer import compat
+    from transfer.backbone_check import verify_model_loaded
+    from transfer.runner import configure, walk
+    from transfer.shared_head import shared_head_keys
+
+    assert shared_head_keys({"variant": "A"}, "x.pth") == dict(
+        type="ResLayer", style="caffe", init_cfg=dict(type="Pretrained", checkpoint="x.pth"))
+    compat.apply()
+    cfg = Config.fromfile(REPO / "configs/detection/faster-rcnn_r50_c4_voc0712.py")
+    args = argparse.Namespace(config="c4", data_root=tiny_data / "VOCdevkit", work_dir=tmp_path, launcher="none",
+                              seed=0)
+    state, meta = load_export(tiny_export)
+    configure(cfg, STAGE, args, meta, (tiny_export / "backbone.pth").resolve())
+    assert "transfer.shared_head" in cfg.custom_imports["imports"]  # registers AvgDownResLayer in a run
+    init_default_scope("mmdet")
+    model = MODELS.build(cfg.model)
+    assert type(model.roi_head.shared_head).__name__ == "AvgDownResLayer"
+    with pytest.raises(ExportError, match="shared_head"):
+        verify_model_loaded(model, tiny_export)  # not initialised yet: random weights
+    model.init_weights()
+    record = verify_model_loaded(model, tiny_export)
+    assert record["tensors_checked"] == len(state) and 0 < record["shared_head_tensors"] < len(state)
+
+    # One training step on the generated VOC at the stock 1000x600 scale (boxes under 32 px kept, as elsewhere).
+    walk(cfg.train_dataloader, lambda d: d.__setitem__("bbox_min_size", 4) if "bbox_min_size" in d else None)
+    cfg.train_dataloader.update(num_workers=0, persistent_workers=False, batch_size=1)
+    loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
+    losses = model.train_step(next(iter(loader)), build_optim_wrapper(model, cfg.optim_wrapper))
+    assert torch.isfinite(sum(v for k, v in losses.items() if "loss" in k))

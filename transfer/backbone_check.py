@@ -22,6 +22,8 @@ LIBRARIES = ("mmdet", "mmseg")
 # MMSegmentation's FCN / dilated layout (mmseg::_base_/models/fcn_r50-d8.py): output stride 8, the first block of
 # each dilated stage with half the dilation (contract_dilation).
 DILATED = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True)
+# C4 detectors run the last stage as the RoI head's shared head (transfer/shared_head.py): these export keys go there.
+SHARED_HEAD_PREFIX = "layer4."
 
 
 def _registry(library: str):
@@ -119,3 +121,20 @@ def verify_backbone_loaded(model_backbone: nn.Module, export: str | Path | dict[
         raise ExportError(f"{type(backbone).__name__} does not hold {what}: {len(differ)} of {len(state)} tensors "
                           f"differ ({format_keys(differ)}); {hint}")
     return dict(backbone_loaded=True, tensors_checked=len(state), export=what)
+
+
+def verify_model_loaded(model: nn.Module, export: str | Path | dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``verify_backbone_loaded`` for a whole (wrapped) detector or segmentor. A C4 detector holds the export in
+    two modules: layer4 in ``roi_head.shared_head``, the rest in the backbone; both are checked, every tensor."""
+    model = unwrap(model)
+    head = getattr(getattr(model, "roi_head", None), "shared_head", None)
+    if head is None:
+        return verify_backbone_loaded(model, export)
+    state, what = _export_state(export)
+    in_head = {k for k in state if k.startswith(SHARED_HEAD_PREFIX)}
+    try:
+        verify_backbone_loaded(model.backbone, {k: v for k, v in state.items() if k not in in_head})
+        verify_backbone_loaded(head, {k: state[k] for k in in_head})
+    except ExportError as e:
+        raise ExportError(f"{what} (C4: stem + layer1-3 in the backbone, layer4 in roi_head.shared_head): {e}") from e
+    return dict(backbone_loaded=True, tensors_checked=len(state), shared_head_tensors=len(in_head), export=what)

@@ -29,8 +29,10 @@ class VerifyBackboneHook(Hook):
         if runner.iter > 0:  # resumed: the backbone has trained since initialisation
             runner.logger.info(f"VerifyBackboneHook: resumed at iteration {runner.iter}, checked at the start")
             return
-        from transfer.backbone_check import verify_backbone_loaded
+        from transfer.backbone_check import verify_model_loaded
 
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        verify_backbone_loaded(model.backbone, self.export)
-        runner.logger.info(f"VerifyBackboneHook: every backbone tensor equals the export {self.export}")
+        record = verify_model_loaded(model, self.export)  # the backbone, and a C4 detector's shared head
+        where = f" ({record['shared_head_tensors']} of them, layer4, in roi_head.shared_head)" \
+            if "shared_head_tensors" in record else ""
+        runner.logger.info(f"VerifyBackboneHook: every backbone tensor equals the export {self.export}{where}")

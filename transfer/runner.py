@@ -67,6 +67,13 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
                             dict(type="VerifyBackboneHook", export=str(export_ckpt.parent))]
     else:
         backbone.init_cfg = None  # the random-initialisation control arm
+    imports = ["transfer.hooks", "transfer.metrics"]
+    shared_head = cfg.model.get("roi_head", {}).get("shared_head")
+    if shared_head is not None:  # a C4 detector: the export's layer4 is the RoI head's shared head
+        from transfer.shared_head import shared_head_keys
+
+        shared_head.update(shared_head_keys(meta, export_ckpt and str(export_ckpt)))
+        imports.append("transfer.shared_head")  # registers AvgDownResLayer (ResNet-D's layer4)
     if "pretrained" in cfg.model:
         cfg.model.pretrained = None  # the stock configs point it at a URL (no network; and it would win)
 
@@ -89,7 +96,7 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
     cfg.optim_wrapper.optimizer.lr = lr
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=scale["base_batch_size"])  # done here, once
 
-    cfg.custom_imports = dict(imports=["transfer.hooks", "transfer.metrics"], allow_failed_imports=False)
+    cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
     cfg.work_dir = str(Path(args.work_dir).resolve())
     cfg.resume = True  # continue from the last checkpoint in work_dir, if any
     cfg.load_from = None
