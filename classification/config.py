@@ -69,7 +69,8 @@ class Config:
     log_interval: int = 20  # iterations between log lines (and host synchronisations)
     checkpoint_interval: int = 0  # also save last.pth every N iterations; 0 = at epoch ends only
     max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite steps
-    max_steps: int = 0  # stop after this many iterations in total (smoke tests, benchmarks); 0 = no limit
+    max_steps: int = 0  # save and stop once this many iterations are done in all (a time budget); 0 = no limit.
+    # A runtime limit like workers: rerunning with another value (or 0) resumes the same run.
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * world_size

@@ -44,7 +44,7 @@ log = logging.getLogger("classification")
 
 # Keys that may change between a run and its resume without changing the result.
 RUNTIME_KEYS = {"name", "data_root", "workers", "pin_memory", "persistent_workers", "log_interval",
-                "checkpoint_interval", "compile"}
+                "checkpoint_interval", "compile", "max_steps"}
 
 
 class TrainingError(RuntimeError):
@@ -101,7 +101,8 @@ class StopFlag:
 def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, ema, cfg: Config, epoch: int,
                     first_step: int, iters_per_epoch: int, device: torch.device, stop: StopFlag,
                     save_every=None) -> dict:
-    """One epoch from ``first_step``; returns its statistics, or ``stopped_at`` on preemption.
+    """One epoch from ``first_step``; returns its statistics, or ``stopped_at`` (and why) on preemption or at
+    ``max_steps``.
     ``save_every(epoch, steps_done)`` is called every ``checkpoint_interval`` iterations (on every rank)."""
     task.train()
     autocast = autocast_kwargs(cfg, device)
@@ -111,6 +112,9 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
     images, bad, data_wait = 0, 0, 0.0
     t_start = t_last = time.perf_counter()
     for step, (x, y, n_bad) in enumerate(loader, start=first_step):
+        global_step = epoch * iters_per_epoch + step
+        if cfg.max_steps and global_step >= cfg.max_steps:  # the same step on every rank: no collective needed
+            return dict(stopped_at=step, reason=f"max_steps={cfg.max_steps}")
         data_wait += time.perf_counter() - t_last
         bad += n_bad
         if len(x) < 2:  # BatchNorm needs two samples; skipping the batch on one rank would hang DDP
@@ -122,7 +126,6 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
             x, y = mixup(x, y)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        global_step = epoch * iters_per_epoch + step
         scheduler.step_update(num_updates=global_step + 1)  # lr of update i is schedule(i + 1), see tricks.py
 
         with torch.autocast(**autocast):
@@ -154,7 +157,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
                     f"{step + 1}): lower base_lr, add warmup_epochs or use amp=bf16; {LAST} holds the last good epoch")
         t_last = time.perf_counter()
         if (logging_step or not dist.is_initialized()) and stop.agreed(device):
-            return dict(stopped_at=step + 1)
+            return dict(stopped_at=step + 1, reason="signal")
         if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
             save_every(epoch, step + 1)
     elapsed = time.perf_counter() - t_start
@@ -322,8 +325,8 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
                                 first_step, ipe, device, stop, save_every=lambda e, s: save(last, e, s))
         if "stopped_at" in stats:
             save(last, epoch, stats["stopped_at"])
-            log.info("stopped by signal at epoch %d step %d; %s saved, rerun the same command to resume",
-                     epoch, stats["stopped_at"], last)
+            log.info("stopped by %s at epoch %d step %d; %s saved, rerun the command to resume",
+                     stats["reason"], epoch, stats["stopped_at"], last)
             return 0
         top1, top5 = evaluate(model, val_loader, device, cfg)
         ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, cfg) if ema else (None, None)

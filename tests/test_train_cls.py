@@ -144,3 +144,29 @@ def test_ddp_under_torchrun_two_cpu_processes(folder, tmp_path):
     assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
     # 16 training images, global batch 8: 2 iterations per epoch, each rank saw 4 images per step.
     assert "[2/2]" in out.stdout
+
+
+def test_ddp_run_stopped_at_max_steps_resumes_to_the_same_weights(folder, tmp_path):
+    """Two CPU processes under torchrun: a run stopped mid-epoch (max_steps) and resumed ends bitwise equal to an
+    uninterrupted one (per-rank RNG and the sampler's position are restored)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tricks = ["deterministic=true", "epochs=2", "mixup_alpha=0.2", "warmup_epochs=0.5", "zero_gamma=true"]
+
+    def torchrun(work, port, *sets):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "-m", "classification.train", str(REPO / "configs/classification/demo/smoke.yaml"),
+               "--data-root", str(folder), "--work-dir", str(work), "--set", *TINY, *tricks, *sets]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout + out.stderr
+
+    torchrun(tmp_path / "straight", 29541)
+    assert "stopped by max_steps=3 at epoch 1 step 1" in torchrun(tmp_path / "resumed", 29542, "max_steps=3")
+    partial = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    assert (partial["epoch"], partial["step"]) == (1, 1) and not (tmp_path / "resumed" / "summary.json").exists()
+    torchrun(tmp_path / "resumed", 29543)  # without the limit: resumes at epoch 1 step 1
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["history"][-1]["top1"] == b["history"][-1]["top1"]
