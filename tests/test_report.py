@@ -138,6 +138,16 @@ def test_pretraining_gain_over_random_init(report):
                              "+ mixup: pixel acc +25.50, mIoU +21.80.")  # - 50.00, - 10.00
 
 
+def test_without_b_standard_the_gain_plot_is_over_random_init(tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(FIXTURE, study, ignore=shutil.ignore_patterns("b_standard"))
+    assert main([str(study), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "No b_standard arm in this study: our gains vs B-standard cannot be computed." in md
+    assert "transfer_gain.png` skipped" not in md and "](transfer_gain.png)" in md
+    assert (tmp_path / "out" / "transfer_gain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_protocol_lines(report):
     _, md, _ = report
     assert ("Protocol (classification): dataset=imagenet-synthetic, image_size=224, eval=resize 256, center crop "
