@@ -50,7 +50,7 @@ class Scale:
     ade_train: int
     ade_val: int
     ade_size: tuple[int, int]  # min, max side (px)
-    scene_classes: int = 20  # VOC and ADE20K scenes draw objects from the first N categories
+    scene_classes: int = len(CATEGORIES)  # VOC and ADE20K scenes draw objects from the first N categories
 
 
 # The one table of sizes. tiny: the tests (a few seconds); small: the CPU demo (well under a minute);
