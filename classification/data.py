@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
+
+from datakit.synthetic import synthetic_problem
 
 from .config import Config
 
@@ -119,26 +121,36 @@ class ImageFolderData(Dataset):
 
 
 class EpochSampler(Sampler):
-    """torch's DistributedSampler order for this rank, tagged with the epoch and resumable mid-epoch."""
+    """This process's share of every global batch of an epoch, tagged with the epoch; resumable at any update.
 
-    def __init__(self, n: int, *, rank: int, world_size: int, seed: int, batch_size: int):
-        self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                        drop_last=True)
-        self.batch_size = batch_size
+    Each epoch is a permutation of the training set (seeded by seed and epoch) cut into global batches; the
+    remainder is dropped. Update k's global batch is cut into ``accumulation x world_size`` chunks of
+    ``device_batch`` and pass m of rank r takes chunk ``m x world_size + r``. So every update sees the same images,
+    grouped into the same BatchNorm batches, on 1 process with accumulation 8 as on 8 processes without.
+    """
+
+    def __init__(self, n: int, *, rank: int, world_size: int, seed: int, device_batch: int, accumulation: int):
+        self.n, self.rank, self.world_size, self.seed = n, rank, world_size, seed
+        self.device_batch, self.accumulation = device_batch, accumulation
+        self.updates = n // (device_batch * world_size * accumulation)  # updates per epoch
         self.epoch = 0
-        self.skip_batches = 0
+        self.skip_updates = 0
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.inner.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_updates: int = 0) -> None:
         self.epoch = epoch
-        self.skip_batches = skip_batches
+        self.skip_updates = skip_updates
 
     def __iter__(self):
-        indices = list(self.inner)[self.skip_batches * self.batch_size:]
-        return iter([(i, self.epoch) for i in indices])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.updates * self.accumulation * self.world_size
+                                                   * self.device_batch]
+        mine = perm.view(self.updates, self.accumulation, self.world_size, self.device_batch)[self.skip_updates:,
+                                                                                               :, self.rank]
+        return iter([(i, self.epoch) for i in mine.reshape(-1).tolist()])
 
     def __len__(self) -> int:
-        return len(self.inner) - self.skip_batches * self.batch_size
+        return (self.updates - self.skip_updates) * self.accumulation * self.device_batch
 
 
 def collate(batch):
@@ -158,21 +170,25 @@ def _worker_init(worker_id: int) -> None:
 
 
 def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool):
+    """(train loader of device_batch passes, val loader, train sampler, class names); call cfg.accumulation first."""
     root = Path(cfg.data_root)
+    problem = synthetic_problem(root, cfg.allow_synthetic)
+    if problem:
+        raise DataError(problem)
     skip = cfg.bad_images == "skip"
     train_set = ImageFolderData(root / "train", train_transform(cfg), seed=cfg.seed, skip_bad=skip)
     val_set = ImageFolderData(root / "val", eval_transform(cfg), seed=cfg.seed, skip_bad=skip)
     if val_set.classes != train_set.classes:
         raise DataError(f"{root}: train/ and val/ have different class folders; see tools/check_data.py imagenet")
-    if len(train_set) < cfg.batch_size * world_size:
+    if len(train_set) < cfg.global_batch:
         raise DataError(f"{root / 'train'}: {len(train_set)} images is fewer than one global batch "
-                        f"({cfg.batch_size} x {world_size}); lower batch_size")
+                        f"({cfg.global_batch}); lower global_batch")
     sampler = EpochSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed,
-                           batch_size=cfg.batch_size)
+                           device_batch=cfg.device_batch, accumulation=cfg.accumulation(world_size))
     common = dict(num_workers=cfg.workers, pin_memory=pin_memory, collate_fn=collate, worker_init_fn=_worker_init,
                   persistent_workers=cfg.persistent_workers and cfg.workers > 0)
-    train = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+    train = DataLoader(train_set, batch_size=cfg.device_batch, sampler=sampler, drop_last=True, **common)
     # Evaluation: each rank takes every world_size-th image, no padding, so the reduced counts are exact.
-    val = DataLoader(val_set, batch_size=cfg.batch_size, sampler=list(range(rank, len(val_set), world_size)),
+    val = DataLoader(val_set, batch_size=cfg.device_batch, sampler=list(range(rank, len(val_set), world_size)),
                      shuffle=False, **common)
     return train, val, sampler, train_set.classes

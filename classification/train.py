@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ log = logging.getLogger("classification")
 
 # Keys that may change between a run and its resume without changing the result.
 RUNTIME_KEYS = {"name", "data_root", "workers", "pin_memory", "persistent_workers", "log_interval",
-                "checkpoint_interval", "compile", "max_steps"}
+                "checkpoint_interval", "compile", "max_steps", "allow_synthetic"}
 
 
 class TrainingError(RuntimeError):
@@ -98,40 +99,73 @@ class StopFlag:
         return bool(all_reduce(torch.tensor([float(self.set)], device=device)).item())
 
 
+def grad_sync(task, sync: bool):
+    """DDP all-reduces gradients on the last pass of an update only; the passes before accumulate locally."""
+    module = task.trainable_module
+    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+def first_pass_statistics(bns: list[torch.nn.Module], momenta: list, first: bool) -> None:
+    """BatchNorm running statistics move once per update, on its first device batch. Under DDP the statistics are
+    rank 0's (DDP broadcasts them before every forward), which rank 0 updated from its first chunk; with
+    accumulation the later passes would update them again. Freezing them after the first pass makes them, and
+    so the evaluated top-1, the same on any number of processes."""
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum if first else 0.0
+
+
 def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, ema, cfg: Config, epoch: int,
-                    first_step: int, iters_per_epoch: int, device: torch.device, stop: StopFlag,
+                    first_step: int, iters_per_epoch: int, d: Dist, device: torch.device, stop: StopFlag,
                     save_every=None) -> dict:
-    """One epoch from ``first_step``; returns its statistics, or ``stopped_at`` (and why) on preemption or at
-    ``max_steps``.
-    ``save_every(epoch, steps_done)`` is called every ``checkpoint_interval`` iterations (on every rank)."""
+    """One epoch of updates from ``first_step``; returns its statistics, or ``stopped_at`` (and why) on preemption
+    or at ``max_steps``. Each update takes ``accumulation`` passes of ``device_batch`` images per process (the
+    global batch); runs stop and resume at update boundaries only.
+    ``save_every(epoch, steps_done)`` is called every ``checkpoint_interval`` updates (on every rank)."""
     task.train()
     autocast = autocast_kwargs(cfg, device)
+    accumulation = cfg.accumulation(d.world_size)
     loss_sum = torch.zeros((), device=device)
-    skipped = torch.zeros((), device=device)  # steps the loss scaler skipped (non-finite gradients)
-    streak = torch.zeros((), device=device)  # consecutive skipped steps
+    skipped = torch.zeros((), device=device)  # updates the loss scaler skipped (non-finite gradients)
+    streak = torch.zeros((), device=device)  # consecutive skipped updates
     images, bad, data_wait = 0, 0, 0.0
-    t_start = t_last = time.perf_counter()
-    for step, (x, y, n_bad) in enumerate(loader, start=first_step):
+    batches = iter(loader)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    t_start = time.perf_counter()
+    for step in range(first_step, iters_per_epoch):
         global_step = epoch * iters_per_epoch + step
         if cfg.max_steps and global_step >= cfg.max_steps:  # the same step on every rank: no collective needed
             return dict(stopped_at=step, reason=f"max_steps={cfg.max_steps}")
-        data_wait += time.perf_counter() - t_last
-        bad += n_bad
-        if len(x) < 2:  # BatchNorm needs two samples; skipping the batch on one rank would hang DDP
-            raise DataError(f"epoch {epoch} step {step + 1}: {n_bad} unreadable images left {len(x)} in the batch; "
-                            f"run tools/check_data.py imagenet {cfg.data_root}")
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if mixup is not None:
-            x, y = x[: len(x) // 2 * 2], y[: len(y) // 2 * 2]  # mixup pairs samples (skipped images can leave one)
-            x, y = mixup(x, y)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         scheduler.step_update(num_updates=global_step + 1)  # lr of update i is schedule(i + 1), see tricks.py
-
-        with torch.autocast(**autocast):
-            loss = task(x, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss_update = torch.zeros((), device=device)
+        for m in range(accumulation):
+            t_wait = time.perf_counter()
+            x, y, n_bad = next(batches)
+            data_wait += time.perf_counter() - t_wait
+            bad += n_bad
+            if len(x) < 2:  # BatchNorm needs two samples; skipping the batch on one rank would hang DDP
+                raise DataError(f"epoch {epoch} step {step + 1}: {n_bad} unreadable images left {len(x)} in the "
+                                f"batch; run tools/check_data.py imagenet {cfg.data_root}")
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup is not None:
+                x, y = x[: len(x) // 2 * 2], y[: len(y) // 2 * 2]  # mixup pairs samples (skipped images can leave one)
+                # lambda from the pass's place in the global batch, not from the process: the same on any GPU count
+                np.random.seed([cfg.seed, global_step, m * d.world_size + d.rank])
+                x, y = mixup(x, y)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if accumulation > 1:
+                first_pass_statistics(bns, momenta, first=m == 0)
+            with grad_sync(task, m == accumulation - 1), torch.autocast(**autocast):
+                loss = task(x, y)["loss"]
+            scaler.scale(loss / accumulation).backward()  # the mean over the global batch, as one big pass
+            loss_update += loss.detach().float() / accumulation
+            images += len(x)
+        if accumulation > 1:
+            first_pass_statistics(bns, momenta, first=True)
         scaler.step(optimizer)  # skips the update when any gradient is inf/NaN
         # Private but long-stable GradScaler API (torch 2.14 pinned): per-device inf flags, no host sync.
         found = scaler._found_inf_per_device(optimizer)
@@ -140,10 +174,9 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
         if ema is not None:
             ema.update(model, step=global_step)
 
-        loss_sum += torch.where(found_inf > 0, 0.0, loss.detach().float())
+        loss_sum += torch.where(found_inf > 0, 0.0, loss_update)
         skipped += found_inf
         streak = (streak + found_inf) * (found_inf > 0)
-        images += len(x)
         logging_step = (step + 1) % cfg.log_interval == 0 or step + 1 == iters_per_epoch
         if logging_step:  # the only host synchronisation of the step
             n_ok = step + 1 - first_step - skipped.item()
@@ -155,23 +188,24 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
                 raise TrainingError(
                     f"loss or gradients non-finite for {int(streak.item())} consecutive steps (epoch {epoch}, step "
                     f"{step + 1}): lower base_lr, add warmup_epochs or use amp=bf16; {LAST} holds the last good epoch")
-        t_last = time.perf_counter()
         if (logging_step or not dist.is_initialized()) and stop.agreed(device):
             return dict(stopped_at=step + 1, reason="signal")
         if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
             save_every(epoch, step + 1)
     elapsed = time.perf_counter() - t_start
-    world = dist.get_world_size() if dist.is_initialized() else 1
     steps = torch.tensor(float(iters_per_epoch - first_step), device=device)
     loss_sum, n_ok, skipped = all_reduce(torch.stack([loss_sum, steps - skipped, skipped])).tolist()
-    return dict(train_loss=loss_sum / max(n_ok, 1), images_per_s=images * world / elapsed,
-                data_wait_share=data_wait / elapsed, skipped_steps=int(skipped / world), bad_images=bad)
+    return dict(train_loss=loss_sum / max(n_ok, 1), images_per_s=images * d.world_size / elapsed,
+                data_wait_share=data_wait / elapsed, skipped_steps=int(skipped / d.world_size), bad_images=bad)
 
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, cfg: Config) -> tuple[float, float]:
     """Top-1 / top-5 (%) over the whole validation set, reduced over ranks."""
     model.eval()
+    if dist.is_initialized():  # every rank evaluates with rank 0's BatchNorm statistics (the ones saved)
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     counts = torch.zeros(3, device=device)  # correct@1, correct@5, seen
     autocast = autocast_kwargs(cfg, device)
     for x, y, _ in loader:
@@ -186,6 +220,17 @@ def evaluate(model, loader, device: torch.device, cfg: Config) -> tuple[float, f
     return 100 * c1 / max(n, 1), 100 * c5 / max(n, 1)
 
 
+def rank0_first(fn):
+    """Run ``fn`` on rank 0 first, then on the other ranks (e.g. a download into a shared cache happens once)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        return fn()
+    finally:
+        if dist.is_initialized() and dist.get_rank() == 0:
+            dist.barrier()
+
+
 def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module | None:
     """§5.3 teacher: one of our run dirs / checkpoints, or a timm model name with its pretrained weights."""
     if not cfg.distill_teacher:
@@ -196,29 +241,30 @@ def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> torch.n
             raise ConfigError(f"distill_teacher {cfg.distill_teacher}: teacher predicts {ckpt['num_classes']} "
                               f"classes, the data has {num_classes}; train the teacher on the same data")
     else:
-        try:
-            teacher = timm.create_model(cfg.distill_teacher, pretrained=True)  # downloads from the hub once
-        except (RuntimeError, OSError) as e:
-            raise ConfigError(f"distill_teacher {cfg.distill_teacher}: {str(e).splitlines()[0]}; give one of our run "
-                              f"dirs or a timm model name whose weights can be downloaded or are cached") from e
+        name = cfg.distill_teacher
+        try:  # downloaded from the Hugging Face hub into its cache once (rank 0), read from the cache after
+            teacher = rank0_first(lambda: timm.create_model(name, pretrained=True))
+        except (RuntimeError, OSError, ValueError) as e:
+            raise ConfigError(
+                f"distill_teacher {name}: cannot load its pretrained weights ({str(e).splitlines()[0][:200]}); "
+                f"fill the hub cache on a machine with network (python -c \"import timm; timm.create_model('{name}', "
+                f"pretrained=True)\", cache in $HF_HOME, default ~/.cache/huggingface, copied to the same place "
+                f"here), or distil from a teacher trained by the toolkit (distill_teacher=<its run dir>)") from e
         if teacher.num_classes != num_classes:
-            raise ConfigError(f"distill_teacher {cfg.distill_teacher}: predicts {teacher.num_classes} classes, the "
+            raise ConfigError(f"distill_teacher {name}: predicts {teacher.num_classes} classes, the "
                               f"data has {num_classes}; use a teacher trained on this label space")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device).eval()
 
 
-def check_resumable(ckpt: dict, cfg: Config, world_size: int, path: Path) -> None:
+def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
     saved = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_KEYS}
     now = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}
     changed = sorted(k for k in now if saved.get(k) != now[k])
     if changed:
         raise CheckpointError(f"{path}: this run dir was started with different settings ({', '.join(changed)}); "
                               f"use another --work-dir or restore the original settings")
-    if ckpt["world_size"] != world_size:
-        raise CheckpointError(f"{path}: saved with {ckpt['world_size']} processes, now {world_size}; resume with "
-                              f"GPUS={ckpt['world_size']} (the global batch and schedule depend on it)")
 
 
 def setup_logging(run_dir: Path, main: bool) -> None:
@@ -256,15 +302,16 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
     else:
         torch.backends.cudnn.benchmark = True
 
+    cfg.accumulation(d.world_size)  # refuses a process count that cannot keep the recipe's batch, before any work
     train_loader, val_loader, sampler, classes = build_loaders(cfg, d.rank, d.world_size,
                                                                cfg.pin_memory and device.type == "cuda")
-    ipe = len(train_loader)
+    ipe = sampler.updates  # updates of global_batch images per epoch
     model = build_model(cfg.variant, len(classes), zero_gamma=cfg.zero_gamma, init=cfg.init, mean=cfg.mean,
                         std=cfg.std).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     task = build_task(model, cfg, load_teacher(cfg, len(classes), device), device)
-    optimizer = build_optimizer(model, cfg, d.world_size)
+    optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, ipe)
     scaler = build_scaler(cfg, device)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, min_decay=0.0, update_after_step=0, use_warmup=False,
@@ -275,17 +322,21 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
     last = run_dir / LAST
     if last.exists():
         ckpt = load_checkpoint(last)
-        check_resumable(ckpt, cfg, d.world_size, last)
+        check_resumable(ckpt, cfg, last)
         model.load_state_dict(ckpt["model"], strict=True)
         if ema is not None:
             ema.module.load_state_dict(ckpt["ema"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"][d.rank])
+        # The data order, augmentation and mixup depend on (seed, epoch, update) only, and updates keep the global
+        # batch: a run may resume on another number of processes (e.g. a requeued job on fewer GPUs).
+        if ckpt["world_size"] == d.world_size:
+            set_rng_state(ckpt["rng"][d.rank])
         epoch, first_step, history, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best_top1"]
         wall_before = ckpt["wall_time_s"]
-        log.info("resumed from %s at epoch %d, step %d", last, epoch, first_step)
+        log.info("resumed from %s at epoch %d, update %d (saved by %d processes, now %d)", last, epoch, first_step,
+                 ckpt["world_size"], d.world_size)
     if epoch >= cfg.epochs and (run_dir / "summary.json").exists():
         log.info("%s: already complete (%d epochs); nothing to do", run_dir, epoch)
         return 0
@@ -310,9 +361,8 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
     t0 = time.perf_counter()
     if d.main:
         atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        log.info("%s: ResNet-50-%s, %d classes, %d iterations/epoch, global batch %d, peak lr %.4g, device %s",
-                 cfg.name, cfg.variant, len(classes), ipe, cfg.global_batch(d.world_size), cfg.peak_lr(d.world_size),
-                 device)
+        log.info("%s: %s; ResNet-50-%s, %d classes, %d updates/epoch, device %s", cfg.name,
+                 cfg.batch_line(d.world_size), cfg.variant, len(classes), ipe, device)
     tb = None
     if d.main:
         from torch.utils.tensorboard import SummaryWriter
@@ -320,9 +370,9 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
         tb = SummaryWriter(str(run_dir / "tb"))
     stop = StopFlag()
     while epoch < cfg.epochs:
-        sampler.set_epoch(epoch, skip_batches=first_step)
+        sampler.set_epoch(epoch, skip_updates=first_step)
         stats = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, mixup, ema, cfg, epoch,
-                                first_step, ipe, device, stop, save_every=lambda e, s: save(last, e, s))
+                                first_step, ipe, d, device, stop, save_every=lambda e, s: save(last, e, s))
         if "stopped_at" in stats:
             save(last, epoch, stats["stopped_at"])
             log.info("stopped by %s at epoch %d step %d; %s saved, rerun the command to resume",
@@ -361,10 +411,13 @@ def write_run_summary(cfg: Config, run_dir: Path, history: list[dict], num_class
                      best_top1=max(r["top1"] for r in history),
                      images_per_s=sum(r["images_per_s"] for r in history) / len(history)),
         protocol=dict(dataset=str(Path(cfg.data_root).resolve().name), num_classes=num_classes,
-                      image_size=cfg.image_size, epochs=cfg.epochs, global_batch=cfg.global_batch(world_size),
+                      image_size=cfg.image_size, epochs=cfg.epochs, global_batch=cfg.global_batch,
+                      device_batch=cfg.device_batch, processes=world_size,
+                      accumulation=cfg.accumulation(world_size), peak_lr=cfg.peak_lr,
+                      batch=cfg.batch_line(world_size),
                       eval=f"resize {round(cfg.image_size * cfg.eval_resize)}, center crop {cfg.image_size}"),
         config=cfg.to_dict(), wall_time_s=wall, history=history,
-        lr_schedule=[[i / ipe, lr_at(cfg, world_size, ipe, i)] for i in points],
+        lr_schedule=[[i / ipe, lr_at(cfg, ipe, i)] for i in points],
     )
     log.info("summary: %s (top-1 %.2f, top-5 %.2f)", run_dir / "summary.json", final["top1"], final["top5"])
 
@@ -377,12 +430,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", help="ImageFolder root holding train/ and val/ (overrides data_root)")
     p.add_argument("--work-dir", help="run dir (default: work_dirs/cls/<config name>); rerun to resume")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--allow-synthetic", action="store_true",
+                   help="train on data generated by tools/make_data.py (refused by default: it is not ImageNet)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.set) + ([f"data_root={args.data_root}"] if args.data_root else [])
+    overrides = (list(args.set) + ([f"data_root={args.data_root}"] if args.data_root else [])
+                 + (["allow_synthetic=true"] if args.allow_synthetic else []))
     d = Dist()
     try:
         cfg = load_config(args.config, overrides)

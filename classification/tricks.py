@@ -33,16 +33,17 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     )
 
 
-def build_optimizer(model: nn.Module, cfg: Config, world_size: int) -> torch.optim.Optimizer:
-    """§2: Nesterov SGD, momentum 0.9; the learning rate is set per iteration by the scheduler."""
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """§2: Nesterov SGD, momentum 0.9; the learning rate is set per update by the scheduler."""
     return torch.optim.SGD(
-        param_groups(model, cfg), lr=cfg.peak_lr(world_size), momentum=cfg.momentum, nesterov=cfg.nesterov,
+        param_groups(model, cfg), lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
     )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, iters_per_epoch: int):
-    """Per-iteration schedule. Call ``step_update(i + 1)`` before the i-th update (0-based), so that warmup
+    """Per-update schedule (``iters_per_epoch`` counts updates of ``global_batch`` images). Call
+    ``step_update(i + 1)`` before the i-th update (0-based), so that warmup
     gives lr = (i + 1) / W x peak for the first W updates, as in §3.1 ("at batch i, 1 <= i <= m, i eta / m").
 
     - step (§2): peak x gamma^k after each of ``step_epochs`` (counted from the start of training);
@@ -63,9 +64,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, iters_per_epo
     )
 
 
-def lr_at(cfg: Config, world_size: int, iters_per_epoch: int, i: int) -> float:
+def lr_at(cfg: Config, iters_per_epoch: int, i: int) -> float:
     """Closed form of the schedule for the i-th update (0-based); used for plots and the summary."""
-    peak = cfg.peak_lr(world_size)
+    peak = cfg.peak_lr
     total = cfg.epochs * iters_per_epoch
     warmup = round(cfg.warmup_epochs * iters_per_epoch)
     t = i + 1

@@ -30,7 +30,7 @@ def tiny_export(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     run = tmp_path_factory.mktemp("tiny_cls")
     rc = train.main([str(REPO / "configs/classification/demo/r50d_all_tricks.yaml"), "--data-root",
                      str(tiny_data / "imagenet"), "--work-dir", str(run), "--set", "image_size=32", "epochs=1",
-                     "batch_size=4", "workers=0", "log_interval=4", "warmup_epochs=0.5"])
+                     "global_batch=4", "device_batch=4", "workers=0", "log_interval=4", "warmup_epochs=0.5"])
     assert rc == 0
     out = run / "export"
     export_backbone(run, out)

@@ -1,6 +1,7 @@
 """Each trick against an independent reference formula, on tiny inputs."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from classification.tricks import (
     param_groups,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 IPE = 10  # iterations per epoch in the schedule tests
 
 
@@ -43,13 +45,13 @@ def reference_lr(i, *, peak, warmup, total, schedule, steps=(), gamma=0.1):
 
 @pytest.mark.parametrize("schedule", ["step", "cosine"])
 @pytest.mark.parametrize("warmup_epochs", [0, 2])
-@pytest.mark.parametrize("batch,world,scaling", [(32, 8, "linear"), (128, 8, "linear"), (64, 1, "none")])
-def test_lr_schedule_matches_closed_form(schedule, warmup_epochs, batch, world, scaling):
-    cfg = cfg_with(schedule=schedule, warmup_epochs=warmup_epochs, batch_size=batch, lr_scaling=scaling, epochs=12,
-                   step_epochs="[4, 8]")
-    peak = 0.1 * batch * world / 256 if scaling == "linear" else 0.1
-    assert cfg.peak_lr(world) == pytest.approx(peak)
-    opt = build_optimizer(tiny_model(), cfg, world)
+@pytest.mark.parametrize("batch,scaling", [(256, "linear"), (1024, "linear"), (64, "none")])
+def test_lr_schedule_matches_closed_form(schedule, warmup_epochs, batch, scaling):
+    cfg = cfg_with(schedule=schedule, warmup_epochs=warmup_epochs, global_batch=batch, device_batch=32,
+                   lr_scaling=scaling, epochs=12, step_epochs="[4, 8]")
+    peak = 0.1 * batch / 256 if scaling == "linear" else 0.1
+    assert cfg.peak_lr == pytest.approx(peak)
+    opt = build_optimizer(tiny_model(), cfg)
     sched = build_scheduler(opt, cfg, IPE)
     for i in [0, 1, 5, 19, 20, 21, 39, 40, 41, 60, 79, 80, 81, 119]:
         sched.step_update(num_updates=i + 1)
@@ -57,13 +59,35 @@ def test_lr_schedule_matches_closed_form(schedule, warmup_epochs, batch, world, 
                             steps=(40, 80))
         for group in opt.param_groups:
             assert group["lr"] == pytest.approx(want, abs=1e-12), (i, group["lr"], want)
-        assert lr_at(cfg, world, IPE, i) == pytest.approx(want, abs=1e-12)
+        assert lr_at(cfg, IPE, i) == pytest.approx(want, abs=1e-12)
 
 
 def test_linear_scaling_rule_numbers():
-    # §3.1: 0.1 at batch 256, 0.4 at batch 1024 (8 GPUs x 128).
-    assert cfg_with(lr_scaling="linear", batch_size=32).peak_lr(8) == pytest.approx(0.1)
-    assert cfg_with(lr_scaling="linear", batch_size=128).peak_lr(8) == pytest.approx(0.4)
+    # §3.1: 0.1 at batch 256, 0.4 at batch 1024, whatever the number of processes.
+    assert cfg_with(lr_scaling="linear", global_batch=256).peak_lr == pytest.approx(0.1)
+    assert cfg_with(lr_scaling="linear", global_batch=1024, device_batch=128).peak_lr == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("recipe,world,line", [
+    ("r50b_standard.yaml", 1, "global batch 256 = 1 x 32 x 8 accumulation steps, peak lr 0.1"),
+    ("r50b_standard.yaml", 2, "global batch 256 = 2 x 32 x 4 accumulation steps, peak lr 0.1"),
+    ("r50b_standard.yaml", 8, "global batch 256 = 8 x 32 x 1 accumulation steps, peak lr 0.1"),
+    ("r50d_cosine_ls_mixup.yaml", 1, "global batch 1024 = 1 x 128 x 8 accumulation steps, peak lr 0.4"),
+    ("r50d_cosine_ls_mixup.yaml", 4, "global batch 1024 = 4 x 128 x 2 accumulation steps, peak lr 0.4"),
+])
+def test_paper_recipes_keep_their_global_batch_and_lr_on_any_gpu_count(recipe, world, line):
+    cfg = load_config(REPO / "configs/classification" / recipe)
+    assert cfg.batch_line(world) == line
+
+
+def test_a_gpu_count_that_cannot_keep_the_batch_is_refused_naming_the_counts_that_can():
+    cfg = load_config(REPO / "configs/classification/r50b_standard.yaml")
+    for world in (3, 16):
+        with pytest.raises(ConfigError, match=r"run on 1, 2, 4, 8 GPUs") as e:
+            cfg.accumulation(world)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="global_batch .* and device_batch"):
+        load_config(None, ["batch_size=32"])
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
@@ -138,7 +162,7 @@ def test_distillation_term_is_zero_when_student_equals_teacher():
 def test_no_bias_decay_groups(variant):
     model = build_model(variant, 10, zero_gamma=False, init="timm", mean=[0, 0, 0], std=[1, 1, 1])
     cfg = cfg_with(no_bias_decay=True, weight_decay=1e-4)
-    opt = build_optimizer(model, cfg, 1)
+    opt = build_optimizer(model, cfg)
     wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     seen = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len(set(seen)) == len(list(model.parameters()))  # every parameter exactly once

@@ -67,13 +67,13 @@ def our_loop(cfg, batches, device) -> float:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     task = build_task(model, cfg, None, device)
-    opt = build_optimizer(model, cfg, 1)
+    opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, len(batches))
     scaler = build_scaler(cfg, device)
     sync(device)
     t0 = time.perf_counter()
     train.train_one_epoch(task, model, batches, opt, sched, scaler, build_mixup(cfg, 10), None, cfg, 0, 0,
-                          len(batches), device, train.StopFlag())
+                          len(batches), train.Dist(), device, train.StopFlag())
     sync(device)
     return len(batches) * len(batches[0][0]) / (time.perf_counter() - t0)
 
@@ -93,7 +93,7 @@ def data_pipeline(cfg, max_batches: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="data/imagenet")
+    p.add_argument("--data-root", default="data/demo/imagenet")
     p.add_argument("--variant", default="D")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = load_config(None, [f"variant={args.variant}", f"image_size={args.image_size}",
-                             f"batch_size={args.batch_size}", f"amp={args.amp}",
+                             f"global_batch={args.batch_size}", f"device_batch={args.batch_size}", f"amp={args.amp}",
                              f"channels_last={str(args.channels_last).lower()}", f"data_root={args.data_root}",
-                             f"workers={args.workers}", f"log_interval={args.steps + 1}", "epochs=1"])
+                             f"workers={args.workers}", f"log_interval={args.steps + 1}", "epochs=1",
+                             "allow_synthetic=true"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
