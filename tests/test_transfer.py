@@ -50,7 +50,7 @@ def test_stage_trains_tests_and_writes_summary_and_its_config_runs_under_mm_tool
         assert summary["protocol"]["reduce_zero_label"] is True and summary["protocol"]["crop_size"] == [128, 128]
     cfg = (tmp_path / "run" / "config.py").read_text()
     assert str(tiny_export.resolve() / "backbone.pth") in cfg and "SyncBN" not in cfg
-    assert summary["config"]["effective_batch"] == summary["config"]["recipe_batch"]
+    assert summary["config"]["batch"] == summary["config"]["recipe_batch"] and summary["config"]["accumulation"] == 1
     json.dumps(summary, allow_nan=False)  # strict JSON: no NaN
 
     # Rerunning the same command finds the run complete.
@@ -157,7 +157,7 @@ def test_c4_detector_holds_the_export_in_backbone_and_shared_head(tiny_data, tin
     compat.apply()
     cfg = Config.fromfile(REPO / "configs/detection/faster-rcnn_r50_c4_voc0712.py")
     args = argparse.Namespace(config="c4", data_root=tiny_data / "VOCdevkit", work_dir=tmp_path, launcher="none",
-                              seed=0)
+                              seed=0, allow_synthetic=True)
     state, meta = load_export(tiny_export)
     configure(cfg, STAGE, args, meta, (tiny_export / "backbone.pth").resolve())
     assert "transfer.shared_head" in cfg.custom_imports["imports"]  # registers AvgDownResLayer in a run
@@ -176,3 +176,112 @@ def test_c4_detector_holds_the_export_in_backbone_and_shared_head(tiny_data, tin
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=0)
     losses = model.train_step(next(iter(loader)), build_optim_wrapper(model, cfg.optim_wrapper))
     assert torch.isfinite(sum(v for k, v in losses.items() if "loss" in k))
+
+
+def configured(config: str, meta=None, export=None, world: int = 1, monkeypatch=None, **options):
+    """An installed-config-based recipe after our stage's configure(), as a run on ``world`` processes would see it."""
+    import argparse
+
+    from mmengine.config import Config
+
+    from detection.train import STAGE as DET
+    from segmentation.train import STAGE as SEG
+    from transfer.runner import configure
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = Config.fromfile(REPO / config)
+    cfg.merge_from_dict(options)
+    args = argparse.Namespace(config=config, data_root="data", work_dir="w", launcher="none", seed=0)
+    decided = configure(cfg, DET if "detection" in config else SEG, args, meta, export)
+    return cfg, decided
+
+
+@pytest.mark.parametrize("config", ["configs/detection/faster-rcnn_r50_fpn_voc0712.py",
+                                    "configs/detection/faster-rcnn_r50_c4_voc0712.py",
+                                    "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"])
+def test_random_init_control_trains_every_layer_and_its_bn_statistics(config, tiny_export, monkeypatch):
+    """The control arm is not handicapped: built and put in train mode, every backbone (and C4 shared-head)
+    parameter is trainable and every BatchNorm updates its statistics; a pretrained arm keeps the recipe's freezing."""
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS as SEG_MODELS
+
+    from classification.export import load_export
+    from transfer import compat
+
+    compat.apply()
+    det = "detection" in config
+    init_default_scope("mmdet" if det else "mmseg")
+    models = DET_MODELS if det else SEG_MODELS
+
+    def parts(model):
+        out = [model.backbone]
+        if det and model.roi_head.with_shared_head:
+            out.append(model.roi_head.shared_head)
+        return out
+
+    cfg, decided = configured(config, monkeypatch=monkeypatch)
+    control = models.build(cfg.model)
+    control.train()
+    for part in parts(control):
+        assert all(p.requires_grad for p in part.parameters())
+        bns = [m for m in part.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert bns and all(m.training for m in bns)
+    if det:  # the stock detection recipes freeze; the summary says what the control changed
+        assert decided["control_changes"]["model.backbone.frozen_stages"] == [1, -1]
+        assert decided["control_changes"]["model.backbone.norm_eval"] == [True, False]
+    else:  # mmseg's FCN recipe already trains everything: nothing to change
+        assert decided["control_changes"] == {}
+
+    state, meta = load_export(tiny_export)
+    cfg, decided = configured(config, meta, (tiny_export / "backbone.pth").resolve(), monkeypatch=monkeypatch)
+    pretrained = models.build(cfg.model)
+    pretrained.train()
+    frozen = [p for part in parts(pretrained) for p in part.parameters() if not p.requires_grad]
+    assert decided["control_changes"] == {} and (bool(frozen) == det)
+
+
+def test_downstream_recipes_keep_their_batch_lr_and_schedule_on_any_gpu_count(monkeypatch):
+    """mmseg's FCN 80k recipe is 4 GPUs x 4 images: 1 GPU accumulates 4 passes and counts 4x the iterations
+    (80k updates either way), 8 GPUs take 2 images each, and 3 GPUs cannot hold 16 images evenly."""
+    from mmengine.optim import build_optim_wrapper
+
+    from transfer.runner import StageError
+
+    seg = "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"
+    plans = {}
+    for world in (1, 2, 4, 8):
+        cfg, decided = configured(seg, world=world, monkeypatch=monkeypatch)
+        plans[world] = (decided["per_device"], decided["accumulation"])
+        assert decided["batch"] == decided["recipe_batch"] == 16 and decided["lr"] == 0.01
+        assert cfg.train_cfg.max_iters == 80000 * decided["accumulation"]
+        assert cfg.param_scheduler[0]["end"] == 80000 * decided["accumulation"]
+        assert cfg.optim_wrapper.accumulative_counts == decided["accumulation"]
+    assert plans == {1: (4, 4), 2: (4, 2), 4: (4, 1), 8: (2, 1)}
+    cfg, decided = configured(seg, world=1, monkeypatch=monkeypatch)
+    wrapper = build_optim_wrapper(torch.nn.Linear(2, 2), cfg.optim_wrapper)
+    assert wrapper._accumulative_counts == 4  # mmengine steps the optimizer once per 4 passes
+    assert decided["batch_line"] == "batch 16 = 1 x 4 x 4 accumulation steps, lr 0.01"
+    with pytest.raises(StageError, match=r"run on 1, 2, 4, 8, 16 GPUs"):
+        configured(seg, world=3, monkeypatch=monkeypatch)
+
+    det = "configs/detection/faster-rcnn_r50_fpn_voc0712.py"  # 8 x 2, epoch-based: epochs stay, data per update too
+    cfg, decided = configured(det, world=1, monkeypatch=monkeypatch)
+    assert (decided["per_device"], decided["accumulation"]) == (2, 8) and cfg.train_cfg.max_epochs == 4
+
+
+def test_paper_recipes_refuse_generated_data_unless_allowed(tiny_data, tmp_path, capsys):
+    """A tree written by tools/make_data.py carries a marker: the paper's recipes stop before training, naming the
+    marker and the flag; --allow-synthetic lets it through."""
+    from classification import train
+
+    rc = train.main([str(REPO / "configs/classification/r50b_standard.yaml"), "--data-root",
+                     str(tiny_data / "imagenet"), "--work-dir", str(tmp_path / "cls")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "SYNTHETIC.json" in err and "--allow-synthetic" in err and err.count("\n") == 1
+    assert not (tmp_path / "cls" / "last.pth").exists()
+    stock = subprocess.run([sys.executable, "-m", "detection.train", "--export", "none", "--config",
+                            str(REPO / "configs/detection/faster-rcnn_r50_fpn_voc0712.py"), "--data-root",
+                            str(tiny_data / "VOCdevkit"), "--work-dir", str(tmp_path / "det2")],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert stock.returncode == 1 and "SYNTHETIC.json" in stock.stderr and "--allow-synthetic" in stock.stderr

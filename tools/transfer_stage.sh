@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Shared body of tools/transfer_det.sh and tools/transfer_seg.sh:
-#   tools/transfer_stage.sh detection|segmentation SRC [--config CFG] [--data-root ROOT] [--work-dir DIR] [-- k=v ...]
+#   tools/transfer_stage.sh detection|segmentation SRC [--config CFG] [--data-root ROOT] [--work-dir DIR]
+#                           [--allow-synthetic] [-- k=v ...]
 # SRC: an export dir, a classification run dir (exported beside it first), or 'none' (random-init control arm).
 # Options after '--' go to the mmengine config (--cfg-options). GPUS=N runs N processes under torchrun.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$repo/.venv/bin/python}
-[[ $# -ge 2 ]] || { sed -n '2,5p' "$0"; exit 2; }
+[[ $# -ge 2 ]] || { sed -n '2,6p' "$0"; exit 2; }
 stage=$1 src=$2; shift 2
 case $stage in
     detection) config=$repo/configs/detection/faster-rcnn_r50_fpn_voc0712.py data_root=data/VOCdevkit ;;
@@ -14,17 +15,19 @@ case $stage in
     *) echo "error: unknown stage $stage (detection or segmentation)" >&2; exit 2 ;;
 esac
 work_dir=work_dirs/$stage/$(basename "$src")
+extra=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --config) config=$2; shift 2 ;;
         --data-root) data_root=$2; shift 2 ;;
         --work-dir) work_dir=$2; shift 2 ;;
+        --allow-synthetic) extra+=(--allow-synthetic); shift ;;
         --) shift; break ;;
         *) echo "error: unknown option $1 (see the usage at the top of $0)" >&2; exit 2 ;;
     esac
 done
 export_dir=$("$PY" -m transfer.source "$src")
-args=(--export "$export_dir" --config "$config" --data-root "$data_root" --work-dir "$work_dir")
+args=(--export "$export_dir" --config "$config" --data-root "$data_root" --work-dir "$work_dir" "${extra[@]}")
 [[ $# -gt 0 ]] && args+=(--cfg-options "$@")
 if [[ ${GPUS:-1} -gt 1 ]]; then
     exec "$PY" -m torch.distributed.run --nproc_per_node="$GPUS" -m "$stage.train" "${args[@]}" --launcher pytorch

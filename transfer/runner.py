@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from classification.artifacts import write_summary
+from datakit.synthetic import synthetic_problem
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,92 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How ``processes`` keep the recipe's batch: ``processes x per_device x accumulation = recipe_batch``."""
+
+    recipe_batch: int  # auto_scale_lr.base_batch_size: the total batch the recipe's lr and schedule were tuned for
+    recipe_per_device: int  # the recipe's train_dataloader.batch_size
+    processes: int
+    per_device: int
+    accumulation: int  # passes per optimizer update (mmengine optim_wrapper.accumulative_counts)
+
+    def line(self, lr: float) -> str:
+        return (f"batch {self.recipe_batch} = {self.processes} x {self.per_device} x {self.accumulation} "
+                f"accumulation steps, lr {lr:g}")
+
+
+def plan_batch(recipe_batch: int, recipe_per_device: int, processes: int, source: str) -> BatchPlan:
+    """Keep the recipe's total batch on any process count that divides it: the recipe's images per process (or the
+    largest divisor below it, when more processes share the batch) and gradient accumulation for the rest. The lr
+    and schedule then stay the recipe's, in optimizer updates."""
+    if recipe_batch % processes:
+        ok = [n for n in range(1, recipe_batch + 1) if recipe_batch % n == 0]
+        raise StageError(f"{source}: the recipe's batch of {recipe_batch} images cannot be split over {processes} "
+                         f"processes; run on {', '.join(map(str, ok))} GPUs")
+    share = recipe_batch // processes
+    per_device = max(p for p in range(1, min(recipe_per_device, share) + 1) if share % p == 0)
+    return BatchPlan(recipe_batch, recipe_per_device, processes, per_device, share // per_device)
+
+
+def _scale_iterations(cfg, factor: int) -> dict[str, Any]:
+    """With accumulation, mmengine counts passes, not updates: multiply every iteration count of the recipe (loop
+    length, validation/checkpoint intervals, iteration-based lr schedules) so that it holds in updates."""
+    changed = {}
+
+    def scale(node: dict, key: str, where: str) -> None:
+        if isinstance(node.get(key), int) and node[key] < 2**31:  # not mmengine's "until the end" sentinel
+            changed[where] = [node[key], node[key] * factor]
+            node[key] *= factor
+        elif isinstance(node.get(key), (list, tuple)):
+            changed[where] = [list(node[key]), [v * factor for v in node[key]]]
+            node[key] = [v * factor for v in node[key]]
+
+    if cfg.train_cfg.get("type") == "IterBasedTrainLoop":
+        for key in ("max_iters", "val_interval"):
+            scale(cfg.train_cfg, key, f"train_cfg.{key}")
+        ckpt = cfg.get("default_hooks", {}).get("checkpoint")
+        if ckpt is not None and not ckpt.get("by_epoch", True):
+            scale(ckpt, "interval", "default_hooks.checkpoint.interval")
+    schedulers = cfg.get("param_scheduler") or []
+    for i, sched in enumerate([schedulers] if isinstance(schedulers, dict) else schedulers):
+        if not sched.get("by_epoch", True):
+            for key in ("begin", "end", "milestones", "T_max"):
+                scale(sched, key, f"param_scheduler[{i}].{key}")
+    return changed
+
+
+def _train_from_scratch(cfg, distributed: bool) -> dict[str, list]:
+    """The random-init control arm trains every layer and its BatchNorm statistics (no frozen stages, BN in train
+    mode with trainable affine, SyncBN under DDP), the standard for detectors without pretraining (He, Girshick,
+    Dollar, "Rethinking ImageNet Pre-training", 2019). The stock recipes freeze the stem and stage 1 and keep BN
+    statistics fixed, which is right for pretrained weights and a handicap for random ones. Returns what changed."""
+    changed = {}
+
+    def put(node: dict, key: str, value: Any, where: str) -> None:
+        if node.get(key) != value:
+            changed[f"{where}.{key}"] = [node.get(key), value]
+            node[key] = value
+
+    parts = [(cfg.model.backbone, "model.backbone")]
+    shared_head = cfg.model.get("roi_head", {}).get("shared_head")
+    if shared_head is not None:  # a C4 detector: stage 4 runs in the RoI head
+        parts.append((shared_head, "model.roi_head.shared_head"))
+    for node, where in parts:
+        if "frozen_stages" in node:  # absent: the class default, -1 (nothing frozen)
+            put(node, "frozen_stages", -1, where)
+        put(node, "norm_eval", False, where)
+        norm = dict(node.get("norm_cfg") or dict(type="BN"), requires_grad=True)
+        if distributed and norm["type"] == "BN":
+            norm["type"] = "SyncBN"  # statistics over the whole batch, not the 2-4 images of one GPU
+        put(node, "norm_cfg", norm, where)
+    return changed
+
+
 def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, export_ckpt: Path | None) -> dict:
     """Edit the loaded mmengine config in place for our backbone and data; return what was decided."""
     backbone = cfg.model.backbone
+    control_changes = {}
     if meta is not None:
         from transfer.backbone_check import data_preprocessor_kwargs, mm_backbone_cfg
 
@@ -67,6 +151,7 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
                             dict(type="VerifyBackboneHook", export=str(export_ckpt.parent))]
     else:
         backbone.init_cfg = None  # the random-initialisation control arm
+        control_changes = _train_from_scratch(cfg, distributed=world_size() > 1)
     imports = ["transfer.hooks", "transfer.metrics"]
     shared_head = cfg.model.get("roi_head", {}).get("shared_head")
     if shared_head is not None:  # a C4 detector: the export's layer4 is the RoI head's shared head
@@ -86,24 +171,48 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
     for evaluator in ("val_evaluator", "test_evaluator"):
         walk(cfg.get(evaluator), lambda d: d.__setitem__("type", stage.metric_types.get(d.get("type"), d.get("type"))))
 
-    # Linear scaling of the recipe's lr to the batch actually used (recorded in the summary).
-    scale = cfg.get("auto_scale_lr")
-    if not scale or "base_batch_size" not in scale:
-        raise StageError(f"{args.config}: no auto_scale_lr.base_batch_size; add the batch the lr was tuned for")
-    effective_batch = cfg.train_dataloader.batch_size * world_size()
-    recipe_lr = cfg.optim_wrapper.optimizer.lr
-    lr = recipe_lr * effective_batch / scale["base_batch_size"]
-    cfg.optim_wrapper.optimizer.lr = lr
-    cfg.auto_scale_lr = dict(enable=False, base_batch_size=scale["base_batch_size"])  # done here, once
-
+    decided = keep_recipe_batch(cfg, world_size(), str(args.config))
     cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
     cfg.work_dir = str(Path(args.work_dir).resolve())
     cfg.resume = True  # continue from the last checkpoint in work_dir, if any
     cfg.load_from = None
     cfg.launcher = args.launcher
     cfg.randomness = dict(seed=args.seed, deterministic=False)
-    return dict(effective_batch=effective_batch, recipe_lr=recipe_lr, lr=lr,
-                recipe_batch=scale["base_batch_size"], world_size=world_size())
+    return dict(decided, control_changes=control_changes)
+
+
+def keep_recipe_batch(cfg, processes: int, source: str) -> dict[str, Any]:
+    """The published recipe's batch, lr and schedule on ``processes``, through gradient accumulation (see
+    ``plan_batch``); edits ``cfg`` and returns the record for the summary."""
+    scale = cfg.get("auto_scale_lr")
+    if not scale or "base_batch_size" not in scale:
+        raise StageError(f"{source}: no auto_scale_lr.base_batch_size; add the batch the lr was tuned for")
+    plan = plan_batch(scale["base_batch_size"], cfg.train_dataloader.batch_size, processes, source)
+    cfg.train_dataloader.batch_size = plan.per_device
+    cfg.optim_wrapper.accumulative_counts = plan.accumulation
+    cfg.auto_scale_lr = dict(enable=False, base_batch_size=plan.recipe_batch)  # never rescale: the batch is kept
+    schedule = _scale_iterations(cfg, plan.accumulation) if plan.accumulation > 1 else {}
+    lr = cfg.optim_wrapper.optimizer.lr
+    return dict(recipe_batch=plan.recipe_batch, batch=plan.per_device * processes * plan.accumulation,
+                processes=processes, recipe_per_device=plan.recipe_per_device, per_device=plan.per_device,
+                accumulation=plan.accumulation, lr=lr, batch_line=plan.line(lr),
+                policy="the recipe's batch, lr and schedule kept (gradient accumulation; iteration counts in updates)",
+                schedule_changes=schedule)
+
+
+def describe_recipe(config: str | Path, cfg_options: dict | None, processes: int) -> str:
+    """The batch line and schedule a stage would run with on ``processes`` (the study's dry run prints it)."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(config))
+    cfg.merge_from_dict(cfg_options or {})
+    decided = keep_recipe_batch(cfg, processes, str(config))
+    loop = cfg.train_cfg
+    length = (f"{loop.max_iters // decided['accumulation']} updates" if loop.get("type") == "IterBasedTrainLoop"
+              else f"{loop.get('max_epochs')} epochs")
+    scheds = cfg.get("param_scheduler") or []
+    names = "+".join(s["type"] for s in ([scheds] if isinstance(scheds, dict) else scheds))
+    return f"{decided['batch_line']}, {length}, {names or 'constant lr'}"
 
 
 def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
@@ -118,6 +227,8 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arm", default=None,
                    help="study arm name for the summary (default: the export's, or 'random_init')")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-synthetic", action="store_true",
+                   help="accept data generated by tools/make_data.py (the demo configs allow it themselves)")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                    help="'pytorch' under torchrun")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, help="override config keys")
@@ -155,6 +266,9 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
         export_ckpt = (Path(args.export) / "backbone.pth").resolve()
     cfg = Config.fromfile(args.config)
     cfg.merge_from_dict(args.cfg_options)
+    problem = synthetic_problem(args.data_root, args.allow_synthetic or cfg.get("allow_synthetic", False))
+    if problem:
+        raise StageError(problem)
     decided = configure(cfg, stage, args, meta, export_ckpt)
     work_dir.mkdir(parents=True, exist_ok=True)
     compat.trust_checkpoints_in(work_dir)  # resume reads the Runner's own checkpoints written here

@@ -5,6 +5,7 @@
 # Measured on the small data (ResNet-50-D demo backbone, 56 % top-1): VOC mAP 11.2 after 80 iterations against
 # 0.0 from random init; 56 iterations keep `make demo` within its 15 minutes.
 _base_ = '../faster-rcnn_r50_fpn_voc0712.py'
+allow_synthetic = True  # the embedded data of tools/make_data.py (read by our stage; mmengine ignores it)
 
 model = dict(
     train_cfg=dict(rpn_proposal=dict(nms_pre=500, max_per_img=250), rcnn=dict(sampler=dict(num=128))),
@@ -24,7 +25,7 @@ test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
-voc = dict(type='VOCDataset', data_root='data/VOCdevkit', pipeline=train_pipeline,
+voc = dict(type='VOCDataset', data_root='data/demo/VOCdevkit', pipeline=train_pipeline,
            filter_cfg=dict(filter_empty_gt=True, min_size=4, bbox_min_size=4))
 train_dataloader = dict(
     batch_size=2, num_workers=2,
@@ -33,7 +34,7 @@ train_dataloader = dict(
             dict(voc, ann_file='VOC2007/ImageSets/Main/trainval.txt', data_prefix=dict(sub_data_root='VOC2007/')),
             dict(voc, ann_file='VOC2012/ImageSets/Main/trainval.txt', data_prefix=dict(sub_data_root='VOC2012/')),
         ])))
-test_dataloader = dict(num_workers=1, dataset=dict(data_root='data/VOCdevkit', pipeline=test_pipeline))
+test_dataloader = dict(num_workers=1, dataset=dict(data_root='data/demo/VOCdevkit', pipeline=test_pipeline))
 # No validation during these short runs: the stage tests once at the end.
 val_dataloader = None
 val_evaluator = None
