@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` (set-up, then the whole study on the embedded data) and
 # `make test` (set-up, then the test suite). Both install everything they need first.
 PY := .venv/bin/python
-DATA := data
+DATA := data/demo
 
 .PHONY: setup test demo doctor lint clean-demo
 

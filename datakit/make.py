@@ -33,6 +33,7 @@ from datakit.render import (
     render_detection,
     render_segmentation,
 )
+from datakit.synthetic import write_marker
 
 FORMAT_VERSION = 2  # 2: near-upright objects, object-centric classification images, scene_classes
 JPEG_QUALITY = 90  # fixed, and Pillow writes no timestamps: same seed -> same bytes
@@ -294,6 +295,7 @@ def generate(out: str | Path, seed: int = 0, scale: str = "tiny", sets: Sequence
     for name in sets:
         t0 = time.perf_counter()
         results[name] = _WRITERS[name](tmp / SET_DIRS[name], seed, SCALES[scale], log)
+        write_marker(tmp / SET_DIRS[name], seed=seed, scale=scale, format_version=FORMAT_VERSION)
         if log:
             n, dt = results[name]["images"], time.perf_counter() - t0
             log(f"{name}: {n} images -> {out / SET_DIRS[name]} ({dt:.1f}s, {n / max(dt, 1e-9):.0f} images/s)")

@@ -3,6 +3,7 @@ changed (keeping the old run), carry on past a failed arm, print commands withou
 bad study file with one line."""
 
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -18,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_B = str(REPO / "configs/classification/demo/r50b_standard.yaml")
 RECIPE_D = str(REPO / "configs/classification/demo/r50d_all_tricks.yaml")
 # A tiny lr: at 0.1 these 8-step runs diverge and run ~4x slower on a CPU.
-TINY = ["image_size=32", "epochs=1", "batch_size=4", "workers=0", "init=timm", "log_interval=1", "warmup_epochs=0",
-        "base_lr=0.001"]
+TINY = ["image_size=32", "epochs=1", "global_batch=4", "device_batch=4", "workers=0", "init=timm", "log_interval=1",
+        "warmup_epochs=0", "base_lr=0.001"]
 
 # The stages after classification that these tests run, as study sections. Adding one, e.g.
 #   "detection": {"config": str(REPO / "configs/detection/demo/faster-rcnn_r50_fpn_voc0712_demo.py"),
@@ -37,7 +38,7 @@ def arm_stages(arm: dict) -> list[str]:
 def write_study(path: Path, data: Path, arms: dict) -> Path:
     study = {"data": {"imagenet": str(data / "imagenet"), "voc": str(data / "VOCdevkit"),
                       "ade20k": str(data / "ADEChallengeData2016")},
-             "seeds": [0], **DOWNSTREAM, "arms": arms}
+             "seeds": [0], "allow_synthetic": True, **DOWNSTREAM, "arms": arms}
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
 
@@ -273,3 +274,33 @@ def test_every_shipped_classification_recipe_loads():
     for recipe in recipes:
         cfg = load_config(recipe)
         assert cfg.name == recipe.stem and cfg.variant in "ABCD"
+
+
+def test_paper_study_refuses_generated_data_before_any_stage(tiny_data, tmp_path, capsys):
+    paper = REPO / "configs/studies/paper.yaml"
+    assert runner.main([str(paper), "--work-dir", str(tmp_path / "w"), "--data-root", str(tiny_data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SYNTHETIC.json" in err and "--allow-synthetic" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_paper_study_keeps_its_protocol_on_1_2_and_8_gpus(tmp_path, capsys, monkeypatch):
+    """--dry-run states each training stage's batch, lr and schedule: the same on any GPU count, with the
+    accumulation that gets there."""
+    paper = REPO / "configs/studies/paper.yaml"
+    seen = {}
+    for gpus in ("1", "2", "8"):
+        monkeypatch.setenv("GPUS", gpus)
+        assert runner.main([str(paper), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("# ")]
+        protocols = dict(m.groups() for m in map(re.compile(r"# (.+?): [^;]*; (.*)").fullmatch, notes) if m)
+        assert len(protocols) == 8 + 8 + 8 - 1  # cls for 7 pretrained arms; det and seg for all 8 arms
+        seen[gpus] = protocols
+    assert seen["1"]["b_standard seed0 classification"].startswith(
+        "global batch 256 = 1 x 32 x 8 accumulation steps, peak lr 0.1, 120 epochs")
+    assert seen["8"]["d_mixup seed0 classification"].startswith(
+        "global batch 1024 = 8 x 128 x 1 accumulation steps, peak lr 0.4, 200 epochs")
+    assert seen["1"]["random_init seed0 segmentation"].startswith("batch 16 = 1 x 4 x 4 accumulation steps, lr 0.01")
+    same = {g: {k: re.sub(r" = \d+ x \d+ x \d+ accumulation steps", "", v) for k, v in p.items()}
+            for g, p in seen.items()}
+    assert same["1"] == same["2"] == same["8"]
