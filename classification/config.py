@@ -93,7 +93,8 @@ class Config:
             ok = [n for n in range(1, passes + 1) if passes % n == 0]
             raise ConfigError(
                 f"global_batch {self.global_batch} is not a multiple of {world_size} processes x device_batch "
-                f"{self.device_batch}; run on {', '.join(map(str, ok))} GPUs, or change device_batch")
+                f"{self.device_batch}; run on {', '.join(map(str, ok))} GPU{'s' * (len(ok) > 1)}, or change "
+                f"device_batch")
         return self.global_batch // per_pass
 
     def batch_line(self, world_size: int) -> str:

@@ -8,7 +8,8 @@ directory, grouped by their own ``stage`` / ``arm`` / ``seed`` fields, and rerun
 writes REPORT_DIR/REPORT.md, results.csv (tidy: one row per arm x stage x metric) and PNG plots, and prints
 the tables. Numbers are percentages; several seeds give ``mean ± std`` (sample std, n-1). Gains are
 differences of means against our own ``b_standard`` arm; the paper's gains are its rows against its
-B-standard row. Protocols differ between the paper and us (PAPER.md §Transfer), so gains are what compares.
+B-standard row. Protocols differ between the paper and us (the paper: Faster R-CNN without FPN, §6), so gains are
+what compares.
 """
 
 from __future__ import annotations

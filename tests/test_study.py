@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_B = str(REPO / "configs/classification/demo/r50b_standard.yaml")
 RECIPE_D = str(REPO / "configs/classification/demo/r50d_all_tricks.yaml")
 # A tiny lr: at 0.1 these 8-step runs diverge and run ~4x slower on a CPU.
-TINY = ["image_size=32", "epochs=1", "global_batch=4", "device_batch=4", "workers=0", "init=timm", "log_interval=1",
+TINY = ["image_size=32", "epochs=1", "global_batch=4", "device_batch=2", "workers=0", "init=timm", "log_interval=1",
         "warmup_epochs=0", "base_lr=0.001"]
 
 # The stages after classification that these tests run, as study sections. Adding one, e.g.
