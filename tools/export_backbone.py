@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Export a classification run as an MMDetection / MMSegmentation backbone, strictly checked.
 
-    python tools/export_backbone.py SRC --out DIR [--weights ema|raw]
+    python tools/export_backbone.py SRC --out DIR [--checkpoint last|best] [--weights raw|ema]
 
-SRC: a classification run dir (its best.pth, else last.pth) or a checkpoint file. Writes DIR/backbone.pth,
+SRC: a classification run dir (default: its last.pth, the final epoch, raw weights: what the paper reports;
+--checkpoint best and --weights ema opt in to the others) or a checkpoint file. Writes DIR/backbone.pth,
 DIR/backbone.safetensors, DIR/head.safetensors and DIR/meta.json; then, where mmdet / mmseg are installed, loads
 backbone.pth into both libraries' backbones through mmengine's Pretrained init and checks every tensor.
 """
@@ -39,24 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="classification run dir or checkpoint (.pth)")
     p.add_argument("--out", required=True, help="export dir to write")
-    p.add_argument("--weights", choices=("ema", "raw"), default=None,
-                   help="which weights to export (default: ema when the run kept EMA weights, else raw)")
+    p.add_argument("--checkpoint", choices=("last", "best"), default=None,
+                   help="a run dir's checkpoint (default: last, the final epoch; best: the best val top-1)")
+    p.add_argument("--weights", choices=("raw", "ema"), default=None, help="a run's weights (default: raw)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if not Path(args.src).exists():  # before importing torch: a typo fails at once
-        print(f"error: {args.src}: no such run dir or checkpoint; give a classification run dir (holding best.pth or "
-              f"last.pth) or a .pth file", file=sys.stderr)
+        print(f"error: {args.src}: no such run dir or checkpoint; give a classification run dir (holding last.pth) or "
+              f"a .pth file", file=sys.stderr)
         return 1
     from classification.export import ExportError, export_backbone
 
     try:
-        meta = export_backbone(args.src, out, weights=args.weights)
-        why = "as asked" if args.weights else ("default: the run has EMA weights" if meta["weights"] == "ema"
-                                                else "default: the run kept no EMA weights")
+        meta = export_backbone(args.src, out, weights=args.weights, checkpoint=args.checkpoint)
+        chosen = "as asked" if args.checkpoint or args.weights else "default: final epoch, raw weights"
         top1 = meta["source_top1"]
-        print(f"exported ResNet-50-{meta['variant']} ({meta['mm_type']}, style {meta['mm_style']}), {meta['weights']} "
-              f"weights ({why}), {meta['num_keys']} tensors, from {meta['source_checkpoint']} "
-              f"(top-1 {'unknown' if top1 is None else f'{top1:.2f}'})")
+        print(f"exported ResNet-50-{meta['variant']} ({meta['mm_type']}, style {meta['mm_style']}), {meta['num_keys']} "
+              f"tensors, {meta['weights']} weights of {meta['checkpoint']} ({chosen}, epoch {meta['source_epoch']}) "
+              f"from {meta['source_checkpoint']}; top-1 {'unknown' if top1 is None else f'{top1:.2f}'}")
         for name in ("backbone.pth", "backbone.safetensors", "head.safetensors", "meta.json"):
             print(f"  wrote {out / name}")
         if all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine")):
