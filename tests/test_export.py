@@ -429,7 +429,7 @@ def test_cli(run, tmp_path, capsys):
     assert "raw weights of last.pth (default: final epoch, raw weights, epoch 1)" in stdout
     assert {BACKBONE_PTH, BACKBONE_ST, META} <= {p.name for p in out.iterdir()}
     if HAS_MM:
-        assert stdout.count("strict check passed") == 2, stdout
+        assert stdout.count("strict check passed") == 2 and stdout.count("stage outputs within") == 2, stdout
     # as a script, from another working directory
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_backbone.py"), str(tmp_path / "missing_run"),
                            "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
