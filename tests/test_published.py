@@ -3,7 +3,10 @@ the weights are random tensors in the libraries' own architectures, the hubs' do
 a copy of a local file, and the exports are checked against the pinned mm backbones output by output."""
 
 import importlib.util
+import os
 import shutil
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from torch import nn
 
 from classification.export import BACKBONE_PTH, ExportError, file_sha256, load_export, timm_to_mm_key
 from classification.published import describe, detect_variant, export_source
+from transfer import source
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_MM = all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine"))
@@ -275,3 +279,73 @@ def cli_main(argv: list[str]) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(argv)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# transfer/source.py: what tools/transfer_{det,seg}.sh export, and when they export again
+# -------------------------------------------------------------------------------------------------------------
+
+
+def test_transfer_source_exports_published_weights_once(timm_d, fake_hf, tmp_path, capsys):
+    exports = tmp_path / "exports"
+    out = source.resolve("timm:resnet50d.gluon_in1k", exports=exports)
+    assert out == str(exports / "timm_resnet50d.gluon_in1k") and len(fake_hf) == 1
+    assert source.resolve("timm:resnet50d.gluon_in1k", exports=exports) == out and len(fake_hf) == 1  # reused
+    f = source.resolve(str(timm_d[1]), exports=exports)
+    assert Path(f).name == f"model-{file_sha256(timm_d[1])[:12]}" and load_export(f)[1]["variant"] == "D"
+    assert source.main(["timm:resnet50d.gluon_in1k", "--variant", "B", "--exports", str(exports)]) == 1
+    assert "contradicts" in capsys.readouterr().err
+
+
+def test_transfer_source_reexports_a_run_whose_checkpoint_changed(tmp_path, monkeypatch):
+    """<run>/export is reused while it holds the run's last.pth; a newer checkpoint is exported beside the old export,
+    which stays valid until the new one is complete, then swapped in."""
+    from classification import published
+    from classification.checkpoint import save_checkpoint
+    from classification.config import Config
+    from classification.models import build_model
+
+    cfg = Config(variant="B", name="r50b_test")
+    run = tmp_path / "run"
+
+    def save(seed: int) -> None:
+        torch.manual_seed(seed)
+        model = build_model("B", 3, zero_gamma=False, init="timm", mean=cfg.mean, std=cfg.std)
+        save_checkpoint(run / "last.pth", model=model.state_dict(), ema=None, optimizer={}, scaler={}, scheduler={},
+                        epoch=seed, step=0, history=[dict(epoch=seed, top1=10.0 * seed)], best_top1=0.0,
+                        config=cfg.to_dict(), num_classes=3, classes=["a", "b", "c"], world_size=1)
+
+    save(1)
+    out = Path(source.resolve(str(run)))
+    assert out == run / "export" and load_export(out)[1]["source_top1"] == 10.0
+    mtime = (out / "meta.json").stat().st_mtime_ns
+    assert source.resolve(str(run)) == str(out) and (out / "meta.json").stat().st_mtime_ns == mtime  # up to date
+
+    save(2)  # training went on: the export beside it is stale
+    real = published.export_source
+
+    def interrupted(src, out_dir, **kwargs):
+        real(src, out_dir, **kwargs)
+        assert load_export(out)[1]["source_top1"] == 10.0  # the old export is intact while the new one is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(source, "export_source", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        source.resolve(str(run))
+    assert load_export(out)[1]["source_top1"] == 10.0 and sorted(p.name for p in run.iterdir()) == ["export",
+                                                                                                     "last.pth"]
+    monkeypatch.setattr(source, "export_source", real)
+    assert source.resolve(str(run)) == str(out)
+    _, meta = load_export(out)
+    assert meta["source_top1"] == 20.0 and meta["sha256"] == file_sha256(run / "last.pth")
+    assert sorted(p.name for p in run.iterdir()) == ["export", "last.pth"]  # nothing left beside it
+
+
+def test_transfer_scripts_pass_the_source_and_variant(tmp_path):
+    """tools/transfer_det.sh hands SRC and --variant to transfer/source.py, which stops a contradiction before
+    any training (and before any download)."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    out = subprocess.run(["bash", str(REPO / "tools/transfer_det.sh"), "timm:resnet50d.gluon_in1k", "--variant", "B"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("error: timm:resnet50d.gluon_in1k: --variant B contradicts")
+    assert not (tmp_path / "work_dirs").exists()
