@@ -3,6 +3,7 @@ the weights are random tensors in the libraries' own architectures, the hubs' do
 a copy of a local file, and the exports are checked against the pinned mm backbones output by output."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -14,11 +15,13 @@ import pytest
 import timm
 import torch
 import torchvision
-from safetensors.torch import save_file
+import yaml
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from classification.export import BACKBONE_PTH, ExportError, file_sha256, load_export, timm_to_mm_key
 from classification.published import describe, detect_variant, export_source
+from study import runner
 from transfer import source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -349,3 +352,89 @@ def test_transfer_scripts_pass_the_source_and_variant(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stderr.startswith("error: timm:resnet50d.gluon_in1k: --variant B contradicts")
     assert not (tmp_path / "work_dirs").exists()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# configs/studies/published.yaml
+# -------------------------------------------------------------------------------------------------------------
+
+PUBLISHED_ARMS = {  # arm -> (source, variant, top-1 the library states)
+    "b_standard": ("torchvision:ResNet50_Weights.IMAGENET1K_V1", "B", 76.13),
+    "gluon_b": ("timm:resnet50.gluon_in1k", "B", 77.58),
+    "gluon_c": ("timm:resnet50c.gluon_in1k", "C", 78.016),
+    "gluon_d": ("timm:resnet50d.gluon_in1k", "D", 79.08),
+    "rsb_d_a1": ("timm:resnet50d.a1_in1k", "D", 80.73),
+    "tv_b_v2": ("torchvision:ResNet50_Weights.IMAGENET1K_V2", "B", 80.858),
+}
+
+
+def test_published_study_arms_resolve_to_variants_and_normalisations(monkeypatch):
+    from transfer.backbone_check import data_preprocessor_kwargs
+
+    monkeypatch.chdir(REPO)  # the study's paths are relative to the checkout
+    study = runner.load_study("configs/studies/published.yaml")
+    assert {a.name: a.backbone for a in study.arms.values() if a.backbone} == {
+        arm: src for arm, (src, _, _) in PUBLISHED_ARMS.items()}
+    assert study.arms["random_init"].backbone is None and not study.arms["random_init"].pretrained
+    assert "imagenet" not in study.data and study.defines("export") and not study.defines("classification")
+    for arm, (src, variant, top1) in PUBLISHED_ARMS.items():
+        pub = describe(src)
+        assert (pub.variant, pub.top1) == (variant, top1), arm
+        # every one of these weights expects the ImageNet statistics, which are not the toolkit's default
+        assert list(pub.mean) == IMAGENET_MEAN and list(pub.std) == IMAGENET_STD, arm
+        meta = dict(color_order="RGB", mean=list(pub.mean), std=list(pub.std))
+        assert data_preprocessor_kwargs(meta) == dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, bgr_to_rgb=True)
+
+
+def test_published_study_dry_runs(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(REPO)
+    assert runner.main(["configs/studies/published.yaml", "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # export + detection + segmentation per published arm; the control runs the last two.
+    assert len(lines) == 3 * len(PUBLISHED_ARMS) + 2
+    exports = [ln for ln in lines if "tools/export_backbone.py" in ln]
+    assert [ln.split("tools/export_backbone.py ")[1].split(" --out")[0] for ln in exports] == [
+        src for src, _, _ in PUBLISHED_ARMS.values()]
+    gluon_d = [ln for ln in lines if "detection.train" in ln and "gluon_d" in ln]
+    assert len(gluon_d) == 1 and f"--export {tmp_path / 'w' / 'gluon_d' / 'seed0' / 'export'}" in gluon_d[0]
+    assert not (tmp_path / "w").exists()
+
+
+def test_study_with_a_bad_backbone_gives_one_line(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    arms = {"x": {"backbone": "timm:resnet50d.nope"}}
+    path.write_text(yaml.safe_dump({"data": {"voc": "v"}, "detection": {"config": str(
+        REPO / "configs/detection/faster-rcnn_r50_c4_voc0712.py")}, "arms": arms}))
+    assert runner.main([str(path), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: arms.x.backbone: timm:resnet50d.nope: ")
+    path.write_text(json.dumps({"data": {"voc": "v"}, "detection": {"config": str(
+        REPO / "configs/detection/faster-rcnn_r50_c4_voc0712.py")}, "arms": {"x": {
+            "backbone": "timm:resnet50d.gluon_in1k", "classification": None}}}))
+    assert runner.main([str(path), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 2
+    assert "give either 'classification: RECIPE'" in capsys.readouterr().err
+
+
+def test_study_runs_the_export_of_a_published_arm(timm_d, tmp_path, capsys):
+    """A study mixing a weights-file arm with the control: the export stage runs tools/export_backbone.py on the
+    file, is skipped while the file is unchanged, and reruns when its bytes change."""
+    weights = tmp_path / "d.safetensors"
+    shutil.copyfile(timm_d[1], weights)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"data": {"voc": str(tmp_path)}, "detection": {"config": str(
+        REPO / "configs/detection/faster-rcnn_r50_c4_voc0712.py")}, "arms": {
+            "mine": {"backbone": str(weights)}, "random_init": {"classification": None}}}))
+    work = tmp_path / "w"
+    assert runner.main([str(path), "--work-dir", str(work), "--only", "export", "--no-report"]) == 0
+    meta = json.loads((work / "mine/seed0/export/meta.json").read_text())
+    assert (meta["variant"], meta["source"], meta["sha256"]) == ("D", str(weights.resolve()), file_sha256(weights))
+    assert "strict check" in (work / "mine/seed0/export/stage.log").read_text()
+    capsys.readouterr()
+    assert runner.main([str(path), "--work-dir", str(work), "--only", "export", "--no-report"]) == 0
+    assert "up to date, skipped" in capsys.readouterr().out
+    state = load_file(weights)
+    state["fc.bias"] = state["fc.bias"] + 1
+    save_file(state, weights)
+    assert runner.main([str(path), "--work-dir", str(work), "--only", "export", "--no-report"]) == 0
+    assert "inputs changed" in capsys.readouterr().out
+    assert json.loads((work / "mine/seed0/export/meta.json").read_text())["sha256"] == file_sha256(weights)
