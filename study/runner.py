@@ -6,6 +6,8 @@ segmentation, each stage a subprocess running the stage's own CLI, then the repo
     GPUS=8 python tools/study.py configs/studies/paper.yaml --work-dir work_dirs/paper --only cls --arms d_cosine
 
 Layout: ``WORK_DIR/<arm>/seed<S>/{cls,export,det,seg}``, ``WORK_DIR/study_status.json``, ``WORK_DIR/report``.
+An arm with ``backbone: timm:NAME | torchvision:WEIGHTS | FILE`` (published weights) has no classification stage:
+its export stage runs tools/export_backbone.py on that source (configs/studies/published.yaml).
 
 A stage is skipped when its output (``summary.json``; ``meta.json`` for the export) exists and its inputs have
 not changed. The inputs are fingerprinted in ``<stage dir>/.study_inputs.json``: the command line (paths made
@@ -189,7 +191,8 @@ def load_study(path: str | Path) -> Study:
                                        string_list(sec.get("cfg_options"), f"{stage}.cfg_options"))
 
     if not isinstance(raw["arms"], dict) or not raw["arms"]:
-        raise fail("arms", "expected a non-empty mapping of arm name -> {classification: RECIPE|null, set: [...]}")
+        raise fail("arms", "expected a non-empty mapping of arm name -> {classification: RECIPE|null, set: [...]} "
+                           "or {backbone: SOURCE}")
     config_keys = {f.name for f in dataclasses.fields(Config)}
     arms: dict[str, Arm] = {}
     for name, spec in raw["arms"].items():
