@@ -1,4 +1,9 @@
-"""Export a trained classifier as an MMDetection / MMSegmentation backbone, and read such an export back.
+"""Export a classifier as an MMDetection / MMSegmentation backbone, and read such an export back.
+
+The classifier is a run of this toolkit's trainer (``export_backbone``: by default the final epoch's raw weights,
+``last.pth``'s model, which is what the paper reports; ``checkpoint="best"`` and ``weights="ema"`` opt in to the
+others) or published weights (classification/published.py: timm, torchvision, a weights file); both end in
+``write_export``, so every export has the same files and checks.
 
 MMDetection and MMSegmentation load pretrained backbones with ``strict=False`` and only log the keys they
 skipped: a wrong key mapping silently trains from random weights. So the export checks every key and shape
@@ -14,6 +19,13 @@ An export dir holds::
     head.safetensors      the classifier's fc weight and bias (timm names), so that export_to_timm() rebuilds the
                           whole classifier and reproduces its logits exactly
     meta.json             written last: its presence marks a complete export
+
+meta.json, besides the variant's names (variant, timm_name, mm_type, mm_style, deep_stem, avg_down) and the tensors'
+count and hashes (num_keys, state_sha256, head_sha256): where the weights come from (source_kind "trained" | "timm"
+| "torchvision" | "file", library, source, source_name, source_file, sha256 of that file; for a trained run also
+source_checkpoint, checkpoint "last.pth" | "best.pth", weights "raw" | "ema", source_epoch and its config), the
+ImageNet top-1 of exactly these weights (source_top1, and top1_from: which history row, or which library
+statement) and the normalisation they expect (mean, std: RGB on 0-255, mean_std_from, color_order).
 
 Key mapping timm -> mm (confirmed against the pinned mmdet / mmseg modules by tests/test_export.py):
 - every variant: ``layerN.*`` keeps its name (the 1x1 shortcut is ``downsample.0/.1``, with the D average pool
@@ -35,7 +47,7 @@ from typing import Any
 import torch
 
 from .artifacts import atomic_torch_save, atomic_write_bytes, atomic_write_json, stack_versions
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from .config import ConfigError, config_from_dict
 from .models import build_model
 from .variants import get_variant
@@ -47,6 +59,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 # mm's deep stem is Sequential(conv, bn, relu) x 3: timm's conv1.{0,1,3,4,6} keep their indices, the last BN
 # (timm's separate bn1) is the 8th entry.
 _MM_STEM, _MM_STEM_LAST_BN = "stem.", "stem.7."
+PUBLISHED_KINDS = ("timm", "torchvision", "file")  # meta source_kind of weights this toolkit did not train
+CHECKPOINTS = {"last": LAST, "best": BEST}  # --checkpoint: the final epoch (default) or the best val top-1
 
 
 class ExportError(ValueError):
@@ -192,36 +206,15 @@ def _safetensors_bytes(state: dict[str, torch.Tensor], meta: dict[str, str]) -> 
     return save(state, metadata=meta)
 
 
-def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = None) -> dict[str, Any]:
-    """Write ``src``'s (a run dir or checkpoint) backbone to ``out_dir`` in the mm layout; returns the meta.
+def write_export(out_dir: str | Path, backbone: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
+                 variant: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Write an export (mm backbone + timm head, both checked by ``timm_to_mm``) with meta.json last.
 
-    ``weights``: "ema" (the EMA weights; an error when the run kept none), "raw", or None: EMA when the run has it.
+    ``provenance`` holds what differs between sources (a trained run, timm, torchvision, a weights file): at least
+    mean / std (RGB, 0-255), source_top1 and where it came from, the weights file and its sha256. The keys that
+    describe the variant, the tensors and the stack are added here, the same for every source.
     """
-    try:
-        path = resolve_checkpoint(src)
-        if not path.is_file():
-            raise ExportError(f"{path}: no such checkpoint or run dir; give a classification run dir or its .pth "
-                              f"file")
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from e
-    if "config" not in ckpt or "model" not in ckpt or "num_classes" not in ckpt:
-        raise ExportError(f"{path}: not a classification checkpoint of this toolkit (no config/model/num_classes)")
-    try:
-        cfg = config_from_dict(ckpt["config"], str(path))
-    except ConfigError as e:
-        raise ExportError(str(e)) from e
-    has_ema = ckpt.get("ema") is not None
-    if weights is None:
-        weights = "ema" if has_ema else "raw"
-    if weights not in ("ema", "raw"):
-        raise ExportError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    if weights == "ema" and not has_ema:
-        raise ExportError(f"{path}: this run kept no EMA weights (ema_decay was {cfg.ema_decay}); export with "
-                          f"--weights raw")
-    v = get_variant(cfg.variant)
-    backbone, head = timm_to_mm(ckpt["ema" if weights == "ema" else "model"], v.name, ckpt["num_classes"])
-
+    v = get_variant(variant)
     meta = {
         "export_format_version": EXPORT_FORMAT_VERSION,
         "variant": v.name,
@@ -230,20 +223,9 @@ def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = 
         "mm_style": v.mm_style,
         "deep_stem": v.deep_stem,
         "avg_down": v.avg_down,
-        "mean": [float(m) for m in cfg.mean],  # RGB, 0-255
-        "std": [float(s) for s in cfg.std],
         # mm loads images as BGR: its data_preprocessor needs bgr_to_rgb=True for these weights.
         "color_order": "RGB",
-        "weights": weights,
-        "source_checkpoint": str(path.resolve()),
-        "sha256": file_sha256(path),
-        "source_epoch": ckpt.get("epoch"),
-        "source_top1": _source_top1(ckpt, path, weights),
-        "arm": cfg.name,
-        "name": cfg.name,
-        "num_classes": int(ckpt["num_classes"]),
-        "classes": [str(c) for c in ckpt.get("classes") or []],
-        "config": cfg.to_dict(),
+        **provenance,
         "num_keys": len(backbone),
         "state_sha256": state_sha256(backbone),
         "head_sha256": state_sha256(head),
@@ -257,6 +239,85 @@ def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = 
     atomic_torch_save({"state_dict": backbone, "meta": meta}, out / BACKBONE_PTH)
     atomic_write_json(out / META, meta)  # last: a complete export
     return meta
+
+
+def run_checkpoint(src: str | Path, checkpoint: str | None = None) -> Path:
+    """The checkpoint file an export of ``src`` reads: a file as given; in a run dir ``last.pth`` (the final
+    epoch, what the paper reports) unless ``checkpoint="best"`` asks for the epoch with the best val top-1."""
+    src = Path(src)
+    if checkpoint is not None and checkpoint not in CHECKPOINTS:
+        raise ExportError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    if not src.is_dir():
+        if checkpoint is not None:
+            raise ExportError(f"{src}: --checkpoint {checkpoint} picks a file of a run dir; give the run dir, or "
+                              f"drop --checkpoint to export this file")
+        return src
+    path = src / CHECKPOINTS[checkpoint or "last"]
+    if not path.is_file():
+        fix = ("train it first (tools/train_cls.sh)" if path.name == LAST else
+               f"the run never saved one; export {LAST} (the default)")
+        raise ExportError(f"{path}: no such checkpoint in this run dir; {fix}")
+    return path
+
+
+def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = None,
+                    checkpoint: str | None = None) -> dict[str, Any]:
+    """Write ``src``'s (a run dir or checkpoint) backbone to ``out_dir`` in the mm layout; returns the meta.
+
+    Defaults are what the paper reports: the final epoch (``last.pth``) and the raw weights. ``checkpoint="best"``
+    and ``weights="ema"`` are explicit opt-ins; meta.json records the choice, the epoch and the top-1 of exactly
+    the exported weights.
+    """
+    weights = weights or "raw"
+    if weights not in ("ema", "raw"):
+        raise ExportError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    path = run_checkpoint(src, checkpoint)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such checkpoint or run dir; give a classification run dir or its .pth file")
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    if not is_run_checkpoint(ckpt):
+        raise ExportError(f"{path}: not a classification checkpoint of this toolkit (no config/model/num_classes)")
+    try:
+        cfg = config_from_dict(ckpt["config"], str(path))
+    except ConfigError as e:
+        raise ExportError(str(e)) from e
+    if weights == "ema" and ckpt.get("ema") is None:
+        raise ExportError(f"{path}: this run kept no EMA weights (ema_decay was {cfg.ema_decay}); export without "
+                          f"--weights ema (raw weights are the default)")
+    v = get_variant(cfg.variant)
+    backbone, head = timm_to_mm(ckpt["ema" if weights == "ema" else "model"], v.name, ckpt["num_classes"])
+    metric = "ema_top1" if weights == "ema" else "top1"
+    top1 = _source_top1(ckpt, path, weights)
+    return write_export(out_dir, backbone, head, v.name, {
+        "source_kind": "trained",
+        "library": "bot-toolkit",
+        "source": str(path.resolve()),
+        "source_name": cfg.name,
+        "source_file": str(path.resolve()),
+        "source_checkpoint": str(path.resolve()),
+        "checkpoint": path.name,
+        "weights": weights,
+        "sha256": file_sha256(path),
+        "source_epoch": ckpt.get("epoch"),
+        "source_top1": top1,
+        "top1_from": None if top1 is None else f"{path.name} history, epoch {ckpt.get('epoch')}, {metric}",
+        "mean": [float(m) for m in cfg.mean],  # RGB, 0-255
+        "std": [float(s) for s in cfg.std],
+        "mean_std_from": "the classification config",
+        "arm": cfg.name,
+        "name": cfg.name,
+        "num_classes": int(ckpt["num_classes"]),
+        "classes": [str(c) for c in ckpt.get("classes") or []],
+        "config": cfg.to_dict(),
+    })
+
+
+def is_run_checkpoint(obj: Any) -> bool:
+    """A checkpoint written by this toolkit's trainer (as opposed to a plain state dict of timm / torchvision)."""
+    return isinstance(obj, dict) and all(k in obj for k in ("config", "model", "num_classes"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,8 +350,9 @@ def read_meta(export_dir: str | Path) -> dict[str, Any]:
         v = get_variant(str(meta.get("variant")))
     except ValueError as e:
         raise ExportError(f"{path}: {e}") from e
-    cfg_variant = (meta.get("config") or {}).get("variant")
-    if cfg_variant != v.name:
+    if meta.get("source_kind") in PUBLISHED_KINDS:  # published weights: no training config to agree with
+        pass
+    elif (cfg_variant := (meta.get("config") or {}).get("variant")) != v.name:
         raise ExportError(f"{path}: meta variant {v.name!r} does not match its config's variant {cfg_variant!r}; "
                           f"the export was edited or mixed up, re-export it")
     table = {"mm_type": v.mm_type, "mm_style": v.mm_style}

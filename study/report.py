@@ -48,6 +48,12 @@ PAPER_CELL: dict[tuple[str, str], tuple[str, str]] = {
 }
 CSV_FIELDS = ("arm", "stage", "metric", "mean", "std", "n", "seeds", "gain", "paper", "paper_gain", "paper_note")
 PLOTS = ("transfer_gain.png", "training_curves.png", "lr_schedules.png")
+# meta.json source_kind of weights this toolkit did not train (classification/export.py PUBLISHED_KINDS; not
+# imported: the report stays free of torch).
+PUBLISHED_KINDS = ("timm", "torchvision", "file")
+TOP1_NOTE = ("ImageNet top-1 is that of the exported weights (the export's meta.json, recorded in the downstream "
+             "summaries: a trained arm's final-epoch raw weights unless exported otherwise, a published arm's top-1 "
+             "as its library states it); the classification summary where no downstream run recorded one.")
 
 
 class ReportError(ValueError):
@@ -113,17 +119,42 @@ class Study:
             pairs.append((run.seed, float(v)))
         if not pairs:
             return None
-        pairs.sort()
-        values = [v for _, v in pairs]
-        n = len(values)
-        mean = sum(values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-        return Stat(mean, std, n, tuple(s for s, _ in pairs))
+        return _stat(pairs)
+
+    def backbone_top1(self, arm: str) -> Stat | None:
+        """ImageNet top-1 of exactly the weights the arm's downstream runs used: their export meta's
+        ``source_top1`` (a trained run's history row for the exported epoch and weights, or the number a library
+        states for published weights), one value per seed; the classification summary's final top-1 where no
+        downstream summary records one (e.g. before the downstream stages ran)."""
+        per_seed: dict[int, float] = {}
+        for run in self.runs:
+            b = run.summary.get("backbone")
+            if run.arm == arm and run.stage != "classification" and isinstance(b, dict) and _num(b.get("source_top1")):
+                per_seed.setdefault(run.seed, float(b["source_top1"]))
+        if per_seed:
+            return _stat(sorted(per_seed.items()))
+        return self.stat(arm, "classification", "top1")
+
+    def published(self, arm: str) -> bool:
+        """The arm's backbone is published weights (timm, torchvision, a weights file): it has no classification
+        stage by design."""
+        return any(isinstance(b := r.summary.get("backbone"), dict) and b.get("source_kind") in PUBLISHED_KINDS
+                   for r in self.select(arm))
 
     def gain(self, arm: str, stage: str, metric: str, reference: str = paper.B_STANDARD) -> float | None:
         """Our gain of means over the ``reference`` arm (b_standard unless told)."""
         a, b = self.stat(arm, stage, metric), self.stat(reference, stage, metric)
         return None if a is None or b is None else a.mean - b.mean
+
+
+def _stat(pairs: list[tuple[int, float]]) -> Stat:
+    """Mean and sample std of (seed, value) pairs, sorted by seed."""
+    pairs = sorted(pairs)
+    values = [v for _, v in pairs]
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return Stat(mean, std, n, tuple(s for s, _ in pairs))
 
 
 def load_study(study_dir: str | Path) -> Study:
@@ -294,8 +325,8 @@ def table6(study: Study) -> Table:
     marks: set[str] = set()
     rows = []
     for arm in study.arms:
-        if arm == paper.RANDOM_INIT and not study.select(arm, st):
-            continue  # the control has no classification stage by design
+        if (arm == paper.RANDOM_INIT or study.published(arm)) and not study.select(arm, st):
+            continue  # the control and published backbones have no classification stage by design
         row = [arm_label(arm), fmt_stat(study.stat(arm, st, "top1")), fmt_stat(study.stat(arm, st, "top5"))]
         if with_ema:
             row.append(fmt_stat(study.stat(arm, st, "ema_top1")))
@@ -336,13 +367,13 @@ def table8(study: Study) -> Table:
     marks: set[str] = set()
     rows = []
     for arm in study.arms:
-        rows.append([arm_label(arm), fmt_stat(study.stat(arm, "classification", "top1")),
+        rows.append([arm_label(arm), fmt_stat(study.backbone_top1(arm)),
                      fmt_stat(study.stat(arm, "detection", "mAP")), _our_gain_cell(study, arm, "detection", "mAP"),
                      _paper_cell("table8", arm, "top1", marks), _paper_cell("table8", arm, "mAP", marks),
                      _paper_gain_cell("table8", arm, "mAP")])
     t = Table("table8", "Table 8 — Faster R-CNN on Pascal VOC (VOC07 test mAP@0.5)", header, rows)
     t.notes += [f"† paper cell {m}." for m in sorted(marks)]
-    t.notes += [describe_protocol(study, "detection"), "ImageNet top-1 is the arm's classification result (Table 6)."]
+    t.notes += [describe_protocol(study, "detection"), TOP1_NOTE]
     t.notes.append(finding(study, "detection", "mAP", "table8", "mAP", "VOC mAP"))
     if gain := pretraining_gain(study, "detection", [("mAP", "mAP")]):
         t.notes.append(gain)
@@ -356,7 +387,7 @@ def table9(study: Study) -> Table:
     marks: set[str] = set()
     rows = []
     for arm in study.arms:
-        rows.append([arm_label(arm), fmt_stat(study.stat(arm, "classification", "top1")),
+        rows.append([arm_label(arm), fmt_stat(study.backbone_top1(arm)),
                      fmt_stat(study.stat(arm, st, "aAcc")), fmt_stat(study.stat(arm, st, "mIoU")),
                      _our_gain_cell(study, arm, st, "aAcc"), _our_gain_cell(study, arm, st, "mIoU"),
                      _paper_cell("table9", arm, "top1", marks), _paper_cell("table9", arm, "aAcc", marks),
@@ -364,7 +395,7 @@ def table9(study: Study) -> Table:
                      _paper_gain_cell("table9", arm, "mIoU")])
     t = Table("table9", "Table 9 — FCN on ADE20K (pixel accuracy = aAcc, mIoU)", header, rows)
     t.notes += [f"† paper cell {m}." for m in sorted(marks)]
-    t.notes += [describe_protocol(study, st), "ImageNet top-1 is the arm's classification result (Table 6)."]
+    t.notes += [describe_protocol(study, st), TOP1_NOTE]
     t.notes.append(finding(study, st, "mIoU", "table9", "mIoU", "ADE mIoU"))
     t.notes.append(finding(study, st, "aAcc", "table9", "aAcc", "ADE pixel acc"))
     if gain := pretraining_gain(study, st, [("aAcc", "pixel acc"), ("mIoU", "mIoU")]):
@@ -436,7 +467,8 @@ def missing_stages(study: Study) -> list[tuple[str, int, list[str]]]:
     for arm in study.arms:
         for seed in sorted({r.seed for r in study.select(arm)}):
             have = {r.stage for r in study.runs if r.arm == arm and r.seed == seed}
-            want = [s for s in present if not (arm == paper.RANDOM_INIT and s == "classification")]
+            want = [s for s in present if not (s == "classification" and (arm == paper.RANDOM_INIT
+                                                                          or study.published(arm)))]
             lack = [s for s in want if s not in have]
             if lack:
                 out.append((arm, seed, lack))
@@ -458,8 +490,15 @@ def _backbone(run: Run) -> str:
     b = run.summary.get("backbone")
     if b is None:
         return "random init"
-    variant = b.get("variant") if isinstance(b, dict) else None
-    return f"pretrained ({variant})" if variant else "pretrained"
+    if not isinstance(b, dict):
+        return "pretrained"
+    variant = f" ({b['variant']})" if b.get("variant") else ""
+    if b.get("source_kind") in PUBLISHED_KINDS:
+        what = b.get("source") if b.get("source_kind") != "file" else f"file {Path(str(b.get('source'))).name}"
+        sha = f", sha256 {str(b['sha256'])[:12]}" if b.get("sha256") else ""
+        return f"published {what}{variant}{sha}"
+    weights = f", {b['checkpoint']} {b['weights']}" if b.get("checkpoint") and b.get("weights") else ""
+    return f"pretrained{variant}{weights}"
 
 
 def provenance_table(study: Study) -> Table:
@@ -560,7 +599,7 @@ def plot_transfer_gain(study: Study, path: Path) -> str | None:
     points = []
     for stage, metric, _, label, marker, color in series:
         for arm in study.arms:
-            top1, g = study.stat(arm, "classification", "top1"), study.gain(arm, stage, metric, reference=ref)
+            top1, g = study.backbone_top1(arm), study.gain(arm, stage, metric, reference=ref)
             if top1 is not None and g is not None:
                 points.append((label, marker, color, arm, top1.mean, g))
     if not points:

@@ -6,6 +6,8 @@ segmentation, each stage a subprocess running the stage's own CLI, then the repo
     GPUS=8 python tools/study.py configs/studies/paper.yaml --work-dir work_dirs/paper --only cls --arms d_cosine
 
 Layout: ``WORK_DIR/<arm>/seed<S>/{cls,export,det,seg}``, ``WORK_DIR/study_status.json``, ``WORK_DIR/report``.
+An arm with ``backbone: timm:NAME | torchvision:WEIGHTS | FILE`` (published weights) has no classification stage:
+its export stage runs tools/export_backbone.py on that source (configs/studies/published.yaml).
 
 A stage is skipped when its output (``summary.json``; ``meta.json`` for the export) exists and its inputs have
 not changed. The inputs are fingerprinted in ``<stage dir>/.study_inputs.json``: the command line (paths made
@@ -78,9 +80,15 @@ class Downstream:  # a study's `detection:` / `segmentation:` section
 @dataclass(frozen=True)
 class Arm:
     name: str
-    classification: Path | None  # None: no pretraining (detection/segmentation with --export none)
+    classification: Path | None  # None: no pretraining (detection/segmentation with --export none), or `backbone`
     set: tuple[str, ...] = ()  # classification --set items, may hold {cls:ARM}
     teachers: tuple[str, ...] = ()  # the arms that {cls:ARM} names
+    backbone: str | None = None  # published weights instead of a classification stage: timm:NAME, torchvision:...,
+    variant: str | None = None  # or a weights file (with its --variant where the keys fit several)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.classification is not None or self.backbone is not None
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,8 @@ class Study:
         if stage == "classification":
             return any(a.classification is not None for a in self.arms.values())
         if stage == "export":
-            return self.defines("classification") and (self.detection is not None or self.segmentation is not None)
+            return (any(a.pretrained for a in self.arms.values())
+                    and (self.detection is not None or self.segmentation is not None))
         return getattr(self, stage) is not None
 
 
@@ -187,7 +196,8 @@ def load_study(path: str | Path) -> Study:
                                        string_list(sec.get("cfg_options"), f"{stage}.cfg_options"))
 
     if not isinstance(raw["arms"], dict) or not raw["arms"]:
-        raise fail("arms", "expected a non-empty mapping of arm name -> {classification: RECIPE|null, set: [...]}")
+        raise fail("arms", "expected a non-empty mapping of arm name -> {classification: RECIPE|null, set: [...]} "
+                           "or {backbone: SOURCE}")
     config_keys = {f.name for f in dataclasses.fields(Config)}
     arms: dict[str, Arm] = {}
     for name, spec in raw["arms"].items():
@@ -197,12 +207,17 @@ def load_study(path: str | Path) -> Study:
                               "number/boolean/null: it names a directory and the summaries' 'arm'")
         if name == "report":
             raise fail(where, "'report' is the report's directory in the work dir; rename the arm")
-        spec = mapping(spec, where, {"classification", "set"}, {"classification"})
-        recipe = spec["classification"]
+        spec = mapping(spec, where, {"classification", "set", "backbone", "variant"})
+        if ("classification" in spec) == ("backbone" in spec):
+            raise fail(where, "give either 'classification: RECIPE' (null: random init) or 'backbone: SOURCE' "
+                              "(timm:NAME, torchvision:WEIGHTS or a weights file), not both or neither")
+        backbone, variant = _backbone_spec(spec, where, fail, existing_file)
+        recipe = spec.get("classification")
         recipe = None if recipe is None else existing_file(recipe, f"{where}.classification")
         items = string_list(spec.get("set"), f"{where}.set")
         if recipe is None and items:
-            raise fail(f"{where}.set", "this arm has no classification stage (classification: null) to set keys of")
+            raise fail(f"{where}.set", "this arm has no classification stage (classification: null, or a backbone) "
+                                       "to set keys of")
         teachers = []
         for i, item in enumerate(items):
             key = item.partition("=")[0].strip()
@@ -212,7 +227,7 @@ def load_study(path: str | Path) -> Study:
             if key in RUNNER_KEYS:
                 raise fail(f"{where}.set[{i}]", f"'{key}' is set by the study runner (arm name, seed, data.imagenet)")
             teachers += TEACHER_REF.findall(item)
-        arms[name] = Arm(name, recipe, items, tuple(dict.fromkeys(teachers)))
+        arms[name] = Arm(name, recipe, items, tuple(dict.fromkeys(teachers)), backbone, variant)
 
     for arm in arms.values():
         for t in arm.teachers:
@@ -229,6 +244,32 @@ def load_study(path: str | Path) -> Study:
         if study.defines(stage) and key not in study.data:
             raise fail("data", f"missing key '{key}' (the {stage} stage's dataset root)")
     return study
+
+
+def _backbone_spec(spec: dict, where: str, fail, existing_file) -> tuple[str | None, str | None]:
+    """An arm's ``backbone`` (and ``variant``): published weights, checked against the installed library's registry
+    now (no download), so that a typo stops the study before hours of other arms."""
+    backbone, variant = spec.get("backbone"), spec.get("variant")
+    if backbone is None:
+        if variant is not None:
+            raise fail(f"{where}.variant", "variant is for a 'backbone:' weights file")
+        return None, None
+    if not isinstance(backbone, str) or not backbone:
+        raise fail(f"{where}.backbone", f"expected timm:NAME, torchvision:WEIGHTS or a weights file, got {backbone!r}")
+    if variant is not None and (not isinstance(variant, str) or variant.upper() not in ("A", "B", "C", "D")):
+        raise fail(f"{where}.variant", f"expected A, B, C or D, got {variant!r}")
+    from classification.export import ExportError
+    from classification.published import describe, is_published
+
+    if is_published(backbone):
+        if variant is not None:
+            raise fail(f"{where}.variant", f"{backbone} fixes its variant; variant is for a weights file")
+        try:
+            return describe(backbone).source, None
+        except ExportError as e:
+            raise fail(f"{where}.backbone", str(e)) from None
+    existing_file(backbone, f"{where}.backbone")
+    return backbone, None if variant is None else variant.upper()
 
 
 def _dependency_order(arms: dict[str, Arm], src: str) -> dict[str, Arm]:
@@ -394,16 +435,29 @@ def _step(study: Study, paths: Paths, arm: Arm, seed: int, stage: str) -> Step |
                     [stage_dir(wd, t, seed, stage) / OUTPUT[stage] for t in arm.teachers],
                     [(t, seed, stage) for t in arm.teachers], distributed=True)
     if stage == "export":
-        if arm.classification is None:
+        if not arm.pretrained:
             return None
         cmd.argv.append(export_tool())
         cmd.canon.append(EXPORT_TOOL)
+        if arm.backbone is not None:  # published weights: the source is the whole input (a file's bytes included)
+            from classification.published import is_published
+
+            weights_file = None if is_published(arm.backbone) else Path(arm.backbone)
+            if weights_file is None:
+                cmd.arg(arm.backbone)
+            else:
+                cmd.path(weights_file)
+            if arm.variant:
+                cmd.arg("--variant", arm.variant)
+            cmd.arg("--out").path(here)
+            return Step(arm.name, seed, stage, here, cmd.argv, cmd.canon, [weights_file] if weights_file else [], [],
+                        [], distributed=False)
         cmd.path(cls_dir).arg("--out").path(here)
         return Step(arm.name, seed, stage, here, cmd.argv, cmd.canon, [], [cls_dir / OUTPUT["classification"]],
                     [(arm.name, seed, "classification")], distributed=False)
     section: Downstream = getattr(study, stage)
     cmd.arg("-m", MODULE[stage], "--export")
-    if arm.classification is None:
+    if not arm.pretrained:
         cmd.arg("none")
         upstream, deps = [], []
     else:

@@ -111,9 +111,9 @@ def run(request, tmp_path_factory) -> SimpleNamespace:
                     config=cfg.to_dict(), num_classes=NUM_CLASSES, classes=[f"c{i}" for i in range(NUM_CLASSES)],
                     world_size=1)
     out = root / "export"
-    meta = export_backbone(run_dir, out)  # default: EMA where the run has it
-    return SimpleNamespace(variant=variant, cfg=cfg, run_dir=run_dir, out=out, meta=meta,
-                           model=ema if ema else raw, raw=raw, root=root)
+    meta = export_backbone(run_dir, out)  # default: last.pth, raw weights (EMA only when asked)
+    return SimpleNamespace(variant=variant, cfg=cfg, run_dir=run_dir, out=out, meta=meta, model=raw, ema=ema,
+                           root=root)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -145,9 +145,10 @@ def test_meta_and_files(run):
     assert {p.name for p in run.out.iterdir()} >= {BACKBONE_PTH, BACKBONE_ST, META}
     assert (meta["variant"], meta["mm_type"], meta["mm_style"]) == (v.name, v.mm_type, v.mm_style)
     assert meta["mean"] == run.cfg.mean and meta["std"] == run.cfg.std and meta["color_order"] == "RGB"
-    assert meta["weights"] == ("ema" if run.variant == EMA_VARIANT else "raw")
-    assert meta["source_top1"] == (45.0 if run.variant == EMA_VARIANT else 40.0)
+    assert (meta["weights"], meta["checkpoint"], meta["source_epoch"]) == ("raw", "last.pth", 1)  # also with EMA
+    assert meta["source_top1"] == 40.0 and meta["top1_from"] == "last.pth history, epoch 1, top1"
     assert meta["source_checkpoint"] == str((run.run_dir / "last.pth").resolve()) and len(meta["sha256"]) == 64
+    assert (meta["source_kind"], meta["library"]) == ("trained", "bot-toolkit")
     assert meta["config"] == run.cfg.to_dict() and meta["arm"] == run.cfg.name
     assert meta["export_format_version"] == 1
     # backbone.pth: weights_only-loadable, same tensors as the safetensors file, no head
@@ -168,17 +169,50 @@ def test_export_round_trip_reproduces_logits(run, x):
         assert torch.equal(timm_model.eval()(x), run.model(x))
 
 
-def test_raw_weights_of_an_ema_run(run, x, tmp_path):
+def test_ema_weights_are_an_opt_in(run, x, tmp_path):
     if run.variant != EMA_VARIANT:
-        with pytest.raises(ExportError, match="no EMA weights.*--weights raw"):
+        with pytest.raises(ExportError, match="no EMA weights.*raw weights are the default"):
             export_backbone(run.run_dir, tmp_path / "e", weights="ema")
         return
-    meta = export_backbone(run.run_dir, tmp_path / "raw", weights="raw")
-    assert meta["weights"] == "raw" and meta["source_top1"] == 40.0
+    meta = export_backbone(run.run_dir, tmp_path / "ema", weights="ema")
+    assert meta["weights"] == "ema" and meta["source_top1"] == 45.0 and meta["top1_from"].endswith("ema_top1")
     model = build_model(run.variant, NUM_CLASSES, zero_gamma=False, init="timm", mean=run.cfg.mean, std=run.cfg.std)
-    model.load_state_dict(export_to_timm(tmp_path / "raw"), strict=True)
+    model.load_state_dict(export_to_timm(tmp_path / "ema"), strict=True)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), run.raw(x))
+        assert torch.equal(model.eval()(x), run.ema(x))
+
+
+def test_default_is_the_final_epoch_raw_weights_best_is_an_opt_in(tmp_path):
+    """The paper reports final weights: with best.pth (an earlier epoch) and EMA weights in the run, the default
+    export is last.pth's raw model, tensor for tensor; --checkpoint best is recorded with its epoch and top-1."""
+    variant = "B"
+    cfg = Config(variant=variant, name="r50b_test", ema_decay=0.9)
+    run_dir = tmp_path / "run"
+    last, best, ema = classifier(variant, seed=3), classifier(variant, seed=4), classifier(variant, seed=5)
+    history = [dict(epoch=1, top1=50.0, ema_top1=48.0), dict(epoch=2, top1=45.0, ema_top1=47.0)]
+    common = dict(optimizer={}, scaler={}, scheduler={}, step=0, best_top1=50.0, config=cfg.to_dict(),
+                  num_classes=NUM_CLASSES, classes=[f"c{i}" for i in range(NUM_CLASSES)], world_size=1)
+    save_checkpoint(run_dir / "best.pth", model=best.state_dict(), ema=ema.state_dict(), epoch=1, history=history[:1],
+                    **common)
+    save_checkpoint(run_dir / "last.pth", model=last.state_dict(), ema=ema.state_dict(), epoch=2, history=history,
+                    **common)
+    meta = export_backbone(run_dir, tmp_path / "default")
+    state, _ = load_export(tmp_path / "default")
+    want = {timm_to_mm_key(k, variant): t for k, t in last.state_dict().items() if not k.startswith("fc.")}
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in state)
+    assert (meta["checkpoint"], meta["weights"], meta["source_epoch"], meta["source_top1"]) == ("last.pth", "raw", 2,
+                                                                                               45.0)
+    meta = export_backbone(run_dir, tmp_path / "best", checkpoint="best")
+    assert (meta["checkpoint"], meta["weights"], meta["source_epoch"], meta["source_top1"]) == ("best.pth", "raw", 1,
+                                                                                               50.0)
+    assert torch.equal(load_export(tmp_path / "best")[0]["layer1.0.conv1.weight"], best.layer1[0].conv1.weight)
+    meta = export_backbone(run_dir, tmp_path / "best_ema", checkpoint="best", weights="ema")
+    assert (meta["weights"], meta["source_top1"]) == ("ema", 48.0)
+    with pytest.raises(ExportError, match=r"--checkpoint best picks a file of a run dir"):
+        export_backbone(run_dir / "last.pth", tmp_path / "x", checkpoint="best")
+    (run_dir / "best.pth").unlink()
+    with pytest.raises(ExportError, match=r"best\.pth: no such checkpoint in this run dir; .*export last\.pth"):
+        export_backbone(run_dir, tmp_path / "y", checkpoint="best")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -392,10 +426,10 @@ def test_cli(run, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli_main([str(run.run_dir), "--out", str(out)]) == 0  # in-process: mm is imported already
     stdout = capsys.readouterr().out
-    assert "raw weights (default: the run kept no EMA weights)" in stdout
+    assert "raw weights of last.pth (default: final epoch, raw weights, epoch 1)" in stdout
     assert {BACKBONE_PTH, BACKBONE_ST, META} <= {p.name for p in out.iterdir()}
     if HAS_MM:
-        assert stdout.count("strict check passed") == 2, stdout
+        assert stdout.count("strict check passed") == 2 and stdout.count("stage outputs within") == 2, stdout
     # as a script, from another working directory
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_backbone.py"), str(tmp_path / "missing_run"),
                            "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -403,4 +437,4 @@ def test_cli(run, tmp_path, capsys):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "missing_run" in proc.stderr
     assert cli_main([str(run.run_dir), "--out", str(tmp_path / "o"), "--weights", "ema"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no EMA weights" in err and "--weights raw" in err
+    assert err.count("\n") == 1 and "no EMA weights" in err and "raw weights are the default" in err

@@ -267,3 +267,36 @@ def test_paper_data():
     arms = ["random_init", "zeta", "d_mixup", "alpha", "b_standard", "d_distill"]
     assert sorted(arms, key=paper.arm_sort_key) == ["b_standard", "d_distill", "d_mixup", "alpha", "zeta",
                                                    "random_init"]
+
+
+def test_top1_is_the_exported_weights_and_published_arms_sit_beside_trained_ones(tmp_path):
+    """Tables 8/9 and the gain plot take ImageNet top-1 from the export's meta (recorded in the downstream
+    summaries): b_standard's export says 75.50 (its cls summary 76.00); a published arm has no classification stage,
+    is not missing one, and shows its library's number."""
+    from study.report import load_study
+
+    study = _copy_fixture(tmp_path)
+    for stage in ("det", "seg"):
+        p = study / "b_standard" / "seed0" / stage / "summary.json"
+        s = json.loads(p.read_text())
+        s["backbone"].update(source_kind="trained", source_top1=75.5, checkpoint="last.pth")
+        p.write_text(json.dumps(s))
+        s = json.loads((study / "d_mixup" / "seed0" / stage / "summary.json").read_text())
+        s.update(arm="gluon_d", backbone=dict(variant="D", source_kind="timm", source="timm:resnet50d.gluon_in1k",
+                                              sha256="ab" * 32, source_top1=79.08, weights="published"))
+        (study / "gluon_d" / "seed0" / stage).mkdir(parents=True)
+        (study / "gluon_d" / "seed0" / stage / "summary.json").write_text(json.dumps(s))
+    assert main([str(study), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "REPORT.md").read_text()
+    tables = parse_tables(md)
+    t8, t9 = section(tables, "Table 8"), section(tables, "Table 9")
+    assert t8["B-standard (b_standard)"]["ours ImageNet top-1"] == t9["B-standard (b_standard)"]["ours ImageNet top-1"]
+    assert t8["B-standard (b_standard)"]["ours ImageNet top-1"] == "75.50"
+    assert t8["+ cosine (d_cosine)"]["ours ImageNet top-1"] == pm(77.00, 77.50)  # no meta top-1: the summary's
+    assert t8["gluon_d"]["ours ImageNet top-1"] == "79.08" and t8["gluon_d"]["ours VOC mAP"] == "71.20"
+    assert t8["gluon_d"]["paper mAP"] == DASH
+    assert "gluon_d" not in section(tables, "Table 6") and "gluon_d seed 0" not in md.split("## Missing")[1]
+    assert "| gluon_d | detection | 0 | faster_rcnn_r50_voc0712 | published timm:resnet50d.gluon_in1k (D), sha256 " \
+           "abababababab |" in md
+    s = load_study(study)
+    assert s.backbone_top1("gluon_d").mean == 79.08 and s.backbone_top1("b_standard").mean == 75.5  # the plot's x

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Export a classification run as an MMDetection / MMSegmentation backbone, strictly checked.
+"""Export a ResNet-50 as an MMDetection / MMSegmentation backbone, strictly checked.
 
-    python tools/export_backbone.py SRC --out DIR [--weights ema|raw]
+    python tools/export_backbone.py SRC --out DIR [--checkpoint last|best] [--weights raw|ema] [--variant A|B|C|D]
 
-SRC: a classification run dir (its best.pth, else last.pth) or a checkpoint file. Writes DIR/backbone.pth,
-DIR/backbone.safetensors, DIR/head.safetensors and DIR/meta.json; then, where mmdet / mmseg are installed, loads
-backbone.pth into both libraries' backbones through mmengine's Pretrained init and checks every tensor.
+SRC: a classification run dir of this toolkit (default: its last.pth, the final epoch, raw weights: what the paper
+reports; --checkpoint best and --weights ema opt in to the others) or one of its checkpoint files; or published
+weights: timm:NAME (e.g. timm:resnet50d.gluon_in1k), torchvision:WEIGHTS (e.g.
+torchvision:ResNet50_Weights.IMAGENET1K_V1), or a timm / torchvision weights file (.pth, .safetensors; --variant
+when its keys fit more than one variant). Writes DIR/backbone.pth, DIR/backbone.safetensors, DIR/head.safetensors
+and DIR/meta.json; then, where mmdet / mmseg are installed, loads backbone.pth into both libraries' backbones
+through mmengine's Pretrained init, checks every tensor, and compares their stage outputs with the classifier's.
 """
 
 import argparse
@@ -17,11 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 
 def mm_check(out: Path) -> list[str]:
-    """Load the written backbone.pth the way the stages do, in both libraries, and compare every tensor."""
+    """Load the written backbone.pth the way the stages do, in both libraries; compare every tensor, then the four
+    stage outputs with those of the classifier the export describes."""
     from mmengine.logging import MMLogger
 
     from classification.export import BACKBONE_PTH, load_export
-    from transfer.backbone_check import build_mm_backbone, check_export_matches, verify_backbone_loaded
+    from transfer.backbone_check import (
+        build_mm_backbone,
+        check_export_matches,
+        check_stage_outputs,
+        verify_backbone_loaded,
+    )
 
     MMLogger.get_instance("export_backbone", log_level="WARNING")  # mmengine logs every initialised tensor at INFO
     state, meta = load_export(out)
@@ -31,32 +41,46 @@ def mm_check(out: Path) -> list[str]:
         check_export_matches(state, backbone)
         backbone.init_weights()
         report = verify_backbone_loaded(backbone, state)
-        lines.append(f"{library} {type(backbone).__name__}: {report['tensors_checked']} tensors equal")
+        diff = check_stage_outputs(out, backbone)
+        lines.append(f"{library} {type(backbone).__name__}: {report['tensors_checked']} tensors equal, stage outputs "
+                     f"within {diff:.1g} of the classifier's")
     return lines
+
+
+def describe(meta: dict, args: argparse.Namespace) -> str:
+    top1 = meta.get("source_top1")
+    top1 = "unknown" if top1 is None else f"{top1:.2f} ({meta.get('top1_from')})"
+    what = (f"exported ResNet-50-{meta['variant']} ({meta['mm_type']}, style {meta['mm_style']}), {meta['num_keys']} "
+            f"tensors")
+    if meta.get("source_kind") == "trained":
+        chosen = "as asked" if args.checkpoint or args.weights else "default: final epoch, raw weights"
+        return (f"{what}, {meta['weights']} weights of {meta['checkpoint']} ({chosen}, epoch {meta['source_epoch']}) "
+                f"from {meta['source_checkpoint']}; top-1 {top1}")
+    return (f"{what}, from {meta['source']} ({meta['source_file']}, sha256 {meta['sha256'][:12]}...); "
+            f"top-1 {top1}; mean {meta['mean']} std {meta['std']} ({meta['mean_std_from']})")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="classification run dir or checkpoint (.pth)")
+    p.add_argument("src", help="classification run dir or checkpoint, timm:NAME, torchvision:WEIGHTS, or weights file")
     p.add_argument("--out", required=True, help="export dir to write")
-    p.add_argument("--weights", choices=("ema", "raw"), default=None,
-                   help="which weights to export (default: ema when the run kept EMA weights, else raw)")
+    p.add_argument("--checkpoint", choices=("last", "best"), default=None,
+                   help="a run dir's checkpoint (default: last, the final epoch; best: the best val top-1)")
+    p.add_argument("--weights", choices=("raw", "ema"), default=None, help="a run's weights (default: raw)")
+    p.add_argument("--variant", choices=("A", "B", "C", "D"), default=None,
+                   help="a weights file's ResNet-50 variant (default: detected from its keys where unambiguous)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if not Path(args.src).exists():  # before importing torch: a typo fails at once
-        print(f"error: {args.src}: no such run dir or checkpoint; give a classification run dir (holding best.pth or "
-              f"last.pth) or a .pth file", file=sys.stderr)
+    if ":" not in args.src and not Path(args.src).exists():  # before importing torch: a typo fails at once
+        print(f"error: {args.src}: no such run dir or weights file; give a classification run dir (holding last.pth), "
+              f"a checkpoint, timm:NAME, torchvision:WEIGHTS or a weights file", file=sys.stderr)
         return 1
-    from classification.export import ExportError, export_backbone
+    from classification.export import ExportError
+    from classification.published import export_source
 
     try:
-        meta = export_backbone(args.src, out, weights=args.weights)
-        why = "as asked" if args.weights else ("default: the run has EMA weights" if meta["weights"] == "ema"
-                                                else "default: the run kept no EMA weights")
-        top1 = meta["source_top1"]
-        print(f"exported ResNet-50-{meta['variant']} ({meta['mm_type']}, style {meta['mm_style']}), {meta['weights']} "
-              f"weights ({why}), {meta['num_keys']} tensors, from {meta['source_checkpoint']} "
-              f"(top-1 {'unknown' if top1 is None else f'{top1:.2f}'})")
+        meta = export_source(args.src, out, checkpoint=args.checkpoint, weights=args.weights, variant=args.variant)
+        print(describe(meta, args))
         for name in ("backbone.pth", "backbone.safetensors", "head.safetensors", "meta.json"):
             print(f"  wrote {out / name}")
         if all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine")):

@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
 # Shared body of tools/transfer_det.sh and tools/transfer_seg.sh:
 #   tools/transfer_stage.sh detection|segmentation SRC [--config CFG] [--data-root ROOT] [--work-dir DIR]
-#                           [--allow-synthetic] [-- k=v ...]
-# SRC: an export dir, a classification run dir (exported beside it first), or 'none' (random-init control arm).
+#                           [--variant V] [--allow-synthetic] [-- k=v ...]
+# SRC: an export dir, a classification run dir (exported beside it first), published weights (timm:NAME, e.g.
+# timm:resnet50d.gluon_in1k, or torchvision:WEIGHTS), a timm/torchvision weights file (--variant A|B|C|D where its
+# keys fit several variants), or 'none' (random-init control arm). Published weights and files are exported once
+# into work_dirs/exports/.
 # Options after '--' go to the mmengine config (--cfg-options). GPUS=N runs N processes under torchrun.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$repo/.venv/bin/python}
-[[ $# -ge 2 ]] || { sed -n '2,6p' "$0"; exit 2; }
+[[ $# -ge 2 ]] || { sed -n '2,9p' "$0"; exit 2; }
 stage=$1 src=$2; shift 2
 case $stage in
     detection) config=$repo/configs/detection/faster-rcnn_r50_fpn_voc0712.py data_root=data/VOCdevkit ;;
     segmentation) config=$repo/configs/segmentation/fcn_r50-d8_ade20k-512x512.py data_root=data/ADEChallengeData2016 ;;
     *) echo "error: unknown stage $stage (detection or segmentation)" >&2; exit 2 ;;
 esac
-work_dir=work_dirs/$stage/$(basename "$src")
+name=$(basename "$src")
+work_dir=work_dirs/$stage/${name//:/_}  # timm:resnet50d.gluon_in1k -> timm_resnet50d.gluon_in1k
+variant=()
 extra=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --config) config=$2; shift 2 ;;
         --data-root) data_root=$2; shift 2 ;;
         --work-dir) work_dir=$2; shift 2 ;;
+        --variant) variant=(--variant "$2"); shift 2 ;;
         --allow-synthetic) extra+=(--allow-synthetic); shift ;;
         --) shift; break ;;
         *) echo "error: unknown option $1 (see the usage at the top of $0)" >&2; exit 2 ;;
     esac
 done
-export_dir=$("$PY" -m transfer.source "$src")
+export_dir=$("$PY" -m transfer.source "$src" "${variant[@]}")
 args=(--export "$export_dir" --config "$config" --data-root "$data_root" --work-dir "$work_dir" "${extra[@]}")
 [[ $# -gt 0 ]] && args+=(--cfg-options "$@")
 if [[ ${GPUS:-1} -gt 1 ]]; then

@@ -15,13 +15,16 @@ import torch
 from torch import nn
 
 from classification.checkpoint import unwrap
-from classification.export import BACKBONE_PTH, ExportError, check_shapes, format_keys, load_export
+from classification.export import BACKBONE_PTH, ExportError, check_shapes, export_to_timm, format_keys, load_export
 from classification.variants import get_variant
 
 LIBRARIES = ("mmdet", "mmseg")
 # MMSegmentation's FCN / dilated layout (mmseg::_base_/models/fcn_r50-d8.py): output stride 8, the first block of
 # each dilated stage with half the dilation (contract_dilation).
 DILATED = dict(strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True)
+# Stage outputs of an mm backbone and the classifier it came from agree to float rounding (0.0 measured on CPU for
+# A-D; fp32 reassociation may differ elsewhere): more than this is a layout error, not rounding.
+OUTPUT_TOL = 1e-4
 # C4 detectors run the last stage as the RoI head's shared head (transfer/shared_head.py): these export keys go there.
 SHARED_HEAD_PREFIX = "layer4."
 
@@ -69,10 +72,55 @@ def build_mm_backbone(meta: dict[str, Any], library: str = "mmdet", dilated: boo
 
 
 def data_preprocessor_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
-    """mean/std/bgr_to_rgb for mm's data_preprocessor: the classifier's normalisation; mm loads BGR images."""
+    """mean/std/bgr_to_rgb for mm's data_preprocessor: the normalisation the weights were trained with (meta.json:
+    the run's config, timm's pretrained_cfg, torchvision's transforms; RGB, 0-255); mm loads BGR images."""
     if meta.get("color_order") != "RGB":
         raise ExportError(f"export meta color_order {meta.get('color_order')!r}: expected 'RGB'; re-export it")
-    return dict(mean=list(meta["mean"]), std=list(meta["std"]), bgr_to_rgb=True)
+    mean, std = meta.get("mean"), meta.get("std")
+    if not all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+               for v in (mean, std)):
+        raise ExportError(f"export meta mean {mean!r} / std {std!r}: expected three numbers each (RGB, 0-255); "
+                          f"re-export it")
+    if max(mean) <= 1.0 and max(std) <= 1.0:  # 0-1 statistics would normalise 0-255 pixels to ~1000
+        raise ExportError(f"export meta mean {mean} / std {std} are on the 0-1 scale; mm's data_preprocessor works "
+                          f"on 0-255 pixels: re-export it with this toolkit")
+    return dict(mean=[float(x) for x in mean], std=[float(x) for x in std], bgr_to_rgb=True)
+
+
+def classifier_stages(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The four stage outputs of a timm or torchvision ResNet (stem, max-pool, layer1..4), the mm backbone's outputs."""
+    act = model.act1 if hasattr(model, "act1") else model.relu  # timm names it act1, torchvision relu
+    x = model.maxpool(act(model.bn1(model.conv1(x))))
+    outs = []
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        x = getattr(model, name)(x)
+        outs.append(x)
+    return outs
+
+
+def check_stage_outputs(export_dir: str | Path, backbone: nn.Module, tol: float = OUTPUT_TOL) -> float:
+    """Run the classifier the export describes (its timm model, rebuilt from the export) and the loaded mm
+    ``backbone`` on one seeded 64x64 image; their four stage outputs must agree within ``tol``. Returns the max
+    abs difference; ExportError naming the stage otherwise. The backbone is left in eval mode."""
+    from classification.models import build_model
+
+    _, meta = load_export(export_dir)
+    model = build_model(meta["variant"], meta["num_classes"], zero_gamma=False, init="timm", mean=meta["mean"],
+                        std=meta["std"])
+    model.load_state_dict(export_to_timm(export_dir), strict=True)
+    model.eval()
+    backbone = _backbone_of(backbone)
+    backbone.eval()  # mm's ResNet.train() returns None: no chaining
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = classifier_stages(model, x), backbone(x)
+    diffs = [(a - b).abs().max().item() if a.shape == b.shape else float("inf") for a, b in zip(want, got)]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    if len(got) != 4 or diffs[worst] > tol:
+        raise ExportError(f"{type(backbone).__name__} loaded with {export_dir}: stage {worst + 1} output differs from "
+                          f"the classifier's by {diffs[worst]:.3g} (> {tol}); the variant ({meta['variant']}, style "
+                          f"{meta['mm_style']}) does not match the weights: re-export with the right --variant")
+    return max(diffs)
 
 
 def _backbone_of(model: nn.Module) -> nn.Module:
