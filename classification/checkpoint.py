@@ -73,15 +73,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"it is damaged or not one of ours: retrain or pick another file") from e
 
 
-def resolve_checkpoint(src: str | Path) -> Path:
-    """A run dir (its best, else last checkpoint) or a checkpoint file."""
+# Which checkpoint of a run dir: the final epoch (the default everywhere, what the paper reports) or the epoch with
+# the best validation top-1 (an opt-in: ImageNet's validation set is also its test set).
+CHECKPOINTS = {"last": LAST, "best": BEST}
+
+
+def resolve_checkpoint(src: str | Path, which: str | None = None) -> Path:
+    """A checkpoint file as given, or a run dir's ``last.pth`` unless ``which="best"``."""
     src = Path(src)
-    if src.is_dir():
-        for name in (BEST, LAST):
-            if (src / name).is_file():
-                return src / name
-        raise CheckpointError(f"{src}: no {BEST} or {LAST} in this run dir; train it first (tools/train_cls.sh)")
-    return src
+    if which is not None and which not in CHECKPOINTS:
+        raise CheckpointError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
+    if not src.is_dir():
+        if which is not None:
+            raise CheckpointError(f"{src}: --checkpoint {which} picks a file of a run dir; give the run dir, or "
+                                  f"drop --checkpoint to use this file")
+        return src
+    path = src / CHECKPOINTS[which or "last"]
+    if not path.is_file():
+        fix = ("train it first (tools/train_cls.sh)" if path.name == LAST else
+               f"the run never saved one; use {LAST} (the default)")
+        raise CheckpointError(f"{path}: no such checkpoint in this run dir; {fix}")
+    return path
 
 
 def load_classifier(src: str | Path, *, ema: bool = False) -> tuple[nn.Module, Config, dict[str, Any]]:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from .artifacts import atomic_torch_save, atomic_write_bytes, atomic_write_json, stack_versions
-from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import ConfigError, config_from_dict
 from .models import build_model
 from .variants import get_variant
@@ -60,7 +60,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 # (timm's separate bn1) is the 8th entry.
 _MM_STEM, _MM_STEM_LAST_BN = "stem.", "stem.7."
 PUBLISHED_KINDS = ("timm", "torchvision", "file")  # meta source_kind of weights this toolkit did not train
-CHECKPOINTS = {"last": LAST, "best": BEST}  # --checkpoint: the final epoch (default) or the best val top-1
 
 
 class ExportError(ValueError):
@@ -242,22 +241,11 @@ def write_export(out_dir: str | Path, backbone: dict[str, torch.Tensor], head: d
 
 
 def run_checkpoint(src: str | Path, checkpoint: str | None = None) -> Path:
-    """The checkpoint file an export of ``src`` reads: a file as given; in a run dir ``last.pth`` (the final
-    epoch, what the paper reports) unless ``checkpoint="best"`` asks for the epoch with the best val top-1."""
-    src = Path(src)
-    if checkpoint is not None and checkpoint not in CHECKPOINTS:
-        raise ExportError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
-    if not src.is_dir():
-        if checkpoint is not None:
-            raise ExportError(f"{src}: --checkpoint {checkpoint} picks a file of a run dir; give the run dir, or "
-                              f"drop --checkpoint to export this file")
-        return src
-    path = src / CHECKPOINTS[checkpoint or "last"]
-    if not path.is_file():
-        fix = ("train it first (tools/train_cls.sh)" if path.name == LAST else
-               f"the run never saved one; export {LAST} (the default)")
-        raise ExportError(f"{path}: no such checkpoint in this run dir; {fix}")
-    return path
+    """The checkpoint file an export of ``src`` reads (``checkpoint.resolve_checkpoint``: last.pth by default)."""
+    try:
+        return resolve_checkpoint(src, checkpoint)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
 
 
 def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = None,
