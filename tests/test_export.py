@@ -211,7 +211,7 @@ def test_default_is_the_final_epoch_raw_weights_best_is_an_opt_in(tmp_path):
     with pytest.raises(ExportError, match=r"--checkpoint best picks a file of a run dir"):
         export_backbone(run_dir / "last.pth", tmp_path / "x", checkpoint="best")
     (run_dir / "best.pth").unlink()
-    with pytest.raises(ExportError, match=r"best\.pth: no such checkpoint in this run dir; .*export last\.pth"):
+    with pytest.raises(ExportError, match=r"best\.pth: no such checkpoint in this run dir; .*use last\.pth"):
         export_backbone(run_dir, tmp_path / "y", checkpoint="best")
 
 

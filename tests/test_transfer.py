@@ -128,7 +128,7 @@ def test_transfer_scripts_resolve_their_source(tiny_export, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_export.parent, run, ignore=shutil.ignore_patterns("export"))
     assert resolve(str(run)) == str(run / "export") and (run / "export" / "meta.json").is_file()  # exported once
-    with pytest.raises(ExportError, match="no such export or run dir"):
+    with pytest.raises(ExportError, match="no such export, run dir or weights file"):
         resolve(str(tmp_path / "missing"))
     usage = subprocess.run(["bash", str(REPO / "tools/transfer_det.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "SRC" in usage.stdout
