@@ -285,3 +285,15 @@ def test_paper_recipes_refuse_generated_data_unless_allowed(tiny_data, tmp_path,
                             str(tiny_data / "VOCdevkit"), "--work-dir", str(tmp_path / "det2")],
                            capture_output=True, text=True, cwd=REPO, timeout=300)
     assert stock.returncode == 1 and "SYNTHETIC.json" in stock.stderr and "--allow-synthetic" in stock.stderr
+
+
+def test_a_downstream_run_resumes_only_on_its_own_split(tmp_path, monkeypatch):
+    """mmengine counts passes: a run started on 1 GPU (accumulation 4) cannot continue on 4 GPUs."""
+    from transfer.runner import StageError, refuse_another_split
+
+    seg = "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"
+    one, _ = configured(seg, world=1, monkeypatch=monkeypatch)
+    one.dump(str(tmp_path / "config.py"))
+    refuse_another_split(tmp_path / "config.py", configured(seg, world=1, monkeypatch=monkeypatch)[0])
+    with pytest.raises(StageError, match="accumulation 4 .now 4 and 1.; resume it on the GPU count"):
+        refuse_another_split(tmp_path / "config.py", configured(seg, world=4, monkeypatch=monkeypatch)[0])

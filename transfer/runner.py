@@ -200,6 +200,22 @@ def keep_recipe_batch(cfg, processes: int, source: str) -> dict[str, Any]:
                 schedule_changes=schedule)
 
 
+def refuse_another_split(previous: Path, cfg) -> None:
+    """mmengine's iteration counter counts passes: a run resumed with another images-per-process or accumulation
+    would continue at the wrong point of its schedule. Refuse it, naming the GPU count it was started with."""
+    if not previous.is_file():
+        return
+    from mmengine.config import Config
+
+    old = Config.fromfile(str(previous), import_custom_modules=False)
+    before = (old.train_dataloader.batch_size, old.optim_wrapper.get("accumulative_counts", 1))
+    now = (cfg.train_dataloader.batch_size, cfg.optim_wrapper.accumulative_counts)
+    if before != now:
+        raise StageError(f"{previous}: this run was started with {before[0]} images per process and accumulation "
+                         f"{before[1]} (now {now[0]} and {now[1]}); resume it on the GPU count it was started "
+                         f"with, or use another --work-dir")
+
+
 def describe_recipe(config: str | Path, cfg_options: dict | None, processes: int) -> str:
     """The batch line and schedule a stage would run with on ``processes`` (the study's dry run prints it)."""
     from mmengine.config import Config
@@ -270,6 +286,7 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     if problem:
         raise StageError(problem)
     decided = configure(cfg, stage, args, meta, export_ckpt)
+    refuse_another_split(work_dir / "config.py", cfg)
     work_dir.mkdir(parents=True, exist_ok=True)
     compat.trust_checkpoints_in(work_dir)  # resume reads the Runner's own checkpoints written here
     cfg.dump(str(work_dir / "config.py"))
