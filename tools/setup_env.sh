@@ -75,14 +75,15 @@ done
 install=("$uv" pip install -q --no-progress --python "$VENV/bin/python" "${sources[@]}" "${constraints[@]}")
 
 if [[ ! -x $VENV/bin/python ]]; then
-    # The same interpreter as before (never a uv-managed download); --seed adds pip for the mmcv build and users.
+    # The same interpreter as before (never a uv-managed download); --seed adds pip (pinned below) for the mmcv
+    # build and for users.
     "$uv" venv -q --seed --no-managed-python "${sources[@]}" \
         --python "$("$PYTHON" -c 'import sys; print(sys.executable)')" "$VENV"
 fi
 
 if ! ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl >/dev/null 2>&1; then
     echo "building mmcv $MMCV_VERSION with its compiled ops into $WHEEL_DIR (about 20 min on 2 cores, once)"
-    "${install[@]}" setuptools wheel ninja torch torchvision
+    "${install[@]}" pip setuptools wheel ninja torch torchvision
     pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT
@@ -96,7 +97,7 @@ if ! ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl >/dev/null 2>&1; then
 fi
 
 # One resolution for the whole stack: mmcv from the cached wheel only (never its sdist), then our package.
-"${install[@]}" --find-links "$WHEEL_DIR" --only-binary mmcv setuptools wheel ninja "mmcv==$MMCV_VERSION" \
+"${install[@]}" --find-links "$WHEEL_DIR" --only-binary mmcv pip setuptools wheel ninja "mmcv==$MMCV_VERSION" \
     -e ".[mm,dev]"
 echo "$want" > $VENV/.stamp
 echo "environment ready in $((SECONDS - t0)) s: $VENV"
