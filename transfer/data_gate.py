@@ -36,7 +36,8 @@ def _init_process_group(launcher: str, dist_cfg: dict) -> None:
         init_dist(launcher, **dist_cfg)  # exactly what Runner.setup_env does; it then finds the group ready
     else:
         # No GPU (tests, debugging on CPU): mmengine 0.10.7's init_dist calls torch.cuda.set_device even for gloo.
-        dist.init_process_group(backend="gloo")
+        timeout = dist_cfg.get("timeout")
+        dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout) if timeout else None)
 
 
 def check_data_once(kind: str, data_root: str | Path, *, launcher: str = "none", dist_cfg: dict | None = None,
