@@ -427,7 +427,8 @@ def _progress_bar(kind: str) -> tuple[Callable[[int], None], Callable[[], None]]
     """A tqdm bar on a terminal (tqdm stays silent when stderr is not one, so logs stay clean)."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=f"check_data {kind}", unit=" files", disable=None, mininterval=0.5, dynamic_ncols=True)
+    tqdm.monitor_interval = 0  # no monitor thread: the process pool forks, and a fork copies no other thread safely
+    bar = tqdm(desc=f"check_data {kind}", unit=" images", disable=None, mininterval=0.5, dynamic_ncols=True)
 
     def update(n: int) -> None:
         if n < 0:
