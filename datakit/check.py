@@ -3,11 +3,23 @@
     python tools/check_data.py imagenet ROOT   # ROOT holds train/ and val/ (ImageFolder)
     python tools/check_data.py voc ROOT        # ROOT is VOCdevkit/ (VOC2007 trainval+test, VOC2012 trainval)
     python tools/check_data.py ade20k ROOT     # ROOT is ADEChallengeData2016/
+    python tools/check_data.py voc ROOT --full # also decode every image (a process pool: --jobs, default all cores)
 
 Every problem is one line ``path: what is wrong (how to fix)``. The checks follow what the loaders do:
 torchvision/timm ImageFolder (recursive, by extension), MMDetection's VOC XMLDataset (lists in ImageSets/Main,
 objects whose class is not among the 20 are *silently dropped* there, so they are errors here), and
 MMSegmentation's ADE20KDataset (``.jpg`` images, same-stem ``.png`` masks, reduce_zero_label).
+
+Two depths. *Headers* (the default, and what a detection or segmentation stage runs at its start): the tree's
+structure, every annotation, and every image's header (format, size, mode), without decoding pixels: seconds
+for VOC or ADE20K. *Full* (``--full``): also decodes every image, which finds truncated files and ADE20K mask
+values outside the label space; about two hours of one core for ImageNet, so it runs on all cores.
+
+A check is a plan and tasks: walking the tree (one thread, cheap: directory listings) yields problem lines
+found from structure alone and one task per image (or image + annotation pair). The tasks are what costs, and
+they are independent, so they run in a process pool when decoding (CPU-bound) or a thread pool for headers
+(waiting on storage); the results are read back in plan order, so the lines come out in the same order
+whatever the number of jobs.
 """
 
 from __future__ import annotations
@@ -15,9 +27,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +47,12 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 VOC_LISTS: dict[str, tuple[str, ...]] = {"VOC2007": ("trainval", "test"), "VOC2012": ("trainval",)}
 ADE_SPLITS = ("training", "validation")
 MASK_MODES = ("L", "P", "I", "I;16")  # single-channel modes whose values are class ids as stored
+KINDS = ("imagenet", "voc", "ade20k")
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_REPLACE = "re-download or regenerate it, or remove it from the dataset"
+_MASK_FIX = "masks are single-channel 8-bit PNGs, mode L, of ADE20K ids 0..150, the size of their image"
+_CHUNK = 64  # tasks per pool round trip: large enough to amortise it, small enough for a live progress bar
 
 
 @contextmanager
@@ -46,22 +66,39 @@ def _strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-class Report:
-    """Problem lines plus the number of files looked at (for the summary)."""
+def _line(path: Path | str, what: str, fix: str) -> str:
+    return f"{path}: {what} ({fix})"
 
-    def __init__(self, quick: bool = False, progress: Callable[[int], None] | None = None) -> None:
-        self.quick = quick
-        self.problems: list[str] = []
-        self.files = 0
-        self._progress = progress
+
+@dataclass
+class Report:
+    """Problem lines, in plan order, plus the number of files looked at (for the summary)."""
+
+    problems: list[str] = field(default_factory=list)
+    files: int = 0
+    full: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+# A task is a tuple (name, *string args): plain data, so that it pickles cheaply to a worker process.
+Task = tuple
+
+
+class Plan:
+    """What the walk found: problem lines and per-file tasks, in the order the lines must be printed."""
+
+    def __init__(self) -> None:
+        self.items: list[str | Task] = []
+        self.files = 0  # files the walk itself read (VOC list files)
+        self.tail: list[str] = []  # lines known only after the walk (ImageNet train/val class mismatch)
 
     def add(self, path: Path | str, what: str, fix: str) -> None:
-        self.problems.append(f"{path}: {what} ({fix})")
+        self.items.append(_line(path, what, fix))
 
-    def count(self) -> None:
-        self.files += 1
-        if self._progress is not None:
-            self._progress(self.files)
+    def task(self, *task: str) -> None:
+        self.items.append(task)
 
     def need_dir(self, path: Path, fix: str) -> bool:
         if path.is_dir():
@@ -69,24 +106,10 @@ class Report:
         self.add(path, "folder not found" if not path.exists() else "not a folder", fix)
         return False
 
-    def image(self, path: Path, fix: str = "re-download or regenerate it, or remove it from the dataset",
-              pixels: bool = False) -> tuple[tuple[int, int], str, np.ndarray | None] | None:
-        """Open an image and, unless quick, decode it fully (truncation shows only then). Returns (size, mode,
-        pixel array when ``pixels``), or None after reporting why the file cannot be read."""
-        self.count()
-        try:
-            with Image.open(path) as im:
-                if self.quick:
-                    return im.size, im.mode, None
-                im.load()
-                return im.size, im.mode, np.asarray(im) if pixels else None
-        except FileNotFoundError:
-            self.add(path, "file not found", fix)
-        except UnidentifiedImageError:
-            self.add(path, "not a readable image (unknown or corrupt format)", fix)
-        except _DECODE_ERRORS as e:
-            self.add(path, f"image cannot be decoded: {e}", fix)
-        return None
+
+def _files_in(folder: Path) -> set[str]:
+    """Names of the files in one folder, from a single listing (no stat per file: d_type answers is_file)."""
+    return {e.name for e in os.scandir(folder) if e.is_file()}
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -99,45 +122,123 @@ def _image_files(folder: Path) -> list[Path]:
     return found
 
 
-# ----------------------------------------------------------------------------------------------- ImageFolder
-
-
-def _check_imagenet(root: Path, rep: Report) -> None:
-    if not rep.need_dir(root, "pass the folder that holds train/ and val/"):
+def _plan_imagenet(root: Path, plan: Plan) -> None:
+    if not plan.need_dir(root, "pass the folder that holds train/ and val/"):
         return
     classes: dict[str, list[str]] = {}
     for split in ("train", "val"):
         folder = root / split
-        if not rep.need_dir(folder, f"create {split}/ with one sub-folder of images per class"):
+        if not plan.need_dir(folder, f"create {split}/ with one sub-folder of images per class"):
             continue
         names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         loose = [p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS)]
         if not names:
             if loose:
-                rep.add(folder, f"{len(loose)} images lie directly in {split}/ instead of in class folders",
-                        "sort them into <class>/ sub-folders, e.g. with ImageNet's valprep.sh")
+                plan.add(folder, f"{len(loose)} images lie directly in {split}/ instead of in class folders",
+                         "sort them into <class>/ sub-folders, e.g. with ImageNet's valprep.sh")
             else:
-                rep.add(folder, "no class folders", f"put the images of each class in {split}/<class>/")
+                plan.add(folder, "no class folders", f"put the images of each class in {split}/<class>/")
             continue
         classes[split] = names
         for name in names:
             files = _image_files(folder / name)
             if not files:
-                rep.add(folder / name, "class folder has no images",
-                        "add .jpg/.png images or remove the folder from both train/ and val/")
+                plan.add(folder / name, "class folder has no images",
+                         "add .jpg/.png images or remove the folder from both train/ and val/")
             for f in files:
-                rep.image(f)
+                plan.task("image", str(f))
     if len(classes) == 2:
         train, val = set(classes["train"]), set(classes["val"])
         for name in sorted(train - val):
-            rep.add(root / "val" / name, f"class '{name}' is in train/ but not in val/",
-                    "both splits need the same class folders, or class indices will not match")
+            plan.tail.append(_line(root / "val" / name, f"class '{name}' is in train/ but not in val/",
+                                   "both splits need the same class folders, or class indices will not match"))
         for name in sorted(val - train):
-            rep.add(root / "train" / name, f"class '{name}' is in val/ but not in train/",
-                    "both splits need the same class folders, or class indices will not match")
+            plan.tail.append(_line(root / "train" / name, f"class '{name}' is in val/ but not in train/",
+                                   "both splits need the same class folders, or class indices will not match"))
 
 
-# ----------------------------------------------------------------------------------------------- Pascal VOC
+def _plan_voc(root: Path, plan: Plan) -> None:
+    if not plan.need_dir(root, "pass the VOCdevkit folder that holds VOC2007/ and VOC2012/"):
+        return
+    for year, lists in VOC_LISTS.items():
+        base = root / year
+        if not plan.need_dir(base, f"VOC07+12 needs {year}/ inside VOCdevkit/: extract the {year} tarballs here"):
+            continue
+        dirs_ok = all([plan.need_dir(base / sub, f"{year} is incomplete: re-extract it")
+                       for sub in ("JPEGImages", "Annotations", "ImageSets/Main")])
+        if not dirs_ok:
+            continue
+        jpgs, xmls = _files_in(base / "JPEGImages"), _files_in(base / "Annotations")
+        seen: set[str] = set()
+        for split in lists:
+            list_file = base / "ImageSets" / "Main" / f"{split}.txt"
+            if not list_file.is_file():
+                what = "test" if split == "test" else "trainval"
+                plan.add(list_file, "list file not found", f"extract the {year} {what} tarball into VOCdevkit/")
+                continue
+            plan.files += 1
+            ids = [line.split()[0] for line in list_file.read_text(errors="replace").splitlines() if line.strip()]
+            if not ids:
+                plan.add(list_file, "list is empty", "it must hold one image id per line")
+            for image_id in ids:
+                if image_id in seen:
+                    continue
+                seen.add(image_id)
+                jpg, xml = base / "JPEGImages" / f"{image_id}.jpg", base / "Annotations" / f"{image_id}.xml"
+                listed = f"listed in ImageSets/Main/{split}.txt"
+                if jpg.name not in jpgs:
+                    plan.add(jpg, f"image not found but {listed}", "restore the image or remove the id from the list")
+                plan.task("voc", str(jpg) if jpg.name in jpgs else "", str(xml) if xml.name in xmls else "")
+                if xml.name not in xmls:
+                    plan.add(xml, f"annotation not found but {listed}",
+                             "restore the annotation or remove the id from the list")
+
+
+def _plan_ade20k(root: Path, plan: Plan) -> None:
+    if not plan.need_dir(root, "pass the ADEChallengeData2016 folder that holds images/ and annotations/"):
+        return
+    for split in ADE_SPLITS:
+        img_dir, ann_dir = root / "images" / split, root / "annotations" / split
+        ok = plan.need_dir(img_dir, "re-extract ADEChallengeData2016.zip")
+        ok = plan.need_dir(ann_dir, "re-extract ADEChallengeData2016.zip") and ok
+        if not ok:
+            continue
+        images = sorted(n for n in _files_in(img_dir) if n.endswith(".jpg") and not n.startswith("."))
+        masks = _files_in(ann_dir)
+        if not images:
+            plan.add(img_dir, "no .jpg images", "MMSegmentation's ADE20K dataset reads images/<split>/*.jpg")
+        for name in images:
+            mask = f"{name[:-4]}.png"
+            plan.task("ade", str(img_dir / name), str(ann_dir / mask) if mask in masks else "")
+            if mask not in masks:
+                plan.add(ann_dir / mask, f"mask not found for image {name}", "add the mask or remove the image")
+
+
+_PLANS: dict[str, Callable[[Path, Plan], None]] = {"imagenet": _plan_imagenet, "voc": _plan_voc,
+                                                   "ade20k": _plan_ade20k}
+
+
+# ----------------------------------------------------------------------------------------------- the tasks
+# Module-level functions of plain arguments, so that a worker process can run them.
+
+
+def _open_image(path: str, full: bool, problems: list[str], fix: str = _REPLACE, pixels: bool = False
+                ) -> tuple[tuple[int, int], str, np.ndarray | None] | None:
+    """Open an image and, when ``full``, decode it (truncation shows only then). Returns (size, mode, pixel
+    array when ``pixels``), or None after appending why the file cannot be read."""
+    try:
+        with Image.open(path) as im:
+            if not full:
+                return im.size, im.mode, None
+            im.load()
+            return im.size, im.mode, np.asarray(im) if pixels else None
+    except FileNotFoundError:
+        problems.append(_line(path, "file not found", fix))
+    except UnidentifiedImageError:
+        problems.append(_line(path, "not a readable image (unknown or corrupt format)", fix))
+    except _DECODE_ERRORS as e:
+        problems.append(_line(path, f"image cannot be decoded: {e}", fix))
+    return None
 
 
 def _text(elem: ET.Element, path: str) -> str | None:
@@ -154,155 +255,166 @@ def _number(text: str | None) -> float | None:
         return None
 
 
-def _check_voc_xml(xml_path: Path, image_size: tuple[int, int] | None, rep: Report) -> None:
+def _check_voc_xml(xml_path: str, image_size: tuple[int, int] | None, problems: list[str]) -> None:
     fix_xml = "repair or re-download this annotation"
+
+    def add(what: str, fix: str = fix_xml) -> None:
+        problems.append(_line(xml_path, what, fix))
+
     try:
         ann = ET.parse(xml_path).getroot()
     except ET.ParseError as e:
-        rep.add(xml_path, f"invalid XML: {e}", fix_xml)
+        add(f"invalid XML: {e}")
         return
     if ann.tag != "annotation":
-        rep.add(xml_path, f"root element is <{ann.tag}>, expected <annotation>", fix_xml)
+        add(f"root element is <{ann.tag}>, expected <annotation>")
         return
     width, height = _number(_text(ann, "size/width")), _number(_text(ann, "size/height"))
     for tag, value in (("width", width), ("height", height)):
         if value is None:
-            rep.add(xml_path, f"missing or non-numeric <size><{tag}>", fix_xml)
+            add(f"missing or non-numeric <size><{tag}>")
     if width is not None and height is not None and image_size is not None and (width, height) != image_size:
-        rep.add(xml_path, f"<size> says {width:g}x{height:g} but the image is {image_size[0]}x{image_size[1]}",
-                "fix <size> or the image; MMDetection trusts <size>")
+        add(f"<size> says {width:g}x{height:g} but the image is {image_size[0]}x{image_size[1]}",
+            "fix <size> or the image; MMDetection trusts <size>")
     for k, obj in enumerate(ann.findall("object"), start=1):
         where = f"object {k}"
         name = _text(obj, "name")
         if name is None:
-            rep.add(xml_path, f"{where}: missing <name>", fix_xml)
+            add(f"{where}: missing <name>")
         elif name not in VOC_CLASSES:
-            rep.add(xml_path, f"{where}: unknown class '{name}'",
-                    "use one of the 20 VOC class names, e.g. 'person', 'tvmonitor'; MMDetection drops it silently")
+            add(f"{where}: unknown class '{name}'",
+                "use one of the 20 VOC class names, e.g. 'person', 'tvmonitor'; MMDetection drops it silently")
         for flag in ("difficult", "truncated"):  # optional in MMDetection (default 0), but must be 0/1 if present
             value = obj.find(flag)
             if value is not None and (value.text or "").strip() not in ("0", "1"):
-                rep.add(xml_path, f"{where}: <{flag}> is {value.text!r}, expected 0 or 1", fix_xml)
+                add(f"{where}: <{flag}> is {value.text!r}, expected 0 or 1")
         coords = {t: _number(_text(obj, f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")}
         missing = [t for t, v in coords.items() if v is None]
         if missing:
-            rep.add(xml_path, f"{where}: missing or non-numeric <bndbox> {', '.join(missing)}", fix_xml)
+            add(f"{where}: missing or non-numeric <bndbox> {', '.join(missing)}")
             continue
         x0, y0, x1, y1 = coords["xmin"], coords["ymin"], coords["xmax"], coords["ymax"]
         box = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
         if x0 >= x1 or y0 >= y1:
-            rep.add(xml_path, f"{where}: empty box {box}, needs xmin < xmax and ymin < ymax", fix_xml)
+            add(f"{where}: empty box {box}, needs xmin < xmax and ymin < ymax")
         elif width is not None and height is not None and (x0 < 0 or y0 < 0 or x1 > width or y1 > height):
-            rep.add(xml_path, f"{where}: box {box} is outside the {width:g}x{height:g} image",
-                    "clip it to 1..width and 1..height; VOC boxes are 1-based pixels")
+            add(f"{where}: box {box} is outside the {width:g}x{height:g} image",
+                "clip it to 1..width and 1..height; VOC boxes are 1-based pixels")
 
 
-def _check_voc(root: Path, rep: Report) -> None:
-    if not rep.need_dir(root, "pass the VOCdevkit folder that holds VOC2007/ and VOC2012/"):
-        return
-    for year, lists in VOC_LISTS.items():
-        base = root / year
-        if not rep.need_dir(base, f"VOC07+12 needs {year}/ inside VOCdevkit/: extract the {year} tarballs here"):
-            continue
-        dirs_ok = all([rep.need_dir(base / sub, f"{year} is incomplete: re-extract it")
-                       for sub in ("JPEGImages", "Annotations", "ImageSets/Main")])
-        if not dirs_ok:
-            continue
-        seen: set[str] = set()
-        for split in lists:
-            list_file = base / "ImageSets" / "Main" / f"{split}.txt"
-            if not list_file.is_file():
-                what = "test" if split == "test" else "trainval"
-                rep.add(list_file, "list file not found", f"extract the {year} {what} tarball into VOCdevkit/")
-                continue
-            rep.count()
-            ids = [line.split()[0] for line in list_file.read_text(errors="replace").splitlines() if line.strip()]
-            if not ids:
-                rep.add(list_file, "list is empty", "it must hold one image id per line")
-            for image_id in ids:
-                if image_id in seen:
-                    continue
-                seen.add(image_id)
-                jpg, xml = base / "JPEGImages" / f"{image_id}.jpg", base / "Annotations" / f"{image_id}.xml"
-                listed = f"listed in ImageSets/Main/{split}.txt"
-                size = None
-                if jpg.is_file():
-                    opened = rep.image(jpg)
-                    size = opened[0] if opened else None
-                else:
-                    rep.add(jpg, f"image not found but {listed}", "restore the image or remove the id from the list")
-                if xml.is_file():
-                    rep.count()
-                    _check_voc_xml(xml, size, rep)
-                else:
-                    rep.add(xml, f"annotation not found but {listed}",
-                            "restore the annotation or remove the id from the list")
+def _task_image(full: bool, path: str) -> tuple[list[str], int]:
+    problems: list[str] = []
+    _open_image(path, full, problems)
+    return problems, 1
 
 
-# ----------------------------------------------------------------------------------------------- ADE20K
+def _task_voc(full: bool, jpg: str, xml: str) -> tuple[list[str], int]:
+    """One listed id: its image (for the size) and its annotation; an empty path is missing (the plan says so)."""
+    problems: list[str] = []
+    opened = _open_image(jpg, full, problems) if jpg else None
+    if xml:
+        _check_voc_xml(xml, opened[0] if opened else None, problems)
+    return problems, bool(jpg) + bool(xml)
 
 
-def _check_ade20k(root: Path, rep: Report) -> None:
-    if not rep.need_dir(root, "pass the ADEChallengeData2016 folder that holds images/ and annotations/"):
-        return
-    for split in ADE_SPLITS:
-        img_dir, ann_dir = root / "images" / split, root / "annotations" / split
-        ok = rep.need_dir(img_dir, "re-extract ADEChallengeData2016.zip")
-        ok = rep.need_dir(ann_dir, "re-extract ADEChallengeData2016.zip") and ok
-        if not ok:
-            continue
-        images = sorted(p for p in img_dir.iterdir() if p.suffix == ".jpg" and not p.name.startswith("."))
-        if not images:
-            rep.add(img_dir, "no .jpg images", "MMSegmentation's ADE20K dataset reads images/<split>/*.jpg")
-        fix = "masks are single-channel 8-bit PNGs, mode L, of ADE20K ids 0..150, the size of their image"
-        for img in images:
-            opened = rep.image(img)
-            mask_path = ann_dir / f"{img.stem}.png"
-            if not mask_path.is_file():
-                rep.add(mask_path, f"mask not found for image {img.name}", "add the mask or remove the image")
-                continue
-            mask = rep.image(mask_path, fix, pixels=True)
-            if mask is None:
-                continue
-            msize, mode, values = mask
-            if mode not in MASK_MODES:
-                rep.add(mask_path, f"mask has mode {mode!r}, not a single channel of class ids", fix)
-                values = None
-            if opened is not None and msize != opened[0]:
-                size = opened[0]
-                rep.add(mask_path, f"mask is {msize[0]}x{msize[1]} but {img.name} is {size[0]}x{size[1]}", fix)
-            if values is not None and values.size and int(values.max()) > ADE20K_NUM_CLASSES:
-                bad = np.unique(values[values > ADE20K_NUM_CLASSES])
-                shown = ", ".join(str(int(v)) for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
-                rep.add(mask_path, f"mask values {shown} are outside 0..{ADE20K_NUM_CLASSES}", fix)
+def _task_ade(full: bool, img: str, mask_path: str) -> tuple[list[str], int]:
+    problems: list[str] = []
+    opened = _open_image(img, full, problems)
+    if not mask_path:
+        return problems, 1
+    mask = _open_image(mask_path, full, problems, _MASK_FIX, pixels=True)
+    if mask is not None:
+        msize, mode, values = mask
+        if mode not in MASK_MODES:
+            problems.append(_line(mask_path, f"mask has mode {mode!r}, not a single channel of class ids", _MASK_FIX))
+            values = None
+        if opened is not None and msize != opened[0]:
+            size, name = opened[0], Path(img).name
+            problems.append(_line(mask_path, f"mask is {msize[0]}x{msize[1]} but {name} is {size[0]}x{size[1]}",
+                                  _MASK_FIX))
+        if values is not None and values.size and int(values.max()) > ADE20K_NUM_CLASSES:
+            bad = np.unique(values[values > ADE20K_NUM_CLASSES])
+            shown = ", ".join(str(int(v)) for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            problems.append(_line(mask_path, f"mask values {shown} are outside 0..{ADE20K_NUM_CLASSES}", _MASK_FIX))
+    return problems, 2
+
+
+_TASKS: dict[str, Callable[..., tuple[list[str], int]]] = {"image": _task_image, "voc": _task_voc, "ade": _task_ade}
+
+
+def _do(full: bool, item: str | Task) -> tuple[list[str], int]:
+    if isinstance(item, str):
+        return [item], 0
+    return _TASKS[item[0]](full, *item[1:])
+
+
+def _do_chunk(full: bool, chunk: list[str | Task]) -> list[tuple[list[str], int]]:
+    return [_do(full, item) for item in chunk]
+
+
+def _worker_init() -> None:
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _execute(items: list[str | Task], full: bool, jobs: int) -> Iterator[tuple[list[str], int]]:
+    """Results of ``items`` in order. Decoding is CPU-bound: processes. Headers wait on storage: threads (the
+    GIL is released while a file is opened and read)."""
+    chunks = [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+    work = partial(_do_chunk, full)
+    if jobs <= 1 or len(chunks) <= 1:
+        results = map(work, chunks)
+        for chunk in results:
+            yield from chunk
+    elif full:
+        import multiprocessing
+
+        with multiprocessing.Pool(jobs, initializer=_worker_init) as pool:
+            for chunk in pool.imap(work, chunks):
+                yield from chunk
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            for chunk in pool.map(work, chunks):
+                yield from chunk
 
 
 # ----------------------------------------------------------------------------------------------- API + CLI
 
 
-def _run(kind: str, root: str | Path, quick: bool = False, progress: Callable[[int], None] | None = None) -> Report:
-    rep = Report(quick, progress)
+def check(kind: str, root: str | Path, *, full: bool = False, jobs: int = 1,
+          progress: Callable[[int], None] | None = None) -> Report:
+    """Check a tree of ``kind`` ('imagenet', 'voc', 'ade20k'): headers only unless ``full``, with ``jobs`` workers.
+    ``progress(-total)`` is called once with the plan's size, then ``progress(n)`` with the items done so far."""
+    plan = Plan()
+    _PLANS[kind](Path(root), plan)
+    rep = Report(files=plan.files, full=full)
+    if progress is not None:
+        progress(-len(plan.items))  # a negative call: the total
     with _strict_decoding():
-        _IMPL[kind](Path(root), rep)
+        for done, (problems, files) in enumerate(_execute(plan.items, full, jobs), start=1):
+            rep.problems += problems
+            rep.files += files
+            if progress is not None:
+                progress(done)
+    rep.problems += plan.tail
     return rep
 
 
-def check_imagenet(root: str | Path, quick: bool = False) -> list[str]:
-    """Problems of an ImageFolder tree (``root/train/<class>/*``, ``root/val/<class>/*``); empty when valid."""
-    return _run("imagenet", root, quick).problems
+def check_imagenet(root: str | Path, quick: bool = False, jobs: int = 1) -> list[str]:
+    """Problems of an ImageFolder tree (``root/train/<class>/*``, ``root/val/<class>/*``); empty when valid.
+    Decodes every image unless ``quick`` (headers only)."""
+    return check("imagenet", root, full=not quick, jobs=jobs).problems
 
 
-def check_voc(root: str | Path, quick: bool = False) -> list[str]:
+def check_voc(root: str | Path, quick: bool = False, jobs: int = 1) -> list[str]:
     """Problems of a VOCdevkit folder (VOC2007 trainval+test, VOC2012 trainval); empty when valid."""
-    return _run("voc", root, quick).problems
+    return check("voc", root, full=not quick, jobs=jobs).problems
 
 
-def check_ade20k(root: str | Path, quick: bool = False) -> list[str]:
+def check_ade20k(root: str | Path, quick: bool = False, jobs: int = 1) -> list[str]:
     """Problems of an ADEChallengeData2016 folder; empty when valid."""
-    return _run("ade20k", root, quick).problems
+    return check("ade20k", root, full=not quick, jobs=jobs).problems
 
 
-_IMPL = {"imagenet": _check_imagenet, "voc": _check_voc, "ade20k": _check_ade20k}
 CHECKS: dict[str, Callable[..., list[str]]] = {"imagenet": check_imagenet, "voc": check_voc, "ade20k": check_ade20k}
 
 
@@ -311,35 +423,65 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _progress_bar(kind: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """A tqdm bar on a terminal (tqdm stays silent when stderr is not one, so logs stay clean)."""
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: the process pool forks, and a fork copies no other thread safely
+    bar = tqdm(desc=f"check_data {kind}", unit=" images", disable=None, mininterval=0.5, dynamic_ncols=True)
+
+    def update(n: int) -> None:
+        if n < 0:
+            bar.total = -n
+            bar.refresh()
+        else:
+            bar.update(n - bar.n)
+
+    return update, bar.close
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="check_data", description="Validate an ImageFolder, VOCdevkit or ADEChallengeData2016 tree.")
-    parser.add_argument("kind", choices=list(CHECKS), help="dataset format")
+    parser = _Parser(prog="check_data", description="Validate an ImageFolder, VOCdevkit or ADEChallengeData2016 tree: "
+                     "structure, annotations and image headers; --full also decodes every image.")
+    parser.add_argument("kind", choices=list(KINDS), help="dataset format")
     parser.add_argument("root", help="imagenet: folder with train/ and val/; voc: VOCdevkit; "
                                      "ade20k: ADEChallengeData2016")
-    parser.add_argument("--quick", action="store_true",
-                        help="read image headers only: faster, but misses truncated images and mask values")
+    parser.add_argument("--full", action="store_true",
+                        help="decode every image too: finds truncated files and ADE20K mask values (slow: all cores)")
+    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old name of the default
+    parser.add_argument("--jobs", type=int, default=0, metavar="N",
+                        help="workers (processes with --full, threads otherwise); default 0: all cores")
     parser.add_argument("--max-lines", type=int, default=200, help="problem lines to print (0: all; default 200)")
     args = parser.parse_args(argv)
+    if args.full and args.quick:
+        parser.error("--full and --quick exclude each other")
+    if args.jobs < 0:
+        parser.error(f"--jobs must be 0 (all cores) or more, got {args.jobs}")
+    jobs = args.jobs or os.cpu_count() or 1
 
-    progress = None
-    if sys.stderr.isatty():  # a live count on a terminal; logs stay clean
-        def progress(n: int) -> None:
-            if n % 1000 == 0:
-                print(f"\rcheck_data {args.kind}: {n} files checked", end="", file=sys.stderr, flush=True)
+    from datakit import check_cache
 
-    rep = _run(args.kind, args.root, args.quick, progress)
-    if progress is not None and rep.files >= 1000:
-        print(file=sys.stderr)
+    t0 = time.perf_counter()
+    progress, close = _progress_bar(args.kind)
+    try:
+        manifest = check_cache.Manifest.of(args.root)  # before the check: a file changed during it is seen next time
+        rep = check(args.kind, args.root, full=args.full, jobs=jobs, progress=progress)
+    finally:
+        close()
     shown = rep.problems if args.max_lines <= 0 else rep.problems[:args.max_lines]
     for line in shown:
         print(line)
     if len(shown) < len(rep.problems):
         print(f"... {len(rep.problems) - len(shown)} more problems not shown (--max-lines 0 prints all)")
+    depth = "decoded" if args.full else "structure and headers; --full decodes every image"
     if rep.problems:
         n = len(rep.problems)
         print(f"check_data {args.kind}: {n} problem{'s' if n != 1 else ''} in {rep.files} files ({args.root})")
         return 1
-    print(f"check_data {args.kind}: ok, {rep.files} files checked ({args.root})")
+    # Remember the pass, so that a stage started on this unchanged tree skips its own check.
+    check_cache.record(args.kind, args.root, manifest, rep, time.perf_counter() - t0)
+    print(f"check_data {args.kind}: ok, {rep.files} files checked ({depth}) in {time.perf_counter() - t0:.1f} s "
+          f"({args.root})")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # import the toolkit's packages from the checkout, installed or not
     sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_check_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Remembered data-check passes go to a per-session folder, not the user's ~/.cache (subprocesses inherit it)."""
+    os.environ["DATA_CHECK_CACHE"] = str(tmp_path_factory.mktemp("data_checks"))
 
 
 @pytest.fixture(scope="session")

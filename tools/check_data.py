@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Validate a dataset tree: python tools/check_data.py {imagenet,voc,ade20k} ROOT [--quick]."""
+"""Validate a dataset tree: python tools/check_data.py {imagenet,voc,ade20k} ROOT [--full] [--jobs N]."""
 
 import sys
 from pathlib import Path

@@ -252,8 +252,8 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(stage: Stage, args: argparse.Namespace) -> int:
-    from datakit.check import CHECKS
     from transfer import compat
+    from transfer.data_gate import check_data_once
 
     compat.apply()
     from mmengine.config import Config
@@ -268,13 +268,6 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
         print(f"{work_dir / 'summary.json'} exists: this run is complete (delete it to evaluate again)")
         return 0
     main_process = int(os.environ.get("RANK", "0")) == 0
-    # Every rank checks (cheap next to training), so under torchrun all stop here with the same one line.
-    problems = CHECKS[stage.check_data](args.data_root)
-    if problems:
-        if main_process:
-            print("\n".join(problems), file=sys.stderr)
-        raise StageError(f"{args.data_root}: {len(problems)} problems in the {stage.check_data} data (above); "
-                         f"fix them (tools/check_data.py {stage.check_data} {args.data_root})")
 
     meta, export_ckpt = None, None
     if args.export != "none":
@@ -285,6 +278,15 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     problem = synthetic_problem(args.data_root, args.allow_synthetic or cfg.get("allow_synthetic", False))
     if problem:
         raise StageError(problem)
+    # Rank 0 checks structure and headers, skipped for a tree unchanged since it passed; the other ranks wait for
+    # its answer, so all stop here with the same one line (transfer/data_gate.py: why, and how they wait).
+    problems = check_data_once(stage.check_data, args.data_root, launcher=args.launcher,
+                               dist_cfg=cfg.get("env_cfg", {}).get("dist_cfg", {}))
+    if problems:
+        if main_process:
+            print("\n".join(problems), file=sys.stderr)
+        raise StageError(f"{args.data_root}: {len(problems)} problems in the {stage.check_data} data (above); "
+                         f"fix them (tools/check_data.py {stage.check_data} {args.data_root} --full)")
     decided = configure(cfg, stage, args, meta, export_ckpt)
     refuse_another_split(work_dir / "config.py", cfg)
     work_dir.mkdir(parents=True, exist_ok=True)
