@@ -17,6 +17,7 @@ import torch
 import torchvision
 import yaml
 from safetensors.torch import load_file, save_file
+from test_export import randomize_  # one BN randomiser for both files (pytest puts tests/ on sys.path)
 from torch import nn
 
 from classification.export import BACKBONE_PTH, ExportError, file_sha256, load_export, timm_to_mm_key
@@ -38,20 +39,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Random BN affine parameters and statistics, so that a wrong or missing buffer changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.2 + 0.4 * torch.rand(n, generator=g))
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
