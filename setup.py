@@ -11,7 +11,7 @@ setup(
     description="Bag of Tricks (He et al., CVPR 2019) classification and downstream transfer toolkit",
     python_requires=">=3.10",
     packages=find_packages(
-        include=["classification*", "detection*", "segmentation*", "transfer*", "study*", "datakit*"]
+        include=["classification*", "lifecycle*", "detection*", "segmentation*", "transfer*", "study*", "datakit*"]
     ),
     install_requires=[
         "torch",
@@ -24,6 +24,9 @@ setup(
         "tensorboard",
         "matplotlib",
         "tqdm",
+        "submitit",
+        "simplejpeg",
+        "scipy",
     ],
     extras_require={
         # mmcv must already be installed (tools/setup_env.sh builds it); listed so pip checks the version.

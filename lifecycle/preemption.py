@@ -1,0 +1,20 @@
+"""The preemption contract shared by the four stages and the study.
+
+SIGTERM, SIGUSR1 (Slurm's warning before preemption) and SIGINT (Ctrl-C) make a stage save a resumable checkpoint
+within one step and exit with EXIT_INTERRUPTED; rerunning the same command continues from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+# sysexits' EX_TEMPFAIL ("try again later"): a resumable checkpoint was saved, rerun the same command. Distinct from
+# 0 (done, or stopped at max_steps as asked), 1 (an error a rerun will not fix) and 128+N (killed by signal N).
+EXIT_INTERRUPTED = 75
+
+# torchrun forwards only the signals named here to its workers (default SIGTERM,SIGINT,SIGHUP,SIGQUIT); without
+# SIGUSR1 a Slurm warning kills the launcher and orphans the workers. Launchers export this before torchrun starts.
+TORCHRUN_SIGNALS_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
