@@ -1,21 +1,40 @@
 """The classification config: one typed place for every default, recipes are YAML deltas.
 
 The defaults are the paper's §2 baseline (He et al. 2019): every trick off. A recipe file holds only the keys
-that differ; ``--set key=value`` overrides on the command line. Unknown keys and wrong types are errors.
+that differ; ``--set key=value`` overrides on the command line. Unknown keys, wrong types and values out of range
+are errors at load time, each one line naming the key, the value and the allowed range.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lifecycle.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; YAML 1.2 and every user read it as a float, so do we."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -168,7 +187,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            out[key.strip()] = _yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: not a YAML value ({str(e).splitlines()[0]}); quote it or fix "
+                              f"the syntax") from e
     return out
 
 
@@ -177,7 +200,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = Path(path)
         try:
-            delta = yaml.safe_load(path.read_text()) or {}
+            delta = _yaml(path.read_text()) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror}); check the path") from e
         except yaml.YAMLError as e:
@@ -192,21 +215,43 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def validate(cfg: Config) -> None:
+    """Ranges, checked when a config is loaded: a bad value stops here, naming the key, not epochs later."""
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(f"config: {msg}")
 
-    need(cfg.epochs > 0 and cfg.global_batch > 0 and cfg.device_batch > 0,
-         "epochs, global_batch and device_batch must be positive")
+    for key, typ in _TYPES.items():  # nan/inf anywhere is a typo, never a setting (YAML reads .nan and .inf)
+        values = getattr(cfg, key) if get_origin(typ) is list else [getattr(cfg, key)]
+        need(all(math.isfinite(v) for v in values if isinstance(v, float)),
+             f"'{key}' must be finite, got {getattr(cfg, key)!r}")
+
+    def at_least(key: str, low: float, strict: bool = False) -> None:
+        value = getattr(cfg, key)
+        need(value > low if strict else value >= low, f"'{key}' must be {'>' if strict else '>='} {low:g}, "
+                                                       f"got {value!r}")
+
+    for key in ("epochs", "global_batch", "device_batch", "image_size", "log_interval", "max_nonfinite_steps"):
+        at_least(key, 0, strict=True)
+    for key in ("base_lr", "step_gamma", "distill_temperature"):
+        at_least(key, 0, strict=True)
+    for key in ("workers", "weight_decay", "momentum", "color_jitter", "pca_lighting", "mixup_alpha", "seed",
+                "checkpoint_interval", "max_steps", "distill_weight", "task_weight", "warmup_epochs"):
+        at_least(key, 0)
+    need(cfg.momentum < 1, f"'momentum' must be < 1, got {cfg.momentum!r}")
+    need(0 < cfg.crop_min_area <= 1, f"'crop_min_area' must be in (0, 1], got {cfg.crop_min_area!r}")
+    need(cfg.eval_resize >= 1, f"'eval_resize' must be >= 1 (resize, then crop image_size), got {cfg.eval_resize!r}")
     need(cfg.global_batch % cfg.device_batch == 0,
          f"global_batch {cfg.global_batch} must be a multiple of device_batch {cfg.device_batch}")
-    need(0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)")
-    need(cfg.mixup_alpha >= 0, "mixup_alpha must be >= 0")
+    need(0 <= cfg.label_smoothing < 1, f"'label_smoothing' must be in [0, 1), got {cfg.label_smoothing!r}")
     need(cfg.mixup_alpha == 0 or cfg.device_batch % 2 == 0, "mixup needs an even device_batch")
-    need(0 <= cfg.warmup_epochs < cfg.epochs, "warmup_epochs must be in [0, epochs)")
-    need(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)")
+    need(cfg.warmup_epochs < cfg.epochs, f"'warmup_epochs' must be in [0, epochs={cfg.epochs}), "
+                                         f"got {cfg.warmup_epochs!r}")
+    need(0 <= cfg.ema_decay < 1, f"'ema_decay' must be in [0, 1), got {cfg.ema_decay!r}")
     need(len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values (RGB, 0-255)")
-    need(cfg.distill_temperature > 0, "distill_temperature must be > 0")
+    need(all(s > 0 for s in cfg.std), f"'std' values must be > 0, got {cfg.std!r}")
+    need(all(e > 0 for e in cfg.step_epochs) and cfg.step_epochs == sorted(cfg.step_epochs),
+         f"'step_epochs' must be positive and increasing, got {cfg.step_epochs!r}")
 
 
 def config_from_dict(values: dict[str, Any], source: str) -> Config:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
+from datakit.files import DECODE_ERRORS, ImageModeError, class_folders, class_mismatch, image_files, load_rgb
 from datakit.synthetic import synthetic_problem
+from lifecycle.errors import UserError
 
 from .config import Config
 
@@ -25,7 +26,7 @@ PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset problem the user must fix; the message names the file."""
 
 
@@ -72,11 +73,30 @@ def eval_transform(cfg: Config) -> transforms.Compose:
     ])
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()  # decode now: a truncated file raises here, with its name, not later in a transform
-        return img.convert("RGB")
+def _load_rgb(path: str):
+    return load_rgb(path)  # datakit/files.py: decodes now, 16-bit grayscale scaled, unusual modes refused
+
+
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with the file rules of datakit/files.py (hidden files and folders are not data, a
+    symlink loop is an error), the rules tools/check_data.py applies: the checker and the loader see one tree."""
+
+    def find_classes(self, directory):
+        classes = class_folders(Path(directory))
+        if not classes:
+            raise DataError(f"{directory}: no class folders; put the images of each class in {directory}/<class>/")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = []
+        for name, index in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
+            files = image_files(Path(directory) / name)
+            if not files and not allow_empty:
+                raise DataError(f"{Path(directory) / name}: class folder has no images; add .jpg/.png images or "
+                                f"remove the folder from both train/ and val/")
+            samples += [(str(f), index) for f in files]
+        return samples
 
 
 class ImageFolderData(Dataset):
@@ -91,7 +111,7 @@ class ImageFolderData(Dataset):
         if not root.is_dir():
             raise DataError(f"{root}: no such folder; point --data-root at the ImageFolder holding train/ and val/")
         try:
-            self.folder = datasets.ImageFolder(str(root), loader=_load_rgb, allow_empty=False)
+            self.folder = _ImageFolder(str(root), loader=_load_rgb, allow_empty=False)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"{root}: {e}; see tools/check_data.py imagenet") from e
         self.transform = transform
@@ -110,10 +130,13 @@ class ImageFolderData(Dataset):
         path, label = self.folder.samples[index]
         try:
             img = _load_rgb(path)
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        except (*DECODE_ERRORS, ImageModeError) as e:
             if self.skip_bad:
                 return None, -1
-            raise DataError(f"{path}: unreadable image ({e}); replace or delete it, or set bad_images=skip") from e
+            if isinstance(e, ImageModeError):  # already names the file and the fix
+                raise DataError(f"{e}; or set bad_images=skip") from e
+            raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e}); replace or delete it, or set "
+                            f"bad_images=skip") from e
         # Seed the augmentation from (seed, epoch, index) only: see the module docstring.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
@@ -178,8 +201,9 @@ def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool):
     skip = cfg.bad_images == "skip"
     train_set = ImageFolderData(root / "train", train_transform(cfg), seed=cfg.seed, skip_bad=skip)
     val_set = ImageFolderData(root / "val", eval_transform(cfg), seed=cfg.seed, skip_bad=skip)
-    if val_set.classes != train_set.classes:
-        raise DataError(f"{root}: train/ and val/ have different class folders; see tools/check_data.py imagenet")
+    mismatch = class_mismatch(root, train_set.classes, val_set.classes)
+    if mismatch:
+        raise DataError(mismatch)
     if len(train_set) < cfg.global_batch:
         raise DataError(f"{root / 'train'}: {len(train_set)} images is fewer than one global batch "
                         f"({cfg.global_batch}); lower global_batch")

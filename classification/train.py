@@ -25,6 +25,8 @@ import torch.distributed as dist
 import yaml
 from timm.utils import ModelEmaV3
 
+from lifecycle.errors import UserError, cli, writing
+
 from .artifacts import atomic_write_bytes, write_summary
 from .checkpoint import (
     BEST,
@@ -48,8 +50,33 @@ RUNTIME_KEYS = {"name", "data_root", "workers", "pin_memory", "persistent_worker
                 "checkpoint_interval", "compile", "max_steps", "allow_synthetic"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
+
+
+NONFINITE_FIX = "lower base_lr, add warmup_epochs or use amp=bf16"
+
+
+class NonFiniteGuard:
+    """Counts consecutive updates skipped for non-finite loss or gradients, on the device (no host sync per step),
+    across epochs (an epoch shorter than the limit would otherwise restart the count), and keeps the worst streak,
+    read at logging steps: a streak that reaches the limit and ends between two log lines still stops the run."""
+
+    def __init__(self, limit: int, device: torch.device):
+        self.limit = limit
+        self.streak = torch.zeros((), device=device)
+        self.worst = torch.zeros((), device=device)
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        self.streak = (self.streak + found_inf) * (found_inf > 0)
+        self.worst = torch.maximum(self.worst, self.streak)
+
+    def check(self, epoch: int, step: int) -> None:
+        """Call at a logging step (it synchronises with the device)."""
+        worst = int(self.worst.item())
+        if worst >= self.limit:
+            raise TrainingError(f"loss or gradients non-finite for {worst} consecutive steps (by epoch {epoch}, step "
+                                f"{step}): {NONFINITE_FIX}; {LAST} holds the last good epoch")
 
 
 @dataclass
@@ -118,17 +145,18 @@ def first_pass_statistics(bns: list[torch.nn.Module], momenta: list, first: bool
 
 def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, ema, cfg: Config, epoch: int,
                     first_step: int, iters_per_epoch: int, d: Dist, device: torch.device, stop: StopFlag,
-                    save_every=None) -> dict:
+                    save_every=None, guard: NonFiniteGuard | None = None) -> dict:
     """One epoch of updates from ``first_step``; returns its statistics, or ``stopped_at`` (and why) on preemption
     or at ``max_steps``. Each update takes ``accumulation`` passes of ``device_batch`` images per process (the
     global batch); runs stop and resume at update boundaries only.
-    ``save_every(epoch, steps_done)`` is called every ``checkpoint_interval`` updates (on every rank)."""
+    ``save_every(epoch, steps_done)`` is called every ``checkpoint_interval`` updates (on every rank). ``guard``
+    carries the non-finite streak from epoch to epoch (a fresh one when None)."""
     task.train()
     autocast = autocast_kwargs(cfg, device)
     accumulation = cfg.accumulation(d.world_size)
     loss_sum = torch.zeros((), device=device)
     skipped = torch.zeros((), device=device)  # updates the loss scaler skipped (non-finite gradients)
-    streak = torch.zeros((), device=device)  # consecutive skipped updates
+    guard = guard or NonFiniteGuard(cfg.max_nonfinite_steps, device)
     images, bad, data_wait = 0, 0, 0.0
     batches = iter(loader)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -176,7 +204,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
 
         loss_sum += torch.where(found_inf > 0, 0.0, loss_update)
         skipped += found_inf
-        streak = (streak + found_inf) * (found_inf > 0)
+        guard.update(found_inf)
         logging_step = (step + 1) % cfg.log_interval == 0 or step + 1 == iters_per_epoch
         if logging_step:  # the only host synchronisation of the step
             n_ok = step + 1 - first_step - skipped.item()
@@ -184,10 +212,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
             log.info("epoch %d [%d/%d] loss %.4f lr %.5f | %.1f img/s, data wait %.0f%% | skipped %d, bad images %d",
                      epoch, step + 1, iters_per_epoch, loss_sum.item() / max(n_ok, 1), optimizer.param_groups[0]["lr"],
                      images / elapsed, 100 * data_wait / elapsed, skipped.item(), bad)
-            if streak.item() >= cfg.max_nonfinite_steps:
-                raise TrainingError(
-                    f"loss or gradients non-finite for {int(streak.item())} consecutive steps (epoch {epoch}, step "
-                    f"{step + 1}): lower base_lr, add warmup_epochs or use amp=bf16; {LAST} holds the last good epoch")
+            guard.check(epoch, step + 1)
         if (logging_step or not dist.is_initialized()) and stop.agreed(device):
             return dict(stopped_at=step + 1, reason="signal")
         if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
@@ -200,24 +225,33 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, cfg: Config) -> tuple[float, float]:
-    """Top-1 / top-5 (%) over the whole validation set, reduced over ranks."""
+def evaluate(model, loader, device: torch.device, cfg: Config) -> tuple[float, float, int, int]:
+    """(top-1 %, top-5 %, images scored, unreadable images skipped) over the whole validation set, reduced over
+    ranks. Stops the run when the model's outputs are not finite (diverged weights or BatchNorm statistics: the
+    top-1 of such a model means nothing)."""
     model.eval()
     if dist.is_initialized():  # every rank evaluates with rank 0's BatchNorm statistics (the ones saved)
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
-    counts = torch.zeros(3, device=device)  # correct@1, correct@5, seen
+    counts = torch.zeros(5, device=device)  # correct@1, correct@5, seen, skipped (bad_images=skip), non-finite
     autocast = autocast_kwargs(cfg, device)
-    for x, y, _ in loader:
+    for x, y, n_bad in loader:
+        counts[3] += n_bad
+        if not len(x):
+            continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(**autocast):
             logits = model(x)
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
-    c1, c5, n = all_reduce(counts).tolist()
-    return 100 * c1 / max(n, 1), 100 * c5 / max(n, 1)
+        counts[:3] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
+        counts[4] += (~logits.isfinite().all(1)).sum()
+    c1, c5, n, bad, nonfinite = all_reduce(counts).tolist()
+    if nonfinite:
+        raise TrainingError(f"model outputs non-finite on {int(nonfinite)} of {int(n)} validation images (the weights "
+                            f"or BatchNorm statistics diverged): {NONFINITE_FIX}")
+    return 100 * c1 / max(n, 1), 100 * c5 / max(n, 1), int(n), int(bad)
 
 
 def rank0_first(fn):
@@ -352,11 +386,13 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
             rngs = [None] * d.world_size
             dist.all_gather_object(rngs, rng_state())
         if d.main:
-            save_checkpoint(path, model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
-                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                            scheduler=scheduler.state_dict(), epoch=epoch, step=step, history=history,
-                            best_top1=best_top1, config=cfg.to_dict(), num_classes=len(classes), classes=classes,
-                            world_size=d.world_size, rng=rngs, wall_time_s=wall_before + time.perf_counter() - t0)
+            with writing(path):  # a full disk names this path (errors.writing)
+                save_checkpoint(path, model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
+                                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                scheduler=scheduler.state_dict(), epoch=epoch, step=step, history=history,
+                                best_top1=best_top1, config=cfg.to_dict(), num_classes=len(classes), classes=classes,
+                                world_size=d.world_size, rng=rngs,
+                                wall_time_s=wall_before + time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     if d.main:
@@ -369,22 +405,27 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
 
         tb = SummaryWriter(str(run_dir / "tb"))
     stop = StopFlag()
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, device)  # one streak for the whole run, not one per epoch
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch, skip_updates=first_step)
         stats = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, mixup, ema, cfg, epoch,
-                                first_step, ipe, d, device, stop, save_every=lambda e, s: save(last, e, s))
+                                first_step, ipe, d, device, stop, save_every=lambda e, s: save(last, e, s),
+                                guard=guard)
         if "stopped_at" in stats:
             save(last, epoch, stats["stopped_at"])
             log.info("stopped by %s at epoch %d step %d; %s saved, rerun the command to resume",
                      stats["reason"], epoch, stats["stopped_at"], last)
             return 0
-        top1, top5 = evaluate(model, val_loader, device, cfg)
-        ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, cfg) if ema else (None, None)
+        top1, top5, val_images, val_bad = evaluate(model, val_loader, device, cfg)
+        ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, cfg)[:2] if ema else (None, None)
+        if val_bad:  # bad_images=skip: say so, and record it beside the top-1 it changes
+            log.warning("epoch %d: %d unreadable validation images skipped (bad_images=skip); top-1 is over the %d "
+                        "readable ones", epoch + 1, val_bad, val_images)
         epoch, first_step = epoch + 1, 0
         row = dict(epoch=epoch, lr=optimizer.param_groups[0]["lr"], train_loss=stats["train_loss"], top1=top1,
                    top5=top5, ema_top1=ema_top1, ema_top5=ema_top5, images_per_s=stats["images_per_s"],
                    data_wait_share=stats["data_wait_share"], skipped_steps=stats["skipped_steps"],
-                   bad_images=stats["bad_images"])
+                   bad_images=stats["bad_images"], val_images=val_images, val_bad_images=val_bad)
         history.append(row)
         log.info("epoch %d: top-1 %.2f top-5 %.2f%s, train loss %.4f, %.1f img/s", epoch, top1, top5,
                  f" (EMA top-1 {ema_top1:.2f})" if ema else "", stats["train_loss"], stats["images_per_s"])
@@ -393,7 +434,8 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
             save(run_dir / BEST, epoch, 0)
         save(last, epoch, 0)
         if d.main:
-            write_epoch_metrics(run_dir, history, tb)
+            with writing(run_dir / "metrics.jsonl"):
+                write_epoch_metrics(run_dir, history, tb)
     if d.main:
         write_run_summary(cfg, run_dir, history, len(classes), d.world_size, ipe,
                           wall_before + time.perf_counter() - t0)
@@ -409,6 +451,8 @@ def write_run_summary(cfg: Config, run_dir: Path, history: list[dict], num_class
         run_dir / "summary.json", stage="classification", arm=cfg.name, seed=cfg.seed,
         metrics=dict(top1=final["top1"], top5=final["top5"], ema_top1=final["ema_top1"], ema_top5=final["ema_top5"],
                      best_top1=max(r["top1"] for r in history),
+                     # top-1 is over val_images; val_bad_images were unreadable and skipped (bad_images=skip)
+                     val_images=final.get("val_images"), val_bad_images=final.get("val_bad_images", 0),
                      images_per_s=sum(r["images_per_s"] for r in history) / len(history)),
         protocol=dict(dataset=str(Path(cfg.data_root).resolve().name), num_classes=num_classes,
                       image_size=cfg.image_size, epochs=cfg.epochs, global_batch=cfg.global_batch,
@@ -435,6 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli  # every failure is one line (lifecycle/errors.py); --debug or BOT_DEBUG=1 shows the traceback
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = (list(args.set) + ([f"data_root={args.data_root}"] if args.data_root else [])
@@ -446,9 +491,6 @@ def main(argv: list[str] | None = None) -> int:
         d = setup_distributed()
         setup_logging(run_dir, d.main)
         return run(cfg, run_dir, d)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

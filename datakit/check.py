@@ -9,6 +9,8 @@ Every problem is one line ``path: what is wrong (how to fix)``. The checks follo
 torchvision/timm ImageFolder (recursive, by extension), MMDetection's VOC XMLDataset (lists in ImageSets/Main,
 objects whose class is not among the 20 are *silently dropped* there, so they are errors here), and
 MMSegmentation's ADE20KDataset (``.jpg`` images, same-stem ``.png`` masks, reduce_zero_label).
+What counts as a dataset file (hidden files and folders, symbolic links, pixel formats) is defined once, in
+``datakit/files.py``, which the classification loader uses too; what the loaders would read wrongly is a problem here.
 
 Two depths. *Headers* (the default, and what a detection or segmentation stage runs at its start): the tree's
 structure, every annotation, and every image's header (format, size, mode), without decoding pixels: seconds
@@ -39,17 +41,27 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from datakit.files import (
+    DECODE_ERRORS,
+    IMG_EXTENSIONS,
+    MODE_FIX,
+    TreeError,
+    ade_images,
+    class_folders,
+    image_files,
+    is_hidden,
+    mode_problem,
+)
 from datakit.render import ADE20K_NUM_CLASSES, VOC_CLASSES
+from lifecycle.errors import cli
 
-# torchvision.datasets.folder.IMG_EXTENSIONS (what ImageFolder and timm's folder reader accept).
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # VOC07+12 as MMDetection's voc0712 config reads it: year -> list files under ImageSets/Main.
 VOC_LISTS: dict[str, tuple[str, ...]] = {"VOC2007": ("trainval", "test"), "VOC2012": ("trainval",)}
 ADE_SPLITS = ("training", "validation")
 MASK_MODES = ("L", "P", "I", "I;16")  # single-channel modes whose values are class ids as stored
 KINDS = ("imagenet", "voc", "ade20k")
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_DECODE_ERRORS = DECODE_ERRORS
 _REPLACE = "re-download or regenerate it, or remove it from the dataset"
 _MASK_FIX = "masks are single-channel 8-bit PNGs, mode L, of ADE20K ids 0..150, the size of their image"
 _CHUNK = 64  # tasks per pool round trip: large enough to amortise it, small enough for a live progress bar
@@ -112,14 +124,10 @@ def _files_in(folder: Path) -> set[str]:
     return {e.name for e in os.scandir(folder) if e.is_file()}
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files below ``folder``, recursively like torchvision's ImageFolder, hidden entries skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
-    return found
+def _tree_problem(plan: Plan, e: TreeError) -> None:
+    path, _, rest = str(e).partition(": ")
+    what, _, fix = rest.rpartition("; ")
+    plan.add(path, what or rest, fix or "fix the tree")
 
 
 def _plan_imagenet(root: Path, plan: Plan) -> None:
@@ -130,7 +138,7 @@ def _plan_imagenet(root: Path, plan: Plan) -> None:
         folder = root / split
         if not plan.need_dir(folder, f"create {split}/ with one sub-folder of images per class"):
             continue
-        names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = class_folders(folder)
         loose = [p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS)]
         if not names:
             if loose:
@@ -141,7 +149,11 @@ def _plan_imagenet(root: Path, plan: Plan) -> None:
             continue
         classes[split] = names
         for name in names:
-            files = _image_files(folder / name)
+            try:
+                files = image_files(folder / name)
+            except TreeError as e:
+                _tree_problem(plan, e)
+                continue
             if not files:
                 plan.add(folder / name, "class folder has no images",
                          "add .jpg/.png images or remove the folder from both train/ and val/")
@@ -194,6 +206,15 @@ def _plan_voc(root: Path, plan: Plan) -> None:
                              "restore the annotation or remove the id from the list")
 
 
+def _first_hidden(relative: str) -> str | None:
+    """The first hidden folder on a relative path ('a/.x/b/c.jpg' -> 'a/.x'), or None."""
+    parts = Path(relative).parts[:-1]
+    for i, part in enumerate(parts):
+        if is_hidden(part):
+            return str(Path(*parts[: i + 1]))
+    return None
+
+
 def _plan_ade20k(root: Path, plan: Plan) -> None:
     if not plan.need_dir(root, "pass the ADEChallengeData2016 folder that holds images/ and annotations/"):
         return
@@ -203,15 +224,28 @@ def _plan_ade20k(root: Path, plan: Plan) -> None:
         ok = plan.need_dir(ann_dir, "re-extract ADEChallengeData2016.zip") and ok
         if not ok:
             continue
-        images = sorted(n for n in _files_in(img_dir) if n.endswith(".jpg") and not n.startswith("."))
-        masks = _files_in(ann_dir)
+        try:  # what MMSegmentation will read: recursive, hidden files skipped but hidden folders read
+            images, masks = ade_images(img_dir), set(ade_images(ann_dir, suffix=".png"))
+        except TreeError as e:
+            _tree_problem(plan, e)
+            continue
         if not images:
             plan.add(img_dir, "no .jpg images", "MMSegmentation's ADE20K dataset reads images/<split>/*.jpg")
+        hidden = sorted({_first_hidden(n) for n in images} - {None})
+        for folder in hidden:  # e.g. .ipynb_checkpoints/ : MMSegmentation reads it, and a copy trains twice
+            plan.add(img_dir / folder, "hidden folder whose images MMSegmentation reads as training data",
+                     "delete it or move it out of the dataset")
         for name in images:
             mask = f"{name[:-4]}.png"
             plan.task("ade", str(img_dir / name), str(ann_dir / mask) if mask in masks else "")
             if mask not in masks:
                 plan.add(ann_dir / mask, f"mask not found for image {name}", "add the mask or remove the image")
+        have = {f"{n[:-4]}.png" for n in images}
+        # A mask without its image: the image was lost (MMSegmentation lists images, so it ignores the mask). With no
+        # images at all, the line above says it.
+        for mask in sorted(masks - have) if images else []:
+            plan.add(ann_dir / mask, f"mask without an image (no {img_dir / (mask[:-4] + '.jpg')})",
+                     "restore the image or remove the mask")
 
 
 _PLANS: dict[str, Callable[[Path, Plan], None]] = {"imagenet": _plan_imagenet, "voc": _plan_voc,
@@ -304,7 +338,9 @@ def _check_voc_xml(xml_path: str, image_size: tuple[int, int] | None, problems: 
 
 def _task_image(full: bool, path: str) -> tuple[list[str], int]:
     problems: list[str] = []
-    _open_image(path, full, problems)
+    opened = _open_image(path, full, problems)
+    if opened is not None and mode_problem(opened[1]):  # the classification loader refuses it (datakit/files.py)
+        problems.append(_line(path, mode_problem(opened[1]), MODE_FIX))
     return problems, 1
 
 
@@ -440,6 +476,7 @@ def _progress_bar(kind: str) -> tuple[Callable[[int], None], Callable[[], None]]
     return update, bar.close
 
 
+@cli  # one line per failure (lifecycle/errors.py); --debug shows the traceback
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="check_data", description="Validate an ImageFolder, VOCdevkit or ADEChallengeData2016 tree: "
                      "structure, annotations and image headers; --full also decodes every image.")

@@ -34,6 +34,7 @@ from datakit.render import (
     render_segmentation,
 )
 from datakit.synthetic import write_marker
+from lifecycle.errors import UserError, cli, writing
 
 FORMAT_VERSION = 2  # 2: near-upright objects, object-centric classification images, scene_classes
 JPEG_QUALITY = 90  # fixed, and Pillow writes no timestamps: same seed -> same bytes
@@ -78,7 +79,7 @@ _STREAM = {"imagenet": 1, "VOC2007": 2, "VOC2012": 3, "ade20k": 4}
 Log = Callable[[str], None]
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad request (arguments, existing output): reported as one line, exit code 1."""
 
 
@@ -320,6 +321,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="make_data", description="Generate small ImageFolder / VOC / ADE20K datasets from a seed.")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
@@ -329,15 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace sets that already exist under --out")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
-    try:
+    # Disk full, permissions: one line naming the folder (lifecycle/errors.py); earlier sets stay untouched (we
+    # write to .make_data.tmp first).
+    with writing(args.out):
         generate(args.out, args.seed, args.scale, args.sets, args.force, log=None if args.quiet else print)
-    except DataError as e:
-        print(f"make_data: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: one line, earlier sets untouched (we wrote to .make_data.tmp)
-        print(f"make_data: error: {e.filename or args.out}: {e.strerror or e} (check the output folder)",
-              file=sys.stderr)
-        return 1
     return 0
 
 

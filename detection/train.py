@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from lifecycle.errors import cli
 from transfer.runner import Stage, walk
 from transfer.runner import main as run_stage
 
@@ -32,6 +33,7 @@ STAGE = Stage(name="detection", library="mmdet", check_data="voc",
               metric_types={"VOCMetric": "VOCMetricPerClass"}, summarize=summarize)
 
 
+@cli  # one line per failure (lifecycle/errors.py); --debug or BOT_DEBUG=1 shows the traceback
 def main(argv: list[str] | None = None) -> int:
     return run_stage(STAGE, argv)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 
+from lifecycle.errors import cli
 from transfer.runner import Stage, walk
 from transfer.runner import main as run_stage
 
@@ -33,6 +34,7 @@ STAGE = Stage(name="segmentation", library="mmseg", check_data="ade20k",
               metric_types={"IoUMetric": "IoUMetricPerClass"}, summarize=summarize)
 
 
+@cli  # one line per failure (lifecycle/errors.py); --debug or BOT_DEBUG=1 shows the traceback
 def main(argv: list[str] | None = None) -> int:
     return run_stage(STAGE, argv)
 

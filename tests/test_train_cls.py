@@ -106,7 +106,8 @@ def test_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert str(bad) in err and "bad_images=skip" in err and "\n" not in err
 
-    assert run_train(broken, tmp_path / "r2", "epochs=1", "bad_images=skip") == 0
+    # a lower lr: a batch of 3 at lr 0.1 diverges, and a model with non-finite outputs is now refused
+    assert run_train(broken, tmp_path / "r2", "epochs=1", "bad_images=skip", "base_lr=0.01") == 0
     summary = read_summary(tmp_path / "r2" / "summary.json")
     assert summary["history"][0]["bad_images"] == 1
 

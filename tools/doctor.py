@@ -13,6 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lifecycle.errors import cli  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 FIX_INSTALL = "run tools/setup_env.sh (or make setup)"
 
@@ -26,7 +28,8 @@ def pinned() -> dict[str, str]:
     return out
 
 
-def main() -> int:
+@cli  # a crash of the doctor itself is one line too; --debug shows the traceback
+def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     ok: list[str] = []
     pins = pinned()

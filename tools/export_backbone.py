@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from lifecycle.errors import UserError, cli, writing  # noqa: E402
+
 
 def mm_check(out: Path) -> list[str]:
     """Load the written backbone.pth the way the stages do, in both libraries; compare every tensor, then the four
@@ -60,6 +62,7 @@ def describe(meta: dict, args: argparse.Namespace) -> str:
             f"top-1 {top1}; mean {meta['mean']} std {meta['std']} ({meta['mean_std_from']})")
 
 
+@cli  # one line per failure (lifecycle/errors.py); --debug or BOT_DEBUG=1 shows the traceback
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="classification run dir or checkpoint, timm:NAME, torchvision:WEIGHTS, or weights file")
@@ -72,25 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if ":" not in args.src and not Path(args.src).exists():  # before importing torch: a typo fails at once
-        print(f"error: {args.src}: no such run dir or weights file; give a classification run dir (holding last.pth), "
-              f"a checkpoint, timm:NAME, torchvision:WEIGHTS or a weights file", file=sys.stderr)
-        return 1
-    from classification.export import ExportError
+        raise UserError(f"{args.src}: no such run dir or weights file; give a classification run dir (holding "
+                        f"last.pth), a checkpoint, timm:NAME, torchvision:WEIGHTS or a weights file")
     from classification.published import export_source
 
-    try:
+    with writing(out):
         meta = export_source(args.src, out, checkpoint=args.checkpoint, weights=args.weights, variant=args.variant)
-        print(describe(meta, args))
-        for name in ("backbone.pth", "backbone.safetensors", "head.safetensors", "meta.json"):
-            print(f"  wrote {out / name}")
-        if all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine")):
-            for line in mm_check(out):
-                print(f"  strict check passed: {line}")
-        else:
-            print("  strict check skipped: mmdet/mmseg not installed (tools/setup_env.sh installs them)")
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    print(describe(meta, args))
+    for name in ("backbone.pth", "backbone.safetensors", "head.safetensors", "meta.json"):
+        print(f"  wrote {out / name}")
+    if all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine")):
+        for line in mm_check(out):
+            print(f"  strict check passed: {line}")
+    else:
+        print("  strict check skipped: mmdet/mmseg not installed (tools/setup_env.sh installs them)")
     return 0
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from lifecycle.errors import cli  # noqa: E402
 from study.report import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main)())  # one line per failure; --debug or BOT_DEBUG=1 shows the traceback

@@ -20,6 +20,7 @@ from typing import Any
 
 from classification.artifacts import write_summary
 from datakit.synthetic import synthetic_problem
+from lifecycle.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Stage:
     summarize: Callable[[dict[str, float], Any], tuple[dict, dict]]  # (mm metrics, cfg) -> (metrics, protocol)
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     pass
 
 
@@ -216,12 +217,54 @@ def refuse_another_split(previous: Path, cfg) -> None:
                          f"with, or use another --work-dir")
 
 
+_ABSENT = object()
+
+
+def _at(cfg, key: str) -> Any:
+    """The config's value at a dotted --cfg-options key ('a.b', 'a.0.b' for list items), or _ABSENT."""
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif hasattr(node, "keys") and part in node.keys():  # a dict, ConfigDict or the Config itself
+            node = node[part]
+        else:
+            return _ABSENT
+    return node
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, float):
+        return isinstance(new, (int, float))
+    for kind in (int, str, dict):
+        if isinstance(old, kind):
+            return isinstance(new, kind)
+    if isinstance(old, (list, tuple)):
+        return isinstance(new, (list, tuple))
+    return True
+
+
+def merge_cfg_options(cfg, options: dict[str, Any]) -> None:
+    """mmengine's DictAction reads each --cfg-options value as a Python literal, or else as a string; a value of
+    another type than the recipe's (``train_cfg.max_iters=1O0``) would fail deep inside the Runner with a
+    traceback. Refuse it here, naming the key; new keys and None on either side pass as mmengine allows."""
+    for key, new in options.items():
+        old = _at(cfg, key)
+        if old is _ABSENT or old is None or new is None or _same_kind(old, new):
+            continue
+        raise StageError(f"--cfg-options {key}={new!r}: the config holds {old!r} ({type(old).__name__}) there, not "
+                         f"a {type(new).__name__}; give a value of type {type(old).__name__}")
+    cfg.merge_from_dict(options)
+
+
 def describe_recipe(config: str | Path, cfg_options: dict | None, processes: int) -> str:
     """The batch line and schedule a stage would run with on ``processes`` (the study's dry run prints it)."""
     from mmengine.config import Config
 
     cfg = Config.fromfile(str(config))
-    cfg.merge_from_dict(cfg_options or {})
+    merge_cfg_options(cfg, cfg_options or {})
     decided = keep_recipe_batch(cfg, processes, str(config))
     loop = cfg.train_cfg
     length = (f"{loop.max_iters // decided['accumulation']} updates" if loop.get("type") == "IterBasedTrainLoop"
@@ -274,7 +317,7 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
         _, meta = load_export(args.export)  # refuses a damaged or inconsistent export, naming the keys
         export_ckpt = (Path(args.export) / "backbone.pth").resolve()
     cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(args.cfg_options)
+    merge_cfg_options(cfg, args.cfg_options)
     problem = synthetic_problem(args.data_root, args.allow_synthetic or cfg.get("allow_synthetic", False))
     if problem:
         raise StageError(problem)
@@ -311,11 +354,5 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
 
 
 def main(stage: Stage, argv: list[str] | None = None) -> int:
-    from classification.export import ExportError
-
-    args = parse_args(stage, argv)
-    try:
-        return run(stage, args)
-    except (StageError, ExportError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    """The stage's command; detection/train.py and segmentation/train.py wrap it in lifecycle.errors.cli."""
+    return run(stage, parse_args(stage, argv))

@@ -26,6 +26,7 @@ from typing import Any
 
 from classification.export import META, ExportError, file_sha256, run_checkpoint
 from classification.published import describe, export_source, is_published, source_kind
+from lifecycle.errors import cli
 
 DEFAULT_EXPORTS = Path("work_dirs/exports")
 
@@ -98,6 +99,7 @@ def resolve(src: str, variant: str | None = None, exports: str | Path = DEFAULT_
     return str(out)
 
 
+@cli  # one line per failure (lifecycle/errors.py); --debug or BOT_DEBUG=1 shows the traceback
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m transfer.source", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exports", default=str(DEFAULT_EXPORTS),
                    help=f"where published weights and weights files are exported (default {DEFAULT_EXPORTS})")
     args = p.parse_args(argv)
-    try:
-        print(resolve(args.src, args.variant, args.exports))
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    print(resolve(args.src, args.variant, args.exports))
     return 0
 
 

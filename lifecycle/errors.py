@@ -1,0 +1,261 @@
+"""One error path for every tool: a problem the user can fix is one line on stderr, exit status 1.
+
+Every entry point wraps its ``main(argv)`` once with :func:`cli`. The wrapper turns what it knows into the one line
+``error: <file, key or value>: <what is wrong>; <the fix>`` and shows Python's traceback only when asked: ``--debug``
+anywhere on the command line, or ``BOT_DEBUG=1`` in the environment (the flag sets the variable, so the processes a
+tool starts, e.g. torchrun's workers, inherit it).
+
+What it knows:
+
+- :class:`UserError` and its subclasses (``ConfigError``, ``DataError``, ...): the message is the whole report;
+- error classes of modules that keep another base class, registered by name (:func:`register`, or ``_REGISTERED``
+  below), so this module imports neither torch nor mm;
+- an exception re-raised by torch's DataLoader from a worker process: torch rebuilds it with the worker's whole
+  traceback as its message ("Caught DataError in DataLoader worker process 0 ..."); the line is the original's;
+- ``OSError``: a full disk or quota ("disk full: <path>"), permissions, a read-only or failing disk, a missing
+  file; :func:`writing` attaches the path a bare ``write()`` error lacks;
+- Pillow's DecompressionBombError and unreadable images, torch's damaged-checkpoint errors, out of memory.
+
+Anything else is a bug or a case nobody foresaw: one line naming the exception type, and how to get the traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "BOT_DEBUG"
+EXIT_ERROR = 1  # the same status as before this module: scripts and the study runner test for non-zero
+
+
+class UserError(Exception):
+    """A problem the user fixes. The message is the whole report: ``<file, key or value>: <what>; <fix>``.
+    A subclass (or a registered class) may set ``exit_status`` (default 1), e.g. 2 for a usage error."""
+
+    exit_status = 1
+
+
+# Error classes that keep another base class, by qualified name: their modules need not import this one, and this one
+# need not import them (torch, mm). A class of a module here may also subclass UserError or call register().
+_REGISTERED: set[str] = {
+    "classification.checkpoint.CheckpointError",
+    "classification.export.ExportError",
+    "classification.artifacts.SummaryError",
+    "study.runner.StudyError",
+    "study.report.ReportError",
+}
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register(cls: type) -> type:
+    """Treat ``cls`` (and its subclasses) as a user-facing error; usable as a class decorator."""
+    _REGISTERED.add(_qualified(cls))
+    return cls
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, UserError) or any(_qualified(c) in _REGISTERED for c in type(exc).__mro__)
+
+
+def debug_requested() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+# --------------------------------------------------------------------------------------------- one line per exception
+
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.", re.M)
+_ERRNO = re.compile(r"\[Errno (\d+)\] ([^:]+)(?:: '(.*)')?")
+_MIB = 2**20
+# What torch.save raises when its zip writer cannot write (no errno, no path): a full disk, most often.
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "inline_container", "basic_ios::clear")
+
+
+def _worker_original(exc: BaseException) -> str | None:
+    """The ``message`` of the original exception in a DataLoader worker, from the traceback torch put in ``exc``:
+    after the frames (indented lines), the lines ``module.Type: message``."""
+    text = str(exc.args[0]) if exc.args else ""
+    if not _WORKER.search(text) or "Original Traceback" not in text:
+        return None
+    lines = text.rstrip().splitlines()
+    tail = len(lines)
+    while tail > 0 and not lines[tail - 1].startswith(" "):
+        tail -= 1
+    original = " ".join(line.strip() for line in lines[tail:]) or lines[-1].strip()
+    head, sep, message = original.partition(": ")
+    return message if sep and re.fullmatch(r"[\w.]+", head) else original
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _free_space(path: str | None) -> str:
+    """' (N MiB free on its disk)' for the nearest existing folder of ``path``, or '' when unknown."""
+    if not path:
+        return ""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f" ({shutil.disk_usage(p).free // _MIB} MiB free on its disk)"
+    except OSError:
+        return ""
+
+
+def _oserror(code: int | None, strerror: str, filename: str | None) -> str | None:
+    where = filename or "a file"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        what = "disk full" if code == errno.ENOSPC else "disk quota exceeded"
+        return (f"{what}: {where}{_free_space(filename)}; free space there or write elsewhere (--work-dir, --out), "
+                f"then rerun the same command")
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {where}; fix its permissions or use another path"
+    if code == errno.EROFS:
+        return f"read-only file system: {where}; write elsewhere (--work-dir, --out)"
+    if code == errno.EIO:
+        return f"input/output error on {where}: the disk or network storage failed; check it and rerun"
+    if code == errno.ENOENT:
+        return f"{where}: no such file or folder; check the path"
+    if code == errno.ENOTDIR:
+        return f"{where}: a part of this path is a file, not a folder; check the path"
+    if code == errno.EISDIR:
+        return f"{where}: is a folder, a file was expected; check the path"
+    if code == errno.ELOOP:
+        return f"{where}: too many levels of symbolic links (a link loop); remove the loop"
+    if code == errno.EMFILE or code == errno.ENFILE:
+        return f"too many open files ({where}); raise the limit (ulimit -n) or lower workers"
+    if filename:
+        return f"{filename}: {strerror}"
+    return None
+
+
+def _describe_one(exc: BaseException) -> str | None:
+    """The one line for ``exc`` alone (not its chain), or None when it is not a known kind."""
+    names = {_qualified(c) for c in type(exc).__mro__}
+    worker = _worker_original(exc)
+    message = worker if worker is not None else str(exc)
+    if is_user_error(exc):
+        return _first_line(message, limit=2000)
+    if isinstance(exc, OSError):
+        if worker is not None:  # torch rebuilt it from text: errno and filename are only in the message
+            m = _ERRNO.search(message)
+            code, strerror, filename = (int(m[1]), m[2], m[3]) if m else (None, message, None)
+        else:
+            code, strerror, filename = exc.errno, exc.strerror or str(exc), exc.filename
+        line = _oserror(code, strerror, None if filename is None else str(filename))
+        if line is not None:
+            return line
+        if code is None and message:  # raised with a message only, e.g. mmengine's 'file "x" does not exist'
+            return f"{_first_line(message)}; check the path"
+    if "PIL.Image.DecompressionBombError" in names:
+        return (f"image too large: {_first_line(message)}; Pillow refuses it as a possible decompression bomb: "
+                f"downscale or remove the image (or raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine)")
+    if "PIL.UnidentifiedImageError" in names:
+        return f"{_first_line(message)}; replace or remove the file"
+    if "torch.OutOfMemoryError" in names or (isinstance(exc, RuntimeError) and "out of memory" in message.lower()):
+        return (f"out of accelerator memory ({_first_line(message, 120)}); lower the per-device batch "
+                f"(device_batch, or the config's batch_size)")
+    if isinstance(exc, MemoryError):
+        return "out of host memory; lower workers or the batch size, or free memory"
+    if isinstance(exc, RuntimeError) and "PytorchStreamReader failed" in message:
+        return (f"cannot read a torch file: {_first_line(message)} (truncated or not a torch file); regenerate it "
+                f"(the lines above name the file being loaded)")
+    if isinstance(exc, RuntimeError) and any(m in message for m in _TORCH_WRITE_FAILED):
+        return (f"could not write a torch file: {_first_line(message)}; the disk is probably full: free space or "
+                f"write elsewhere (--work-dir)")
+    if worker is not None:
+        return f"{_first_line(message)} (in a data loader worker)"
+    return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def describe(exc: BaseException) -> str | None:
+    """The one line for ``exc``, or None when nothing in it is known. The outermost user error wins (it names the
+    file or key); else a full disk anywhere in the chain (a save fails with torch's opaque writer error on top of
+    the OSError that says why); else the outermost known exception."""
+    chain = list(_chain(exc))
+    for e in chain:
+        if is_user_error(e):
+            return _describe_one(e)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _describe_one(e)
+    for e in chain:
+        line = _describe_one(e)
+        if line is not None:
+            return line
+    return None
+
+
+def report(exc: BaseException) -> str:
+    """What the wrapper prints (without 'error: '): the known line, or the unexpected exception in one line."""
+    line = describe(exc)
+    if line is not None:
+        return line
+    return (f"unexpected {type(exc).__name__}: {_first_line(str(exc), 200)} (rerun with {DEBUG_FLAG} or "
+            f"{DEBUG_ENV}=1 for the traceback, and report it if the input was valid)")
+
+
+# --------------------------------------------------------------------------------------------------- the wrapper
+
+
+def cli(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a tool's ``main(argv=None, ...) -> exit status``: strips ``--debug`` from argv (setting BOT_DEBUG=1),
+    and turns any exception into ``error: <one line>`` on stderr and exit status 1, unless debugging (then the
+    exception propagates with its traceback). SystemExit (argparse, sys.exit) and KeyboardInterrupt pass."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None, *args, **kwargs) -> int:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if DEBUG_FLAG in argv:
+            argv = [a for a in argv if a != DEBUG_FLAG]
+            os.environ[DEBUG_ENV] = "1"
+        try:
+            return main(argv, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the one place that decides how every failure is shown
+            if debug_requested():
+                raise
+            print(f"error: {report(e)}", file=sys.stderr, flush=True)
+            status = getattr(e, "exit_status", EXIT_ERROR) if is_user_error(e) else EXIT_ERROR
+            return status if isinstance(status, int) and status > 0 else EXIT_ERROR
+
+    return wrapper
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Name ``path`` in a write failure that lacks it: ``f.write`` raises OSError(ENOSPC) without a filename, and
+    torch.save only 'unexpected pos' from its zip writer (then the free space says whether the disk is full)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+    except RuntimeError as e:
+        if not any(m in str(e) for m in _TORCH_WRITE_FAILED):
+            raise
+        free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+        if free < 64 * _MIB:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise UserError(f"{path}: could not write it ({_first_line(str(e))}, {free // _MIB} MiB free on its disk); "
+                        f"check the disk and rerun") from e
