@@ -396,7 +396,8 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
 
     t0 = time.perf_counter()
     if d.main:
-        atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        with writing(run_dir / "config.yaml"):
+            atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         log.info("%s: %s; ResNet-50-%s, %d classes, %d updates/epoch, device %s", cfg.name,
                  cfg.batch_line(d.world_size), cfg.variant, len(classes), ipe, device)
     tb = None
@@ -437,8 +438,9 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
             with writing(run_dir / "metrics.jsonl"):
                 write_epoch_metrics(run_dir, history, tb)
     if d.main:
-        write_run_summary(cfg, run_dir, history, len(classes), d.world_size, ipe,
-                          wall_before + time.perf_counter() - t0)
+        with writing(run_dir / "summary.json"):
+            write_run_summary(cfg, run_dir, history, len(classes), d.world_size, ipe,
+                              wall_before + time.perf_counter() - t0)
     return 0
 
 

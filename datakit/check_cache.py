@@ -1,7 +1,8 @@
 """Remember that a dataset tree passed its check, so that the next start on the same, unchanged tree is instant.
 
 A pass is stored per (kind, resolved root) with two digests, and reused only while both still match:
-- the checker's: datakit/check.py's source and the label spaces it checks against (a changed check re-checks);
+- the checker's: the source of datakit/check.py and datakit/files.py and the label spaces it checks against (a
+  changed check re-checks);
 - the tree's manifest: every entry below the root, sorted, with each file's size, mtime and ctime (ns).
   Names catch added, removed and renamed files; size and mtime catch a rewrite; ctime catches a rewrite whose
   mtime was set back (``cp -p``, ``rsync -a``, ``tar -x`` of an older archive), since no user call sets it.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datakit import check as _check
+from datakit import files as _files
 from datakit.render import ADE20K_NUM_CLASSES, VOC_CLASSES
 
 CACHE_ENV = "DATA_CHECK_CACHE"
@@ -46,6 +48,7 @@ def cache_dir() -> Path | None:
 def checker_digest() -> str:
     h = hashlib.sha256(f"format {FORMAT}\n{VOC_CLASSES!r}\n{ADE20K_NUM_CLASSES}\n".encode())
     h.update(Path(_check.__file__).read_bytes())
+    h.update(Path(_files.__file__).read_bytes())  # what a dataset file is: a changed rule re-checks too
     return h.hexdigest()[:32]
 
 

@@ -95,16 +95,6 @@ def image_files(folder: Path) -> list[Path]:
     return [Path(d) / f for d, files in walked for f in files if is_image_name(f)]
 
 
-def hidden_entries(folder: Path) -> list[Path]:
-    """Hidden files and folders directly in or below ``folder`` that the ImageFolder rules skip (for reporting)."""
-    found = []
-    for d, files in _walk(Path(folder), hidden_dirs=True):
-        if is_hidden(d.name) and d != Path(folder):
-            found.append(d)
-        found += [d / f for f in files if is_hidden(f)]
-    return found
-
-
 def class_mismatch(root: Path, train: list[str], val: list[str]) -> str | None:
     """One line naming the classes that train/ and val/ do not share, or None when they match."""
     if train == val:
