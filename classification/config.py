@@ -203,6 +203,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             delta = _yaml(path.read_text()) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror}); check the path") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start}); give a YAML recipe") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]}); fix the file") from e
         if not isinstance(delta, dict):

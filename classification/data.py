@@ -112,6 +112,8 @@ class ImageFolderData(Dataset):
             raise DataError(f"{root}: no such folder; point --data-root at the ImageFolder holding train/ and val/")
         try:
             self.folder = _ImageFolder(str(root), loader=_load_rgb, allow_empty=False)
+        except UserError:  # ours already name the folder and the fix
+            raise
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"{root}: {e}; see tools/check_data.py imagenet") from e
         self.transform = transform

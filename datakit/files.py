@@ -8,7 +8,7 @@ ImageFolder (the classification trainer, ``classification/data.py``, and ``tools
   ``.DS_Store``, ``.ipynb_checkpoints/`` and ``.git/`` are not data (torchvision's ImageFolder would read them);
 - symbolic links to folders are followed, but a folder reached twice (a link loop, or two links to one folder)
   stops the walk with one line naming the link: torchvision follows a loop 40 levels deep and counts its images
-  once per level;
+  once per level; a link to a missing image stops it too (torchvision lists it and fails when it reads it);
 - pixels: 8-bit modes are converted to RGB as Pillow does (alpha dropped); 16-bit grayscale is scaled to 8 bits
   (Pillow's own conversion clips it, and the image trains as all white); other modes (32-bit integer or float,
   LAB, HSV, ...) are refused, naming the file.
@@ -21,7 +21,7 @@ same list and can refuse what the loader would read wrongly (hidden folders, lin
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +57,10 @@ def is_image_name(name: str) -> bool:
     return not is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _walk(folder: Path, *, hidden_dirs: bool) -> Iterator[tuple[Path, list[str]]]:
+def _walk(folder: Path, *, hidden_dirs: bool, data: Callable[[str], bool]) -> Iterator[tuple[Path, list[str]]]:
     """(folder, sorted file names) below ``folder``, following links to folders; a folder reached twice raises
-    TreeError naming the link (a loop would otherwise be followed until the OS refuses, 40 levels deep)."""
+    TreeError naming the link (a loop would otherwise be followed until the OS refuses, 40 levels deep), and so does
+    a link to nothing whose name ``data`` accepts (an image that is gone: the loaders would skip or fail on it)."""
     seen = {os.path.realpath(folder)}
     stack = [folder]
     while stack:
@@ -72,6 +73,9 @@ def _walk(folder: Path, *, hidden_dirs: bool) -> Iterator[tuple[Path, list[str]]
                         dirs.append(e.name)
                 elif e.is_file():
                     files.append(e.name)
+                elif e.is_symlink() and data(e.name):
+                    raise TreeError(f"{here / e.name}: a link to {os.readlink(e.path)}, which does not exist; restore "
+                                    f"the file or remove the link")
         yield here, sorted(files)
         for name in sorted(dirs, reverse=True):  # popped in sorted order
             sub = here / name
@@ -91,7 +95,7 @@ def class_folders(split: Path) -> list[str]:
 
 def image_files(folder: Path) -> list[Path]:
     """The images of one class folder (see the module docstring), in torchvision's order: by folder, then name."""
-    walked = sorted((str(d), files) for d, files in _walk(Path(folder), hidden_dirs=False))
+    walked = sorted((str(d), files) for d, files in _walk(Path(folder), hidden_dirs=False, data=is_image_name))
     return [Path(d) / f for d, files in walked for f in files if is_image_name(f)]
 
 
@@ -142,7 +146,8 @@ def ade_images(img_dir: Path, suffix: str = ".jpg") -> list[str]:
     of being followed."""
     img_dir = Path(img_dir)
     out = []
-    for d, files in _walk(img_dir, hidden_dirs=True):
+    wanted = lambda name: not is_hidden(name) and name.endswith(suffix)  # noqa: E731
+    for d, files in _walk(img_dir, hidden_dirs=True, data=wanted):
         rel = d.relative_to(img_dir)
-        out += [str(rel / f) for f in files if not is_hidden(f) and f.endswith(suffix)]
+        out += [str(rel / f) for f in files if wanted(f)]
     return sorted(out)

@@ -132,12 +132,14 @@ def _oserror(code: int | None, strerror: str, filename: str | None) -> str | Non
         return f"{where}: a part of this path is a file, not a folder; check the path"
     if code == errno.EISDIR:
         return f"{where}: is a folder, a file was expected; check the path"
+    if code == errno.EEXIST:
+        return f"{where}: already exists (a file where a folder is wanted?); remove it or choose another path"
     if code == errno.ELOOP:
         return f"{where}: too many levels of symbolic links (a link loop); remove the loop"
     if code == errno.EMFILE or code == errno.ENFILE:
         return f"too many open files ({where}); raise the limit (ulimit -n) or lower workers"
     if filename:
-        return f"{filename}: {strerror}"
+        return f"{filename}: {strerror}; check the path"
     return None
 
 

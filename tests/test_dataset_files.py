@@ -69,6 +69,20 @@ def test_linked_folders_are_read_once(imagenet: Path, tmp_path: Path) -> None:
         image_files(imagenet / "train" / C0)
 
 
+def test_link_to_a_missing_image_is_one_line_in_checker_and_loader(imagenet: Path, ade: Path) -> None:
+    link = imagenet / "val" / C0 / "gone.jpg"
+    link.symlink_to(imagenet / "nowhere.jpg")
+    (imagenet / "val" / C0 / "notes.txt").symlink_to(imagenet / "nowhere.txt")  # not an image: not data
+    (line,) = check.check("imagenet", imagenet).problems
+    assert line.startswith(f"{link}: a link to ") and "does not exist" in line
+    with pytest.raises(TreeError, match=f"^{link}: "):
+        samples(imagenet / "val")
+    mask = ade / "annotations" / "validation" / "gone.png"
+    mask.symlink_to(ade / "nowhere.png")
+    (line,) = check.check("ade20k", ade).problems
+    assert line.startswith(f"{mask}: a link to ")
+
+
 def test_16bit_grayscale_is_scaled_not_clipped(imagenet: Path) -> None:
     path = imagenet / "train" / C0 / "deep.png"
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)

@@ -121,7 +121,8 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("code, words", [(errno.EACCES, "permission denied: /p"), (errno.EROFS, "read-only"),
-                                         (errno.ENOENT, "/p: no such file"), (errno.EDQUOT, "quota")])
+                                         (errno.ENOENT, "/p: no such file"), (errno.EDQUOT, "quota"),
+                                         (errno.EEXIST, "/p: already exists"), (errno.ENAMETOOLONG, "/p: File name")])
 def test_os_errors_are_one_line(code, words):
     assert words in errors.describe(OSError(code, os.strerror(code), "/p"))
 
@@ -226,6 +227,13 @@ def test_exponent_numbers_are_floats_in_set_and_in_files(tmp_path):
         load_config(None, ["epochs=1e2"])
 
 
+def test_a_binary_recipe_is_one_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match=f"^{recipe}: not a text file"):
+        load_config(recipe)
+
+
 def test_config_errors_are_one_line_from_the_command_line(tmp_path, capsys):
     assert train.main([str(REPO / "configs/classification/demo/smoke.yaml"), "--work-dir", str(tmp_path / "r"),
                        "--set", "image_size=0"]) == 1
@@ -314,6 +322,15 @@ def test_skipped_validation_images_are_counted_and_reported(folder, tmp_path, ca
     assert (summary["metrics"]["val_images"], summary["metrics"]["val_bad_images"]) == (3, 1)
     assert summary["history"][-1]["val_bad_images"] == 1
     assert "1 unreadable validation images skipped" in (tmp_path / "r" / "train.log").read_text()
+
+
+def test_split_without_class_folders_is_named_once(folder, tmp_path, capsys):
+    data = copy(folder, tmp_path)
+    for c in (data / "train").iterdir():
+        shutil.rmtree(c)
+    assert run_train(data, tmp_path / "r", "epochs=1") == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.count(str(data / "train")) == 2 and line.startswith(f"error: {data / 'train'}: no class folders")
 
 
 def test_class_mismatch_names_the_classes(folder, tmp_path, capsys):
