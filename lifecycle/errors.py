@@ -143,6 +143,19 @@ def _oserror(code: int | None, strerror: str, filename: str | None) -> str | Non
     return None
 
 
+def _torch_load_path(exc: BaseException) -> str | None:
+    """The file torch.load was reading when ``exc`` was raised (its ``f`` argument, from the traceback's frames):
+    mmengine loads a backbone's checkpoint deep inside the Runner, and torch's message names no file."""
+    tb, path = exc.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "load" and frame.f_globals.get("__name__") == "torch.serialization":
+            f = frame.f_locals.get("f")
+            path = os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", path)
+        tb = tb.tb_next
+    return str(path) if path else None
+
+
 def _describe_one(exc: BaseException) -> str | None:
     """The one line for ``exc`` alone (not its chain), or None when it is not a known kind."""
     names = {_qualified(c) for c in type(exc).__mro__}
@@ -161,6 +174,8 @@ def _describe_one(exc: BaseException) -> str | None:
             return line
         if code is None and message:  # raised with a message only, e.g. mmengine's 'file "x" does not exist'
             return f"{_first_line(message)}; check the path"
+    if isinstance(exc, SyntaxError) and exc.filename and not str(exc.filename).startswith("<"):
+        return f"{exc.filename}:{exc.lineno}: Python syntax error ({exc.msg}); fix the file"
     if "PIL.Image.DecompressionBombError" in names:
         return (f"image too large: {_first_line(message)}; Pillow refuses it as a possible decompression bomb: "
                 f"downscale or remove the image (or raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine)")
@@ -172,8 +187,10 @@ def _describe_one(exc: BaseException) -> str | None:
     if isinstance(exc, MemoryError):
         return "out of host memory; lower workers or the batch size, or free memory"
     if isinstance(exc, RuntimeError) and "PytorchStreamReader failed" in message:
-        return (f"cannot read a torch file: {_first_line(message)} (truncated or not a torch file); regenerate it "
-                f"(the lines above name the file being loaded)")
+        what = _first_line(message).split(". ")[0]  # torch adds three sentences of advice after the reason
+        path = _torch_load_path(exc)
+        return (f"{path or 'a torch file'}: cannot be read ({what}): truncated or not a torch file; regenerate it"
+                + ("" if path else " (the lines above name the file being loaded)"))
     if isinstance(exc, RuntimeError) and any(m in message for m in _TORCH_WRITE_FAILED):
         return (f"could not write a torch file: {_first_line(message)}; the disk is probably full: free space or "
                 f"write elsewhere (--work-dir)")

@@ -120,6 +120,18 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
         assert errors.describe(e).startswith("disk full: /data/x")
 
 
+def test_damaged_torch_file_is_named_from_the_loading_frame(tmp_path):
+    """mmengine loads a backbone.pth deep in its Runner; torch's message names no file, torch.load's frame does."""
+    path = tmp_path / "backbone.pth"
+    torch.save({"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(RuntimeError) as info:
+        (lambda: torch.load(str(path), weights_only=True))()
+    line = errors.describe(info.value)
+    assert line.startswith(f"{path}: cannot be read (PytorchStreamReader failed") and "regenerate it" in line
+    assert "miniz" not in line  # torch's advice, three sentences long, is dropped
+
+
 @pytest.mark.parametrize("code, words", [(errno.EACCES, "permission denied: /p"), (errno.EROFS, "read-only"),
                                          (errno.ENOENT, "/p: no such file"), (errno.EDQUOT, "quota"),
                                          (errno.EEXIST, "/p: already exists"), (errno.ENAMETOOLONG, "/p: File name")])
@@ -256,6 +268,19 @@ def test_cfg_options_of_the_wrong_type_are_refused_naming_the_key():
             merge_cfg_options(cfg, {key: value})
         assert str(info.value).startswith(f"--cfg-options {key}={value!r}: the config holds")
         assert "\n" not in str(info.value)
+
+
+def test_config_syntax_error_names_the_file(tmp_path):
+    from transfer.runner import StageError, load_mm_config
+
+    bad = tmp_path / "cfg.py"
+    bad.write_text("model = dict(\n")
+    with pytest.raises(StageError, match=f"^{bad}:1: Python syntax error in the config"):
+        load_mm_config(bad)
+    try:
+        compile("x = (\n", "/cfg/x.py", "exec")
+    except SyntaxError as e:
+        assert errors.describe(e).startswith("/cfg/x.py:1: Python syntax error")
 
 
 def test_stage_cfg_options_error_is_one_line(tmp_path):

@@ -217,6 +217,17 @@ def refuse_another_split(previous: Path, cfg) -> None:
                          f"with, or use another --work-dir")
 
 
+def load_mm_config(path: str | Path):
+    """mmengine's Config.fromfile; a syntax error in the file is one line naming it (mmengine parses the source
+    itself, so Python's SyntaxError names '<unknown>' instead of the file)."""
+    from mmengine.config import Config
+
+    try:
+        return Config.fromfile(str(path))
+    except SyntaxError as e:
+        raise StageError(f"{path}:{e.lineno}: Python syntax error in the config ({e.msg}); fix the file") from e
+
+
 _ABSENT = object()
 
 
@@ -261,9 +272,8 @@ def merge_cfg_options(cfg, options: dict[str, Any]) -> None:
 
 def describe_recipe(config: str | Path, cfg_options: dict | None, processes: int) -> str:
     """The batch line and schedule a stage would run with on ``processes`` (the study's dry run prints it)."""
-    from mmengine.config import Config
 
-    cfg = Config.fromfile(str(config))
+    cfg = load_mm_config(config)
     merge_cfg_options(cfg, cfg_options or {})
     decided = keep_recipe_batch(cfg, processes, str(config))
     loop = cfg.train_cfg
@@ -299,7 +309,6 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     from transfer.data_gate import check_data_once
 
     compat.apply()
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
     import transfer.hooks  # noqa: F401 - registers VerifyBackboneHook (the dumped config imports it itself)
@@ -316,7 +325,7 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     if args.export != "none":
         _, meta = load_export(args.export)  # refuses a damaged or inconsistent export, naming the keys
         export_ckpt = (Path(args.export) / "backbone.pth").resolve()
-    cfg = Config.fromfile(args.config)
+    cfg = load_mm_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
     problem = synthetic_problem(args.data_root, args.allow_synthetic or cfg.get("allow_synthetic", False))
     if problem:
@@ -328,7 +337,8 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     if problems:
         if main_process:
             print("\n".join(problems), file=sys.stderr)
-        raise StageError(f"{args.data_root}: {len(problems)} problems in the {stage.check_data} data (above); "
+        raise StageError(f"{args.data_root}: {len(problems)} problem{'s' * (len(problems) != 1)} in the "
+                         f"{stage.check_data} data (above); "
                          f"fix them (tools/check_data.py {stage.check_data} {args.data_root} --full)")
     decided = configure(cfg, stage, args, meta, export_ckpt)
     refuse_another_split(work_dir / "config.py", cfg)
