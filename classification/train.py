@@ -316,7 +316,8 @@ def write_epoch_metrics(run_dir: Path, history: list[dict], tb) -> None:
     """Rewrite metrics.jsonl / metrics.csv from the history (the checkpoint's copy is the truth: a crash between
     a checkpoint and these files never duplicates or loses a row) and log the newest row to TensorBoard."""
     atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-    lines = [",".join(history[0])] + [",".join("" if v is None else str(v) for v in r.values()) for r in history]
+    keys = list(dict.fromkeys(k for r in history for k in r))  # a run resumed from an older version gains columns
+    lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r[k]) for k in keys) for r in history]
     atomic_write_bytes(run_dir / "metrics.csv", ("\n".join(lines) + "\n").encode())
     row = history[-1]
     for key, value in row.items():

@@ -143,6 +143,27 @@ def _oserror(code: int | None, strerror: str, filename: str | None) -> str | Non
     return None
 
 
+_PATH_LOCALS = ("filepath", "filename", "file_path", "path", "f", "fname")
+
+
+def _path_from_frames(exc: BaseException) -> str | None:
+    """The file a write was for, from the innermost frame that holds one: ``f.write`` raises ENOSPC without a name,
+    e.g. inside mmengine's LocalBackend.put(obj, filepath) while a Runner saves its checkpoint."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for name in _PATH_LOCALS:
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+                return str(os.fspath(value))
+            if isinstance(getattr(value, "name", None), str) and hasattr(value, "write"):
+                return value.name
+    return None
+
+
 def _torch_load_path(exc: BaseException) -> str | None:
     """The file torch.load was reading when ``exc`` was raised (its ``f`` argument, from the traceback's frames):
     mmengine loads a backbone's checkpoint deep inside the Runner, and torch's message names no file."""
@@ -169,6 +190,8 @@ def _describe_one(exc: BaseException) -> str | None:
             code, strerror, filename = (int(m[1]), m[2], m[3]) if m else (None, message, None)
         else:
             code, strerror, filename = exc.errno, exc.strerror or str(exc), exc.filename
+            if filename is None and code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS):
+                filename = _path_from_frames(exc)
         line = _oserror(code, strerror, None if filename is None else str(filename))
         if line is not None:
             return line

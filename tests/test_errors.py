@@ -132,6 +132,19 @@ def test_damaged_torch_file_is_named_from_the_loading_frame(tmp_path):
     assert "miniz" not in line  # torch's advice, three sentences long, is dropped
 
 
+def test_disk_full_inside_a_library_names_the_file_it_was_writing():
+    """mmengine's LocalBackend.put(obj, filepath) writes with f.write, whose ENOSPC names no file."""
+    def put(obj: bytes, filepath: str) -> None:
+        with open("/dev/full", "wb") as f:
+            f.write(obj)
+            f.flush()
+
+    with pytest.raises(OSError) as info:
+        put(b"x" * 10, "/work_dirs/det/iter_56.pth")
+    assert info.value.filename is None
+    assert errors.describe(info.value).startswith("disk full: /work_dirs/det/iter_56.pth")
+
+
 @pytest.mark.parametrize("code, words", [(errno.EACCES, "permission denied: /p"), (errno.EROFS, "read-only"),
                                          (errno.ENOENT, "/p: no such file"), (errno.EDQUOT, "quota"),
                                          (errno.EEXIST, "/p: already exists"), (errno.ENAMETOOLONG, "/p: File name")])
