@@ -21,9 +21,8 @@ import sys
 from pathlib import Path
 
 from lifecycle.preemption import EXIT_INTERRUPTED
-from study import status
-from study.plan import command, plan, protocol_line
-from study.run import echo, passing_signals_on, run_steps
+from study.plan import command, plan
+from study.run import STATUS_FILE, echo, passing_signals_on, read_status, run_steps, status_table
 from study.spec import STAGE_DIRS, STAGES, SpecError, check_data, load_spec, with_options
 
 
@@ -49,18 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def dry_run(spec, steps, gpus: int) -> int:
-    """Commands on stdout, one per line; each training stage's protocol, and inputs nothing will write, on stderr."""
-    planned, problems = {s.key for s in steps}, 0
+def dry_run(steps, gpus: int) -> int:
+    """One command per line on stdout; where each stage writes on stderr (each prints its batch, lr and schedule,
+    the same on any GPU count, in its first log line and its summary)."""
     for step in steps:
-        if missing := [p for p, d in zip(step.inputs, step.needs) if d not in planned and not p.exists()]:
-            print(f"error: {step.label}: needs {missing[0]}; run the stage that writes it first", file=sys.stderr)
-            problems += 1
-            continue
-        note = f"; {protocol_line(spec, step, max(gpus, 1))}" if step.stage != "export" else ""
-        print(f"# {step.label}: {step.dir}{note}", file=sys.stderr, flush=True)
+        print(f"# {step.label}: {step.dir}", file=sys.stderr, flush=True)
         print(shlex.join(command(step, gpus)), flush=True)
-    return 1 if problems else 0
+    return 0
 
 
 def slurm_executor(spec, steps, args) -> int:
@@ -81,8 +75,8 @@ def slurm_executor(spec, steps, args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.status:
-        entries = status.read(args.work_dir)
-        print(status.table(entries) if entries else f"{args.work_dir / status.STATUS_FILE}: no stage has run yet")
+        entries = read_status(args.work_dir)
+        print(status_table(entries) if entries else f"{args.work_dir / STATUS_FILE}: no stage has run yet")
         return 0
     try:
         spec = with_options(load_spec(args.study), args.data_root, args.allow_synthetic)
@@ -99,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError(f"GPUS={gpus!r}: expected the number of GPUs per machine (an integer), or leave it unset")
         steps = plan(spec, args.work_dir, stages, arms)
         if args.dry_run and args.executor == "local":
-            return dry_run(spec, steps, int(gpus))
+            return dry_run(steps, int(gpus))
         if not args.dry_run:
             check_data(spec, stages)
     except SpecError as e:
@@ -111,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{args.work_dir}" + (f", GPUS={gpus}" if int(gpus) > 1 else ""))
     with passing_signals_on():
         rc = run_steps(steps, args.work_dir, int(gpus))
-    answers = {(e["arm"], e["seed"], e["stage"]): e for e in status.read(args.work_dir)}
-    print(status.table([answers[s.key] for s in steps if s.key in answers]))
+    answers = {(e["arm"], e["seed"], e["stage"]): e for e in read_status(args.work_dir)}
+    print(status_table([answers[s.key] for s in steps if s.key in answers]))
     if rc == EXIT_INTERRUPTED:
         print("error: study interrupted; rerun the same command to resume", file=sys.stderr)
         return rc

@@ -5,14 +5,12 @@ run (teachers first; per arm classification -> export -> detection -> segmentati
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from classification.config import ConfigError, load_config
-from study.spec import STAGE_DIRS, STAGES, TEACHER_REF, Arm, SpecError, StudySpec
+from study.spec import STAGE_DIRS, STAGES, TEACHER_REF, Arm, StudySpec
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUTS = {"classification": "summary.json", "export": "meta.json", "detection": "summary.json",
@@ -99,23 +97,3 @@ def command(step: Step, gpus: int, nodes: int = 1, master: str = "$MASTER_ADDR",
     launcher = ["--launcher", "pytorch"] if step.stage in ("detection", "segmentation") else []
     return [sys.executable, "-m", "torch.distributed.run", *multi, f"--nproc_per_node={gpus}", *step.argv,
             *launcher]
-
-
-def protocol_line(spec: StudySpec, step: Step, processes: int) -> str:
-    """The batch, lr and schedule a training stage keeps on ``processes`` (the same on any GPU count)."""
-    try:
-        if step.stage == "classification":
-            arm = spec.arms[step.arm]
-            cfg = load_config(arm.classification, [i for i in arm.set if not TEACHER_REF.search(i)])
-            warmup = f", warmup {cfg.warmup_epochs:g} epochs" if cfg.warmup_epochs else ""
-            schedule = "cosine" if cfg.schedule == "cosine" else f"step at epochs {cfg.step_epochs}"
-            return f"{cfg.batch_line(processes)}, {cfg.epochs} epochs{warmup}, {schedule}"
-        from mmengine.config import DictAction
-
-        from transfer.runner import describe_recipe
-
-        section, parser = getattr(spec, step.stage), argparse.ArgumentParser()
-        parser.add_argument("--o", nargs="*", action=DictAction, default={})  # as the stage parses --cfg-options
-        return describe_recipe(section.config, parser.parse_args(["--o", *section.cfg_options]).o, processes)
-    except (ConfigError, ValueError, RuntimeError) as e:  # ConfigError, StageError, mmengine's config errors
-        raise SpecError(f"{spec.path}: {step.label}: {e}") from e

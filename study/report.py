@@ -11,15 +11,15 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from classification.artifacts import STAGES, SummaryError
+from classification.artifacts import STAGES, SummaryError, atomic_write_bytes
 from study import paper
-from study.plots import PLOTS, write_file
 from study.results import Difference, Results, ResultsError, Stat, load_results, stat
-from study.status import DONE, STATUS_FILE
+from study.run import DONE, STATUS_FILE
 
 DASH = "—"
 # key, title, stage, (metric, label) pairs, in the paper's table
@@ -58,11 +58,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _paper(table: str, arm: str, fld: str, marks: set[str], gain: bool = False) -> str:
     """The paper's cell (or its gain over B-standard), † where it is not verified against the PDF."""
-    if gain and arm == paper.B_STANDARD:
-        return "ref" if paper.value(table, arm, fld) is not None else DASH
     v = paper.gain(table, arm, fld) if gain else paper.value(table, arm, fld)
-    why = [w for a in ({arm, paper.B_STANDARD} if gain else {arm}) if (w := paper.unverified(table, a, fld))]
-    marks.update(why)
+    marks.update(why := [w for a in {arm, *[paper.B_STANDARD] * gain} if (w := paper.unverified(table, a, fld))])
+    if gain and arm == paper.B_STANDARD:
+        return "ref" if v is not None else DASH
     return DASH if v is None else (fmt_diff(v) if gain else f"{v:.2f}") + (" †" if why else "")
 
 
@@ -79,12 +78,8 @@ def describe_protocol(results: Results, stage: str) -> str:
         return f"Protocol ({stage}): not recorded in the summaries."
     common = [k for k in keys if len({f.get(k) for _, f in flats}) == 1]
     text = f"Protocol ({stage}): " + (", ".join(f"{k}={flats[0][1][k]}" for k in common) or "nothing shared")
-    differ = []
-    for k in (k for k in keys if k not in common):
-        groups: dict[str, list[str]] = {}
-        for r, f in flats:
-            groups.setdefault(f.get(k, "(absent)"), []).append(f"{r.arm} seed {r.seed}")
-        differ.append(f"{k}: " + "; ".join(f"{v} ({', '.join(a)})" for v, a in groups.items()))
+    differ = [f"{k}: " + "; ".join(f"{v} ({', '.join(f'{r.arm} seed {r.seed}' for r, f in flats if f.get(k) == v)})"
+                                   for v in dict.fromkeys(f.get(k) for _, f in flats)) for k in keys if k not in common]
     return text + (". **Arms disagree in protocol** — " + " | ".join(differ) + "." if differ else
                    "; the same for every arm.")
 
@@ -93,18 +88,15 @@ def finding(results: Results, table: str, stage: str, metric: str, label: str, r
     """Each arm against the reference: the paired difference and its interval; a direction only when the interval
     excludes zero, and with one seed the difference and that it is one seed."""
     parts = []
-    for arm in results.arms:
-        d = results.difference(arm, stage, metric, reference) if arm != reference else None
+    for arm, d in ((a, results.difference(a, stage, metric, reference)) for a in results.arms if a != reference):
         if d is None:
             continue
         verdict = (f"{fmt_diff(d)} over {d.n} seeds: " + (d.direction or "the interval includes zero, no direction")
                    if d.n > 1 else f"{fmt_diff(d.mean)}, one seed: no interval, no direction")
         pg = paper.gain(table, arm, metric) if reference == paper.B_STANDARD else None
         parts.append(f"{paper.display_name(arm)} {verdict}" + (f" (paper {fmt_diff(pg)})" if pg is not None else ""))
-    if not parts:
-        return None
     return (f"**Finding ({label} vs {paper.display_name(reference)}, 95 % t-interval over paired seeds):** "
-            + "; ".join(parts) + ".")
+            + "; ".join(parts) + ".") if parts else None
 
 
 def paper_table(results: Results, key: str, title: str, stage: str, metrics: tuple) -> tuple[str, list[str]]:
@@ -138,14 +130,12 @@ def paper_table(results: Results, key: str, title: str, stage: str, metrics: tup
 
 def missing_stages(results: Results) -> list[str]:
     """Every arm and seed lacking a stage that some other run of this study has."""
-    present = [s for s in STAGES if results.select(stage=s)]
-    out = []
-    for arm in results.arms:
-        for seed in sorted({r.seed for r in results.select(arm)}):
-            have = {r.stage for r in results.select(arm) if r.seed == seed}
-            by_design = arm == paper.RANDOM_INIT or results.published(arm)  # no classification stage
-            lack = [s for s in present if s not in have and not (s == "classification" and by_design)]
-            out += [f"{arm_label(arm)} seed {seed}: {', '.join(lack)}"] if lack else []
+    present, out = [s for s in STAGES if results.select(stage=s)], []
+    for arm, seed in sorted({(r.arm, r.seed) for r in results.runs}, key=lambda a: (paper.arm_sort_key(a[0]), a[1])):
+        by_design = arm == paper.RANDOM_INIT or results.published(arm)  # no classification stage
+        lack = [s for s in present if not (s == "classification" and by_design) and not any(
+            r.seed == seed for r in results.select(arm, s))]
+        out += [f"{arm_label(arm)} seed {seed}: {', '.join(lack)}"] if lack else []
     return out
 
 
@@ -158,33 +148,71 @@ def _backbone(run) -> str:
             "sha256") else f", {b['checkpoint']} {b.get('weights')}" if b.get("checkpoint") else "")
 
 
+def write_file(path: Path, data: bytes) -> None:
+    atomic_write_bytes(path, data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # the temporary file it renames is created 0600
+
+
+def transfer_gain(results: Results, path: Path) -> str | None:
+    """Downstream difference to the reference arm against the backbone's top-1, ours filled; the paper's gains over
+    its B-standard hollow beside them, for the paper's arms (matplotlib's object API on the Agg canvas, no pyplot).
+    None when written, else why not. (Each run's training curves: its TensorBoard log, cls/tb/.)"""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ref, fig = results.reference, Figure(figsize=(7.0, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax, drawn = fig.subplots(), False
+    for stage, metric, table, label, marker, color in (("detection", "mAP", "table8", "VOC mAP", "o", "tab:blue"),
+                                                       ("segmentation", "mIoU", "table9", "ADE mIoU", "s", "C1")):
+        if not (ours := [(arm, t.mean, d.mean) for arm in results.arms if (t := stat(results.backbone_top1(arm)))
+                         and (d := results.difference(arm, stage, metric, ref))]):
+            continue
+        drawn = True
+        ax.scatter([o[1] for o in ours], [o[2] for o in ours], marker=marker, color=color, label=f"ours: {label}")
+        for arm, x, y in ours:
+            ax.annotate(paper.display_name(arm), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        theirs = [t for a, _, _ in ours if None not in (t := (paper.value(table, a, "top1"), paper.gain(table, a,
+                                                                                                         metric)))]
+        if theirs and ref == paper.B_STANDARD:  # the paper's gains are over its B-standard row
+            ax.scatter(*zip(*theirs), marker=marker, facecolors="none", edgecolors=color,
+                       label=f"paper: {label} (ImageNet top-1)")
+    if not drawn:
+        return f"no arm has both a top-1 and a downstream difference to {ref}"
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set(xlabel=f"backbone top-1 (%); ours on {results.classification_data()}",
+           ylabel=f"difference to {paper.display_name(ref)} (points)", title="Transfer: downstream gain vs top-1")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(buf := io.BytesIO(), format="png")
+    write_file(path, buf.getvalue())
+    return None
+
+
 def csv_rows(results: Results) -> list[dict[str, str]]:
     rows, ref = [], results.reference
-    for arm in results.arms:
-        for stage in STAGES:
-            for metric in CSV_METRICS[stage]:
-                s = results.stat(arm, stage, metric)
-                d = results.difference(arm, stage, metric, ref) if arm != ref else None
-                if s is None:
-                    continue
-                table = next(t[0] for t in TABLES if t[2] == stage)
-                fld = metric if metric in next(iter(paper.TABLES[table].values()))._fields else None  # not mAcc
-                p = paper.value(table, arm, fld) if fld else None
-                pg = paper.gain(table, arm, fld) if fld and arm != paper.B_STANDARD else None
-                num = lambda x, f=".4f": "" if x is None else format(x, f)  # noqa: E731
-                rows.append(dict(arm=arm, stage=stage, metric=metric, mean=num(s.mean), std=num(s.std), n=str(s.n),
-                                 seeds=";".join(map(str, s.seeds)), reference=ref if d else "",
-                                 difference=num(d and d.mean), ci95_low=num(d and d.low),
-                                 ci95_high=num(d and d.high), paired_seeds=str(d.n) if d else "",
-                                 paper=num(p, ".2f"), paper_gain=num(pg, ".2f"),
-                                 paper_note=fld and paper.unverified(table, arm, fld) or ""))
+    for arm, stage, metric in ((a, st, m) for a in results.arms for st in STAGES for m in CSV_METRICS[st]):
+        if (s := results.stat(arm, stage, metric)) is not None:
+            d = results.difference(arm, stage, metric, ref) if arm != ref else None
+            table = next(t[0] for t in TABLES if t[2] == stage)
+            fld = metric if metric in next(iter(paper.TABLES[table].values()))._fields else None  # not mAcc
+            p = paper.value(table, arm, fld) if fld else None
+            pg = paper.gain(table, arm, fld) if fld and arm != paper.B_STANDARD else None
+            num = lambda x, f=".4f": "" if x is None else format(x, f)  # noqa: E731
+            rows.append(dict(arm=arm, stage=stage, metric=metric, mean=num(s.mean), std=num(s.std), n=str(s.n),
+                             seeds=";".join(map(str, s.seeds)), reference=ref if d else "", paper=num(p, ".2f"),
+                             difference=num(d and d.mean), ci95_low=num(d and d.low), ci95_high=num(d and d.high),
+                             paired_seeds=str(d.n) if d else "", paper_gain=num(pg, ".2f"),
+                             paper_note=fld and paper.unverified(table, arm, fld) or ""))
     return rows
 
 
 def write_report(results: Results, out: Path) -> str:
     """Write REPORT.md, results.csv and the plots into ``out``; return what to print."""
     out.mkdir(parents=True, exist_ok=True)
-    written = {name: draw(results, out / name) for name, draw in PLOTS.items()}
+    written = {"transfer_gain.png": transfer_gain(results, out / "transfer_gain.png")}
     tables = [paper_table(results, *t)[0] for t in TABLES if results.select(stage=t[2])]
     absent = [f"{t[1].split(' —')[0]}: no {t[2]} summaries in this study." for t in TABLES
               if not results.select(stage=t[2])]
@@ -224,10 +252,9 @@ def write_report(results: Results, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/report.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="tools/report.py", description=__doc__)
     parser.add_argument("study_dir", type=Path, help="directory holding the study's summary.json files (any layout)")
-    parser.add_argument("--out", type=Path, default=None, help="report directory (default: STUDY_DIR/report)")
+    parser.add_argument("--out", type=Path, help="report directory (default: STUDY_DIR/report)")
     args = parser.parse_args(argv)
     try:
         text = write_report(load_results(args.study_dir), args.out or args.study_dir / "report")

@@ -14,7 +14,8 @@ from typing import Any
 from scipy import stats
 
 from classification.artifacts import read_summary
-from study import paper, status
+from study import paper
+from study.run import STATUS_FILE, read_status
 
 PUBLISHED_KINDS = ("timm", "torchvision", "file")  # meta.json source_kind of weights this toolkit did not train
 CONFIDENCE = 0.95
@@ -150,4 +151,4 @@ def load_results(study_dir: str | Path) -> Results:
                                f"{seen[key]}); remove the one that does not belong")
         seen[key] = p
         runs.append(Run(p.relative_to(root), s))
-    return Results(root, runs, status.read(root) if (root / status.STATUS_FILE).exists() else None)
+    return Results(root, runs, read_status(root) if (root / STATUS_FILE).exists() else None)

@@ -198,16 +198,20 @@ def test_dry_run_prints_the_commands_and_creates_nothing(done, work, tmp_path, m
 def test_only_a_stage_needs_its_upstream_outputs(tiny_data, tmp_path, capsys):
     det = str(REPO / "configs/detection/faster-rcnn_r50_fpn_voc0712.py")
     study = {"data": {"imagenet": str(tiny_data / "imagenet"), "voc": str(tiny_data / "VOCdevkit")},
-             "detection": {"config": det, "cfg_options": ["train_cfg.max_epochs=1"]}, "arms": ARMS}
+             "detection": {"config": det, "cfg_options": ["train_cfg.max_epochs=1"]}, "allow_synthetic": True,
+             "arms": ARMS}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
-    assert cli.main([str(path), "--work-dir", str(tmp_path / "w"), "--only", "det", "--dry-run"]) == 1
-    cap = capsys.readouterr()
-    errors = [line for line in cap.err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all("export/meta.json" in e for e in errors)  # one line per pretrained arm
-    (line,) = cap.out.splitlines()  # random_init needs no export
-    assert shlex.split(line)[3:5] == ["--export", "none"] and line.endswith("--cfg-options train_cfg.max_epochs=1")
-    assert not (tmp_path / "w").exists()
+    assert cli.main([str(path), "--work-dir", str(tmp_path / "w"), "--only", "det", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (control,) = [line for line in lines if "--arm random_init" in line]
+    assert len(lines) == 3 and shlex.split(control)[3:5] == ["--export", "none"]  # random_init needs no export
+    assert control.endswith("--cfg-options train_cfg.max_epochs=1")
+    assert cli.main([str(path), "--work-dir", str(tmp_path / "w"), "--only", "det", "--arms", "b_standard,d_student",
+                     "--no-report"]) == 1
+    st = status(tmp_path / "w")
+    assert {st[(a, "detection")]["status"] for a in ("b_standard", "d_student")} == {"blocked"}
+    assert "export/meta.json; run the stage that writes it first" in st[("b_standard", "detection")]["error"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -277,26 +281,26 @@ def test_paper_study_refuses_generated_data_before_any_stage(tiny_data, tmp_path
     assert not (tmp_path / "w").exists()
 
 
-def test_paper_study_keeps_its_protocol_on_1_2_and_8_gpus(tmp_path, capsys, monkeypatch):
-    """--dry-run states each training stage's batch, lr and schedule: the same on any GPU count, with the
-    accumulation that gets there."""
-    paper = REPO / "configs/studies/paper.yaml"
+def test_paper_recipes_keep_their_protocol_on_1_2_and_8_gpus():
+    """Each training stage of the paper study states its batch, lr and schedule, the same on any GPU count with the
+    accumulation that gets there (the line each stage logs first and records in its summary)."""
+    from classification.config import load_config
+    from transfer.runner import describe_recipe
+
+    spec = yaml.safe_load((REPO / "configs/studies/paper.yaml").read_text())
     seen = {}
-    for gpus in ("1", "2", "8"):
-        monkeypatch.setenv("GPUS", gpus)
-        assert cli.main([str(paper), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 0
-        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("# ")]
-        protocols = dict(m.groups() for m in map(re.compile(r"# (.+?): [^;]*; (.*)").fullmatch, notes) if m)
-        assert len(protocols) == 8 + 8 + 8 - 1  # cls for 7 pretrained arms; det and seg for all 8 arms
-        seen[gpus] = protocols
-    assert seen["1"]["b_standard seed0 classification"].startswith(
-        "global batch 256 = 1 x 32 x 8 accumulation steps, peak lr 0.1, 120 epochs")
-    assert seen["8"]["d_mixup seed0 classification"].startswith(
-        "global batch 1024 = 8 x 128 x 1 accumulation steps, peak lr 0.4, 200 epochs")
-    assert seen["1"]["random_init seed0 segmentation"].startswith("batch 16 = 1 x 4 x 4 accumulation steps, lr 0.01")
+    for gpus in (1, 2, 8):
+        lines = {arm: load_config(REPO / a["classification"]).batch_line(gpus)
+                 for arm, a in spec["arms"].items() if a["classification"]}
+        lines.update({stage: describe_recipe(REPO / spec[stage]["config"], {}, gpus)
+                      for stage in ("detection", "segmentation")})
+        seen[gpus] = lines
+    assert seen[1]["b_standard"].startswith("global batch 256 = 1 x 32 x 8 accumulation steps, peak lr 0.1")
+    assert seen[8]["d_mixup"].startswith("global batch 1024 = 8 x 128 x 1 accumulation steps, peak lr 0.4")
+    assert seen[1]["segmentation"].startswith("batch 16 = 1 x 4 x 4 accumulation steps, lr 0.01")
     same = {g: {k: re.sub(r" = \d+ x \d+ x \d+ accumulation steps", "", v) for k, v in p.items()}
             for g, p in seen.items()}
-    assert same["1"] == same["2"] == same["8"]
+    assert same[1] == same[2] == same[8] and len(same[1]) == 9
 
 
 def sbatch(text: str) -> dict[str, str]:
