@@ -1,15 +1,11 @@
 """The whole transfer study in one command: per seed and arm, classification -> export -> detection -> segmentation,
-each stage its own CLI in a subprocess, then the report.
+each stage its own CLI in a subprocess, then the report. Rerunning continues: each stage resumes, finds itself done,
+or refuses changed inputs in one line ('inputs changed: KEYS; use another --work-dir'); nothing is moved or deleted.
 
-    python tools/study.py configs/studies/demo.yaml --work-dir work_dirs/demo
-    python tools/study.py configs/studies/paper.yaml --work-dir work_dirs/paper --dry-run     # commands only
+    python tools/study.py configs/studies/demo.yaml --work-dir work_dirs/demo [--dry-run] [--status]
     GPUS=8 python tools/study.py configs/studies/paper.yaml --work-dir work_dirs/paper --only cls --arms d_cosine
     python tools/study.py configs/studies/paper.yaml --work-dir work_dirs/paper --executor slurm \\
         --partition gpu --time 4320 --gpus-per-node 8 [--nodes 2] [--account A] [--slurm qos=high ...] [--dry-run]
-    python tools/study.py configs/studies/paper.yaml --work-dir work_dirs/paper --status
-
-Rerunning the same command continues the study: each stage resumes, finds itself done, or refuses changed inputs
-in one line ('inputs changed: KEYS; use another --work-dir'); nothing is moved or deleted.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ from pathlib import Path
 from lifecycle.preemption import EXIT_INTERRUPTED
 from study.plan import command, plan
 from study.run import STATUS_FILE, echo, passing_signals_on, read_status, run_steps, status_table
-from study.spec import STAGE_DIRS, STAGES, SpecError, check_data, load_spec, with_options
+from study.spec import STAGE_DIRS, STAGES, SpecError, check_data, load_spec
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,8 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", type=Path, help="study file (configs/studies/demo.yaml, paper.yaml, published.yaml)")
     p.add_argument("--work-dir", type=Path, required=True, help="study directory: WORK_DIR/<arm>/seed<S>/<stage>")
-    p.add_argument("--dry-run", action="store_true", help="print the commands (local) or the jobs (slurm); run nothing")
-    p.add_argument("--status", action="store_true", help="print each job's and stage's last answer, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the commands (local) or jobs (slurm), run nothing")
+    p.add_argument("--status", action="store_true", help="print each stage's last answer, run nothing")
     p.add_argument("--only", choices=list(STAGE_DIRS.values()), help="one stage for every arm (its inputs must exist)")
     p.add_argument("--arms", help="comma-separated arms to run (default: all; the teachers they name run too)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end (local executor)")
@@ -46,15 +42,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(flag, type=kind, default=default, help=f"slurm: {what or flag[2:]}")
     p.add_argument("--slurm", nargs="+", default=[], metavar="KEY=VALUE", help="slurm: more sbatch parameters")
     return p.parse_args(argv)
-
-
-def dry_run(steps, gpus: int) -> int:
-    """One command per line on stdout; where each stage writes on stderr (each prints its batch, lr and schedule,
-    the same on any GPU count, in its first log line and its summary)."""
-    for step in steps:
-        print(f"# {step.label}: {step.dir}", file=sys.stderr, flush=True)
-        print(shlex.join(command(step, gpus)), flush=True)
-    return 0
 
 
 def slurm_executor(spec, steps, args) -> int:
@@ -79,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status_table(entries) if entries else f"{args.work_dir / STATUS_FILE}: no stage has run yet")
         return 0
     try:
-        spec = with_options(load_spec(args.study), args.data_root, args.allow_synthetic)
+        spec = load_spec(args.study, args.data_root, args.allow_synthetic)
         stages = tuple(s for s in STAGES if args.only in (None, STAGE_DIRS[s]))
         if args.only and not spec.defines(stages[0]):
             raise SpecError(f"{spec.path}: --only {args.only}: this study has no {stages[0]} stage")
@@ -92,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (gpus := os.environ.get("GPUS", "").strip() or "0").isdigit():
             raise SpecError(f"GPUS={gpus!r}: expected the number of GPUs per machine (an integer), or leave it unset")
         steps = plan(spec, args.work_dir, stages, arms)
+        for step in steps if args.dry_run and args.executor == "local" else []:  # each logs its protocol first
+            print(shlex.join(command(step, int(gpus))), flush=True)
         if args.dry_run and args.executor == "local":
-            return dry_run(steps, int(gpus))
+            return 0
         if not args.dry_run:
             check_data(spec, stages)
     except SpecError as e:

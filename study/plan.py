@@ -1,6 +1,5 @@
-"""A study spec turned into commands: one Step per (seed, arm, stage), each the stage's own CLI, in the order they
-run (teachers first; per arm classification -> export -> detection -> segmentation), in
-``WORK_DIR/<arm>/seed<S>/{cls,export,det,seg}``. Whether a stage has work to do is its own decision when it runs.
+"""A study spec turned into commands: one Step per (seed, arm, stage), the stage's own CLI, in the order they run
+(teachers first), in ``WORK_DIR/<arm>/seed<S>/{cls,export,det,seg}``. Whether it has work to do is the stage's call.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ from pathlib import Path
 from study.spec import STAGE_DIRS, STAGES, TEACHER_REF, Arm, StudySpec
 
 REPO = Path(__file__).resolve().parent.parent
-OUTPUTS = {"classification": "summary.json", "export": "meta.json", "detection": "summary.json",
-           "segmentation": "summary.json"}
+OUTPUTS = {**dict.fromkeys(STAGES, "summary.json"), "export": "meta.json"}  # what marks a stage done
 MODULES = {"classification": "classification.train", "detection": "detection.train",
            "segmentation": "segmentation.train"}
 EXPORT_TOOL = "tools/export_backbone.py"
@@ -30,11 +28,11 @@ class Step:
     argv: tuple[str, ...]  # after the launcher: ("-m", "classification.train", ...) or (EXPORT_TOOL, ...)
     distributed: bool  # runs under torchrun on several GPUs
     needs: tuple[tuple[str, int, str], ...] = ()  # the steps whose outputs it reads
-    inputs: tuple[Path, ...] = ()  # those outputs
 
     key = property(lambda self: (self.arm, self.seed, self.stage))
     label = property(lambda self: f"{self.arm} seed{self.seed} {self.stage}")
     output = property(lambda self: self.dir / OUTPUTS[self.stage])
+    inputs = property(lambda self: [stage_dir(self.dir.parents[2], *n) / OUTPUTS[n[2]] for n in self.needs])
 
 
 def stage_dir(work_dir: Path, arm: str, seed: int, stage: str) -> Path:
@@ -62,29 +60,24 @@ def _step(spec: StudySpec, work_dir: Path, arm: Arm, seed: int, stage: str) -> S
         argv = ["-m", MODULES[stage], path(arm.classification), "--data-root", path(spec.data["imagenet"]),
                 *(["--allow-synthetic"] if spec.allow_synthetic else []), "--work-dir", path(here),
                 "--set", f"name={arm.name}", f"seed={seed}", *items]
-        return Step(arm.name, seed, stage, here, tuple(argv), True, tuple((t, seed, stage) for t in arm.teachers),
-                    tuple(stage_dir(work_dir, t, seed, stage) / OUTPUTS[stage] for t in arm.teachers))
+        return Step(arm.name, seed, stage, here, tuple(argv), True, tuple((t, seed, stage) for t in arm.teachers))
     if stage == "export":
         if not arm.pretrained:
             return None
-        tool = os.path.relpath(REPO / EXPORT_TOOL)
-        tool = tool if not tool.startswith("..") else str(REPO / EXPORT_TOOL)
+        tool = rel if not (rel := os.path.relpath(REPO / EXPORT_TOOL)).startswith("..") else str(REPO / EXPORT_TOOL)
         if arm.backbone is not None:  # published weights (timm:NAME, torchvision:WEIGHTS) or a weights file
             variant = ["--variant", arm.variant] if arm.variant else []
             return Step(arm.name, seed, stage, here, (tool, arm.backbone, *variant, "--out", path(here)), False)
         cls = stage_dir(work_dir, arm.name, seed, "classification")
         return Step(arm.name, seed, stage, here, (tool, path(cls), "--out", path(here)), False,
-                    ((arm.name, seed, "classification"),), (cls / OUTPUTS["classification"],))
-    section = getattr(spec, stage)
-    export = stage_dir(work_dir, arm.name, seed, "export")
+                    ((arm.name, seed, "classification"),))
+    section, export = getattr(spec, stage), stage_dir(work_dir, arm.name, seed, "export")
     argv = ["-m", MODULES[stage], "--export", path(export) if arm.pretrained else "none", "--config",
             path(section.config), "--data-root", path(spec.data["voc" if stage == "detection" else "ade20k"]),
             "--work-dir", path(here), "--arm", arm.name, "--seed", str(seed),
             *(["--allow-synthetic"] if spec.allow_synthetic else []),
             *(["--cfg-options", *section.cfg_options] if section.cfg_options else [])]
-    needs = ((arm.name, seed, "export"),) if arm.pretrained else ()
-    return Step(arm.name, seed, stage, here, tuple(argv), True, needs,
-                (export / OUTPUTS["export"],) if arm.pretrained else ())
+    return Step(arm.name, seed, stage, here, tuple(argv), True, ((arm.name, seed, "export"),) if arm.pretrained else ())
 
 
 def command(step: Step, gpus: int, nodes: int = 1, master: str = "$MASTER_ADDR", job_id: str = "0") -> list[str]:

@@ -1,9 +1,6 @@
 """The study report, rendered from study/results.py: ``python tools/report.py STUDY_DIR --out REPORT_DIR`` writes
-REPORT.md (one table per paper table, 6, 8 and 9, ours beside the paper's, with findings; the plot; stages missing or
-not done; where each number comes from), results.csv (one row per arm x stage x metric), and prints the tables.
-Ours are differences to the study's reference arm (b_standard, else random_init) over paired seeds with a 95 %
-t-interval; a finding names a direction only when its interval excludes zero.
-"""
+REPORT.md (Tables 6, 8, 9, ours beside the paper's, with findings that name a direction only when the 95 % interval
+excludes zero; the gain plot; what is missing or not done; provenance) and results.csv, and prints the tables."""
 
 from __future__ import annotations
 
@@ -11,7 +8,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,16 +35,13 @@ def fmt_stat(s: Stat | None) -> str:
 
 
 def fmt_diff(d: Difference | float | None) -> str:
-    if d is None:
-        return DASH
-    if not isinstance(d, Difference):
-        return f"{round(d, 2) + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0
-    return fmt_diff(d.mean) + (" (1 seed)" if d.n == 1 else f" [{fmt_diff(d.low)}, {fmt_diff(d.high)}]")
+    if isinstance(d, Difference):
+        return fmt_diff(d.mean) + (" (1 seed)" if d.n == 1 else f" [{fmt_diff(d.low)}, {fmt_diff(d.high)}]")
+    return DASH if d is None else f"{round(d, 2) + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0
 
 
 def arm_label(arm: str) -> str:
-    name = paper.display_name(arm)
-    return arm if name == arm else f"{name} ({arm})"
+    return arm if (name := paper.display_name(arm)) == arm else f"{name} ({arm})"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -99,15 +92,14 @@ def finding(results: Results, table: str, stage: str, metric: str, label: str, r
             + "; ".join(parts) + ".") if parts else None
 
 
-def paper_table(results: Results, key: str, title: str, stage: str, metrics: tuple) -> tuple[str, list[str]]:
+def paper_table(results: Results, key: str, title: str, stage: str, metrics: tuple) -> str:
     ref, data = results.reference, results.classification_data()
     top1 = [] if stage == "classification" else [f"ours top-1 ({data})"]
     header = (["arm", *top1] + [f"ours {label}" for _, label in metrics]
               + [f"{label} vs {paper.display_name(ref)} (ours)" for _, label in metrics]
               + (["paper top-1"] if top1 else []) + [f"paper {label}" for _, label in metrics]
               + [f"{label} gain vs B-standard (paper)" for _, label in metrics])
-    marks: set[str] = set()
-    rows = []
+    marks, rows = set(), []
     for arm in results.arms:
         if stage == "classification" and not results.select(arm, stage):
             continue  # the control and published backbones have no classification stage by design
@@ -125,7 +117,7 @@ def paper_table(results: Results, key: str, title: str, stage: str, metrics: tup
     for reference in dict.fromkeys([ref, paper.RANDOM_INIT]):
         notes += [f for m, label in metrics if reference in results.arms and m != "top5"
                   and (f := finding(results, key, stage, m, label, reference))]
-    return "\n\n".join([f"## {title}", markdown_table(header, rows), *notes]), rows
+    return "\n\n".join([f"## {title}", markdown_table(header, rows), *notes])
 
 
 def missing_stages(results: Results) -> list[str]:
@@ -150,9 +142,7 @@ def _backbone(run) -> str:
 
 def write_file(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # the temporary file it renames is created 0600
+    path.chmod(0o644)  # the temporary file atomic_write_bytes renames is created 0600
 
 
 def transfer_gain(results: Results, path: Path) -> str | None:
@@ -213,9 +203,8 @@ def write_report(results: Results, out: Path) -> str:
     """Write REPORT.md, results.csv and the plots into ``out``; return what to print."""
     out.mkdir(parents=True, exist_ok=True)
     written = {"transfer_gain.png": transfer_gain(results, out / "transfer_gain.png")}
-    tables = [paper_table(results, *t)[0] for t in TABLES if results.select(stage=t[2])]
-    absent = [f"{t[1].split(' —')[0]}: no {t[2]} summaries in this study." for t in TABLES
-              if not results.select(stage=t[2])]
+    tables = [paper_table(results, *t) for t in TABLES if results.select(stage=t[2])]
+    absent = [f"{t[1][:7]}: no {t[2]} summaries in this study." for t in TABLES if not results.select(stage=t[2])]
     counts = ", ".join(f"{len(results.select(stage=s))} {s}" for s in STAGES)
     md = ["# Bag of Tricks transfer study", f"Study `{results.root}`: {len(results.runs)} summaries ({counts}); arms: "
           + ", ".join(f"`{a}`" for a in results.arms) + ".",
@@ -239,9 +228,7 @@ def write_report(results: Results, out: Path) -> str:
     md += ["## Provenance", "Summary paths are relative to the study directory.",
            markdown_table(["arm", "stage", "seed", "config", "backbone", "summary"], prov)]
     write_file(out / "REPORT.md", ("\n\n".join(md) + "\n").encode())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
+    (writer := csv.DictWriter(buf := io.StringIO(), fieldnames=CSV_FIELDS, lineterminator="\n")).writeheader()
     writer.writerows(csv_rows(results))
     write_file(out / "results.csv", buf.getvalue().encode())
     lines = [*tables, *absent] + (["Missing: " + "; ".join(missing)] if missing else [])

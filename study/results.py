@@ -1,7 +1,6 @@
-"""A study's numbers from its summary.json files (any layout below the study directory; each names its stage, arm
-and seed): per arm and metric the mean and sample std over seeds, and each arm's difference to a reference arm over
-the seeds both ran (paired: a seed fixes both runs' data order and initialisation), with its 95 % t-interval.
-"""
+"""A study's numbers from its summary.json files (any layout; each names its stage, arm and seed): per arm and metric
+the mean and sample std over seeds, and each arm's difference to a reference arm over the seeds both ran (paired: a
+seed fixes both runs' data order and initialisation) with its 95 % t-interval (scipy.stats.t)."""
 
 from __future__ import annotations
 
@@ -43,9 +42,7 @@ class Stat:
 
 
 @dataclass(frozen=True)
-class Difference:
-    """Mean of an arm's per-seed differences to the reference, and its 95 % t-interval (None for one seed)."""
-
+class Difference:  # the mean of an arm's per-seed differences to the reference, its 95 % t-interval (one seed: None)
     mean: float
     low: float | None
     high: float | None
@@ -61,9 +58,9 @@ def _number(x: Any) -> bool:
 
 
 def stat(values: dict[int, float]) -> Stat | None:
-    xs = [values[s] for s in sorted(values)]
-    return Stat(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs),
-                tuple(sorted(values))) if xs else None
+    xs = list(values.values())
+    return Stat(statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs), tuple(sorted(values))
+                ) if xs else None
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> Difference | None:

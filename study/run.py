@@ -1,12 +1,9 @@
-"""Running planned steps in order, each its stage's command in a subprocess: the local executor, and each Slurm job
-on its allocation (study/slurm.py). SIGTERM and SIGUSR1 are passed on to the running stage (Ctrl-C reaches it from
-the terminal), which saves and exits 75; the study then stops with 75, and rerunning resumes it.
-
-WORK_DIR/study_status.json holds each stage's last answer: ``running`` (with host, pid and Slurm job) before it
-starts, then ``done``, ``stopped by max_steps`` (the trainer stopped where told, without a summary), ``interrupted``
-(exit 75: it saved a resumable checkpoint), ``failed`` (with its error line) or ``blocked`` (an upstream stage is not
-done; the other arms go on). Jobs on several nodes update it under a lock. A ``running`` entry whose process is gone
-(a study killed by SIGKILL) reads back as ``not finished``.
+"""Running planned steps in order, each its stage's command in a subprocess (the local executor, and each Slurm job
+on its allocation), and WORK_DIR/study_status.json: each stage's last answer, ``running`` (host, pid, Slurm job)
+before it starts, then ``done``, ``stopped by max_steps`` (where told, without a summary), ``interrupted`` (exit 75,
+after saving a resumable checkpoint), ``failed`` (its error line) or ``blocked`` (an upstream stage is not done; the
+other arms go on). A ``running`` entry whose process is gone (SIGKILL) reads back as ``not finished``. SIGTERM and
+SIGUSR1 are passed on to the running stage (Ctrl-C reaches it from the terminal); the study then stops with 75.
 """
 
 from __future__ import annotations
@@ -32,8 +29,6 @@ from study.plan import REPO, Step, command
 from study.spec import STAGES
 
 _ERROR_LINE = re.compile(r"^(error:|\w+(\.\w+)*(Error|Exception)\b)")
-
-
 STATUS_FILE = "study_status.json"
 DONE, RUNNING, NOT_FINISHED = "done", "running", "not finished"
 MAX_STEPS, INTERRUPTED, FAILED, BLOCKED = "stopped by max_steps", "interrupted", "failed", "blocked"
@@ -41,10 +36,9 @@ MAX_STEPS, INTERRUPTED, FAILED, BLOCKED = "stopped by max_steps", "interrupted",
 
 def _load(path: Path) -> list[dict[str, Any]]:
     try:
-        entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return [e for e in json.loads(path.read_text()) if isinstance(e, dict)]
+    except (OSError, ValueError, TypeError):  # absent, not JSON, not a list
         return []
-    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 def record(work_dir: Path, key: tuple[str, int, str], status: str, **fields: Any) -> None:
@@ -86,10 +80,7 @@ def status_table(entries: list[dict[str, Any]]) -> str:
 
 
 class _Running:  # the stage running now, for the signal handlers (ours, or submitit's checkpoint in a Slurm job)
-    proc: subprocess.Popen | None = None
-    step: Step | None = None
-    work_dir: Path | None = None
-    signum: int | None = None
+    proc = step = work_dir = signum = None  # its Popen, Step and work dir; the signal that stops the study
 
 
 def echo(text: str) -> None:

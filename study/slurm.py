@@ -20,7 +20,7 @@ from submitit.helpers import DelayedSubmission
 from submitit.slurm.slurm import _make_sbatch_string  # the sbatch text SlurmExecutor writes, for --dry-run
 
 from study.plan import Step, command
-from study.run import run_steps, stop_running_stage
+from study.run import STATUS_FILE, run_steps, stop_running_stage
 from study.spec import StudySpec
 
 SIGNAL_DELAY_S = 120  # the stages save within one step; a checkpoint of a ResNet-50 takes seconds
@@ -38,11 +38,9 @@ class ArmJob:  # pickled by submitit, run on every node of the allocation; ``che
 
     def __call__(self) -> int:
         env = submitit.JobEnvironment()
-        rc = run_steps(self.steps, self.work_dir, self.gpus_per_node, self.nodes, rank=env.global_rank,
-                       master=env.hostnames[0], job_id=str(env.job_id))
-        if rc:  # a failed Slurm job, so that sacct and afterok dependencies see it
-            raise RuntimeError(f"{self.name}: a stage did not finish (exit {rc}); see "
-                               f"{self.work_dir / 'study_status.json'}")
+        if rc := run_steps(self.steps, self.work_dir, self.gpus_per_node, self.nodes, rank=env.global_rank,
+                           master=env.hostnames[0], job_id=str(env.job_id)):  # a failed job, for sacct and afterok
+            raise RuntimeError(f"{self.name}: a stage is not done (exit {rc}); see {self.work_dir / STATUS_FILE}")
         return rc
 
     def checkpoint(self, *args: Any) -> DelayedSubmission:
@@ -54,24 +52,21 @@ def arm_jobs(spec: StudySpec, steps: list[Step], args) -> list[ArmJob]:
     """The plan's steps grouped by arm and seed, in plan order (teachers first)."""
     jobs: dict[str, ArmJob] = {}
     for step in steps:
-        name = f"{step.arm}.seed{step.seed}"
         teachers = [f"{t}.seed{step.seed}" for t in spec.arms[step.arm].teachers]
-        jobs.setdefault(name, ArmJob(name, [], args.work_dir, args.gpus_per_node, args.nodes, teachers))
-        jobs[name].steps.append(step)
+        jobs.setdefault(name := f"{step.arm}.seed{step.seed}",
+                        ArmJob(name, [], args.work_dir, args.gpus_per_node, args.nodes, teachers)).steps.append(step)
     return list(jobs.values())
 
 
 def sbatch_parameters(job: ArmJob, args, dependency: str | None = None) -> dict[str, Any]:
     """The sbatch parameters of a job, in the names of submitit's SlurmExecutor.update_parameters."""
     extra = dict(item.split("=", 1) for item in args.slurm)
-    params: dict[str, Any] = dict(
-        job_name=f"study.{job.name}", nodes=job.nodes, ntasks_per_node=1, gpus_per_node=job.gpus_per_node,
-        time=args.time, signal_delay_s=SIGNAL_DELAY_S,
-        setup=["export SUBMITIT_PREEMPT_SIGNAL=USR1"],  # submitit's handler on the stop contract's signal
-        additional_parameters={"signal": f"USR1@{SIGNAL_DELAY_S}", "requeue": True,
-                               **({"dependency": dependency} if dependency else {}), **extra})
-    params.update({k: v for k, v in (("partition", args.partition), ("account", args.account)) if v})
-    return params
+    return dict(job_name=f"study.{job.name}", nodes=job.nodes, ntasks_per_node=1, gpus_per_node=job.gpus_per_node,
+                time=args.time, signal_delay_s=SIGNAL_DELAY_S, **{k: v for k, v in (
+                    ("partition", args.partition), ("account", args.account)) if v},
+                setup=["export SUBMITIT_PREEMPT_SIGNAL=USR1"],  # submitit's handler on the stop contract's signal
+                additional_parameters={"signal": f"USR1@{SIGNAL_DELAY_S}", "requeue": True,
+                                       **({"dependency": dependency} if dependency else {}), **extra})
 
 
 def submission_text(job: ArmJob, params: dict[str, Any], folder: Path) -> str:
