@@ -102,7 +102,9 @@ def test_study_runs_every_stage_of_every_arm_teacher_first(work):
     assert (summary["arm"], summary["seed"]) == ("d_student", 0)
     assert summary["config"]["distill_teacher"] == str(stage_dir(work, "b_standard", "classification"))
     assert f"distill_teacher={stage_dir(work, 'b_standard', 'classification')}" in student["command"]
-    assert (work / "report" / "REPORT.md").exists() and (work / "report" / "results.csv").exists()
+    report = (work / "report" / "REPORT.md").read_text()  # names the generated data the top-1 was measured on
+    assert re.search(r"Top-1 and its data: imagenet \(\d+ classes, generated\)\.", report)
+    assert (work / "report" / "results.csv").exists()
 
 
 def test_rerun_of_a_finished_study_changes_nothing(done, work, capfd):
