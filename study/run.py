@@ -112,7 +112,8 @@ def stop_running_stage(signum: int, wait_s: float) -> None:
             rc = proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             rc = None
-        record(_Running.work_dir, step.key, *outcome(step, rc, f"preempted; no checkpoint (exit {rc})"))
+        state, error = outcome(step, rc, f"preempted; no checkpoint (exit {rc})")
+        record(_Running.work_dir, step.key, state, error=error)
 
 
 def run_stage(step: Step, argv: list[str], work_dir: Path) -> tuple[int, str]:

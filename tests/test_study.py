@@ -377,3 +377,30 @@ def test_slurm_job_runs_its_arm_through_submitit(tiny_data, tmp_path):
     assert submitted["b_standard.seed0"].result() == 0
     entry = status(tmp_path / "w")[("b_standard", "classification")]
     assert entry["status"] == "done" and entry["pid"] != os.getpid()
+
+
+def test_preempted_slurm_job_saves_its_stage_and_requeues(tmp_path):
+    """submitit's handler calls ArmJob.checkpoint on SIGUSR1: the running stage is asked to save (the stop contract),
+    exits 75, is recorded 'interrupted', and the same job comes back to be requeued."""
+    import threading
+
+    from submitit.helpers import DelayedSubmission
+
+    from study import run, slurm
+    from study.plan import Step
+
+    stage = ("-c", "import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); time.sleep(60)")
+    step = Step("b_standard", 0, "classification", tmp_path / "b_standard/seed0/cls", stage, False)
+    job = slurm.ArmJob("b_standard.seed0", [step], tmp_path, gpus_per_node=0)
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(run.run_steps(job.steps, tmp_path, 0)))
+    thread.start()
+    deadline = time.time() + 30
+    while run._Running.proc is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)  # the stage installs its handler (Slurm warns minutes after the start)
+    requeued = job.checkpoint()
+    thread.join(30)
+    run._Running.signum = None
+    assert isinstance(requeued, DelayedSubmission) and requeued.function is job
+    assert answers == [75] and status(tmp_path)[("b_standard", "classification")]["status"] == "interrupted"
