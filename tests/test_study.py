@@ -1,19 +1,24 @@
-"""The study runner end to end with the real stages on the tiny data: skip what is up to date, rerun what
-changed (keeping the old run), carry on past a failed arm, print commands without running them, and refuse a
-bad study file with one line."""
+"""The study end to end with the real stages on the tiny data: each stage's own answer on a rerun (done, resumed,
+refused with the key named) recorded in study_status.json with max_steps, interruption and SIGKILL outcomes; carry on
+past a failed arm; print commands or Slurm jobs without running them; refuse a bad study file with one line."""
 
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from classification.artifacts import read_summary
-from study import report, runner
+from study import cli
+from study.spec import STAGE_DIRS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_B = str(REPO / "configs/classification/demo/r50b_standard.yaml")
@@ -61,7 +66,7 @@ def outputs(work: Path) -> dict[Path, tuple[bytes, int]]:
 
 
 def stage_dir(work: Path, arm: str, stage: str) -> Path:
-    return work / arm / "seed0" / runner.SHORT[stage]
+    return work / arm / "seed0" / STAGE_DIRS[stage]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +75,7 @@ def done(tiny_data, tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("study")
     study = write_study(root / "study.yaml", tiny_data, ARMS)
     work = root / "work"
-    assert runner.main([str(study), "--work-dir", str(work)]) == 0
+    assert cli.main([str(study), "--work-dir", str(work)]) == 0
     return study, work, Path(shutil.copytree(work, root / "pristine"))
 
 
@@ -83,88 +88,84 @@ def work(done) -> Path:
 
 
 def run(study: Path, work: Path, *extra: str) -> int:
-    return runner.main([str(study), "--work-dir", str(work), "--no-report", *extra])
+    return cli.main([str(study), "--work-dir", str(work), "--no-report", *extra])
 
 
 def test_study_runs_every_stage_of_every_arm_teacher_first(work):
     entries = json.loads((work / "study_status.json").read_text())
     expected = [(arm, stage) for arm in ("b_standard", "d_student", "random_init") for stage in arm_stages(ARMS[arm])]
-    assert [(e["arm"], e["stage"]) for e in entries] == expected  # dependency order: the teacher first
-    assert all(e["status"] == "ok" and e["seconds"] > 0 and e["error"] is None for e in entries)
-    student = stage_dir(work, "d_student", "classification")
-    assert f"distill_teacher={stage_dir(work, 'b_standard', 'classification')}" in status(work)[
-        ("d_student", "classification")]["command"]
-    summary = read_summary(student / "summary.json")
+    assert sorted((e["arm"], e["stage"]) for e in entries) == sorted(expected)
+    assert all(e["status"] == "done" and e["seconds"] > 0 and e["error"] is None for e in entries)
+    teacher, student = status(work)[("b_standard", "classification")], status(work)[("d_student", "classification")]
+    assert teacher["finished"] <= student["started"]  # dependency order: the teacher first
+    summary = read_summary(stage_dir(work, "d_student", "classification") / "summary.json")
     assert (summary["arm"], summary["seed"]) == ("d_student", 0)
     assert summary["config"]["distill_teacher"] == str(stage_dir(work, "b_standard", "classification"))
-    assert (student / "stage.log").read_text().count("summary:") == 1  # the stage's own output, teed
-    fp = json.loads((student / runner.FINGERPRINT).read_text())
-    assert "$WORK_DIR/b_standard/seed0/cls/summary.json" in fp["upstream"]
-    assert (work / "report" / "REPORT.md").exists() and (work / "report" / "results.csv").exists()
+    assert f"distill_teacher={stage_dir(work, 'b_standard', 'classification')}" in student["command"]
+    report = (work / "report" / "REPORT.md").read_text()  # names the generated data the top-1 was measured on
+    assert re.search(r"Top-1 and its data: imagenet \(\d+ classes, generated\)\.", report)
+    assert (work / "report" / "results.csv").exists()
 
 
-def test_rerun_of_a_finished_and_moved_study_runs_nothing(done, tmp_path, capsys):
-    work = Path(shutil.copytree(done[2], tmp_path / "moved"))  # fingerprints hold paths relative to the work dir
+def test_rerun_of_a_finished_study_changes_nothing(done, work, capfd):
     before = outputs(work)
     assert len(before) == sum(len(arm_stages(a)) for a in ARMS.values())
     assert run(done[0], work) == 0
-    assert {e["status"] for e in status(work).values()} == {"skipped"}
+    assert {e["status"] for e in status(work).values()} == {"done"}
     assert outputs(work) == before  # bytes and mtimes
-    out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == len(before) and "classification.train" not in out
+    assert capfd.readouterr().out.count("already complete") == 2  # each trainer's own answer
 
 
-def test_deleted_output_reruns_only_that_stage(done, work, capsys):
-    last = arm_stages(ARMS["d_student"])[-1]  # the last stage: nothing downstream of it
-    (stage_dir(work, "d_student", last) / "summary.json").unlink()
-    before = outputs(work)
-    assert run(done[0], work) == 0
-    st = status(work)
-    assert st.pop(("d_student", last))["status"] == "ok"
-    assert {e["status"] for e in st.values()} == {"skipped"}
-    after = outputs(work)
-    assert after.keys() - before.keys() == {Path("d_student/seed0") / runner.SHORT[last] / "summary.json"}
-    assert all(after[k] == v for k, v in before.items())
-    assert "interrupted run, same inputs" in capsys.readouterr().out
-
-
-def test_stage_that_failed_after_writing_its_output_reruns(done, work):
-    fp_path = stage_dir(work, "b_standard", "classification") / runner.FINGERPRINT
-    fp = json.loads(fp_path.read_text())
-    assert fp["status"] == "ok"
-    fp_path.write_text(json.dumps({**fp, "status": "failed"}))  # as if it had exited non-zero after its summary
-    before = outputs(work)
-    assert run(done[0], work) == 0
-    st = status(work)
-    assert st.pop(("b_standard", "classification"))["status"] == "ok"  # the trainer finds the run complete
-    assert {e["status"] for e in st.values()} == {"skipped"} and outputs(work) == before
-    assert json.loads(fp_path.read_text())["status"] == "ok"
-
-
-def test_changed_set_reruns_that_arm_and_keeps_the_old_run(tiny_data, work, tmp_path, capsys):
-    arms = json.loads(json.dumps(ARMS))
-    arms["d_student"]["set"].append("label_smoothing=0.2")
-    study = write_study(tmp_path / "changed.yaml", tiny_data, arms)
-    before = outputs(work)
+def test_comment_or_runtime_key_change_resumes_a_stopped_run_and_real_key_change_is_refused(tiny_data, tmp_path):
+    """A run stopped at max_steps shows so; then a recipe with a new comment and other runtime keys (workers,
+    checkpoint_interval, no max_steps) resumes it to the end; another label_smoothing is refused, naming the key,
+    and nothing in the run dir is moved or changed."""
+    recipe = tmp_path / "recipe.yaml"
+    shutil.copyfile(RECIPE_B, recipe)
+    arms = {"b_standard": {"classification": str(recipe), "set": [*TINY, "max_steps=1"]}}
+    study, work = write_study(tmp_path / "study.yaml", tiny_data, arms), tmp_path / "work"
     assert run(study, work) == 0
-    st = status(work)
-    for stage in arm_stages(ARMS["d_student"]):
-        assert st.pop(("d_student", stage))["status"] == "ok"
-        old = stage_dir(work, "d_student", stage).with_name(f"{runner.SHORT[stage]}.stale-1")
-        assert (old / runner.FINGERPRINT).exists()
-        kept = old / ("meta.json" if stage == "export" else "summary.stale.json")  # hidden from the report
-        assert kept.read_bytes() == before[Path("d_student/seed0") / runner.SHORT[stage] / kept.name.replace(
-            ".stale", "")][0]
-    assert {e["status"] for e in st.values()} == {"skipped"}
-    assert read_summary(stage_dir(work, "d_student", "classification") / "summary.json")["config"][
-        "label_smoothing"] == 0.2
-    assert "inputs changed (command line)" in capsys.readouterr().out
-    assert len(report.load_study(work).select("d_student", "classification")) == 1
+    entry = status(work)[("b_standard", "classification")]
+    assert entry["status"] == "stopped by max_steps" and "rerun without max_steps" in entry["error"]
+    run_dir = stage_dir(work, "b_standard", "classification")
+    assert (run_dir / "last.pth").exists() and not (run_dir / "summary.json").exists()
+
+    recipe.write_text("# a comment the trainer does not see\n" + recipe.read_text().replace("workers: 2", "workers: 1"))
+    arms["b_standard"]["set"] = [*TINY, "checkpoint_interval=3"]
+    assert run(write_study(study, tiny_data, arms), work) == 0
+    assert status(work)[("b_standard", "classification")]["status"] == "done"
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    before = outputs(work)
+
+    arms["b_standard"]["set"] = [*TINY, "label_smoothing=0.2"]
+    assert run(write_study(study, tiny_data, arms), work) == 1
+    entry = status(work)[("b_standard", "classification")]
+    assert entry["status"] == "failed" and "label_smoothing" in entry["error"] and "--work-dir" in entry["error"]
+    assert outputs(work) == before and sorted(p.name for p in run_dir.parent.iterdir()) == ["cls"]
+
+
+def test_a_study_killed_by_sigkill_shows_its_running_stage_as_not_finished(tiny_data, tmp_path, capsys):
+    arms = {"b_standard": {"classification": RECIPE_B, "set": [*TINY, "epochs=50"]}}
+    study, work = write_study(tmp_path / "study.yaml", tiny_data, arms), tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools/study.py"), str(study), "--work-dir", str(work),
+                             "--no-report"], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (work / "b_standard/seed0/cls/last.pth").exists():
+            time.sleep(0.5)
+        assert status(work)[("b_standard", "classification")]["status"] == "running"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the study and its stage, as a lost node or the OOM killer would
+        proc.wait()
+    assert cli.main([str(study), "--work-dir", str(work), "--status"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("b_standard"))
+    assert "not finished" in row and f"pid {proc.pid}" in row and "rerun to resume" in row
 
 
 def test_failed_arm_blocks_its_students_and_the_study_goes_on(tiny_data, tmp_path, capsys):
     arms = {
-        "bad": {"classification": RECIPE_B, "set": [*TINY, "variant=Z"]},
+        "bad": {"classification": RECIPE_B, "set": [*TINY, f"distill_teacher={tmp_path / 'nope'}"]},
         "bad_student": {"classification": RECIPE_B, "set": [*TINY, "distill_teacher={cls:bad}"]},
         "b_standard": {"classification": RECIPE_B, "set": TINY},
     }
@@ -173,56 +174,54 @@ def test_failed_arm_blocks_its_students_and_the_study_goes_on(tiny_data, tmp_pat
     assert run(study, work) == 1
     st = status(work)
     bad = st[("bad", "classification")]
-    assert bad["status"] == "failed" and "variant" in bad["error"] and "classification.train" in bad["command"]
+    assert bad["status"] == "failed" and "nope" in bad["error"] and "classification.train" in bad["command"]
     assert {st[("bad_student", s)]["status"] for s in arm_stages(arms["bad_student"])} == {"blocked"}
-    assert all(st[("b_standard", s)]["status"] == "ok" for s in arm_stages(arms["b_standard"]))
+    assert all(st[("b_standard", s)]["status"] == "done" for s in arm_stages(arms["b_standard"]))
     assert read_summary(stage_dir(work, "b_standard", "classification") / "summary.json")["arm"] == "b_standard"
     assert not (stage_dir(work, "bad_student", "classification")).exists()
     out = capsys.readouterr().out
-    assert "FAILED" in out and "blocked" in out  # the closing status table
+    assert "failed" in out and "blocked" in out  # the closing status table
 
 
 def test_dry_run_prints_the_commands_and_creates_nothing(done, work, tmp_path, monkeypatch, capsys):
     fresh = tmp_path / "fresh"
     monkeypatch.setenv("GPUS", "2")
-    assert runner.main([str(done[0]), "--work-dir", str(fresh), "--dry-run"]) == 0
+    assert cli.main([str(done[0]), "--work-dir", str(fresh), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == sum(len(arm_stages(a)) for a in ARMS.values()) and not fresh.exists()
     first = shlex.split(lines[0])
     assert first[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     assert first[4:7] == ["-m", "classification.train", RECIPE_B] and "--work-dir" in first
-
     monkeypatch.delenv("GPUS")
-    (stage_dir(work, "b_standard", "classification") / "summary.json").unlink()
-    assert runner.main([str(done[0]), "--work-dir", str(work), "--dry-run"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    # b_standard resumes; its downstream stages and its student see a new summary and rerun
-    n = len(arm_stages(ARMS["b_standard"])) + len(arm_stages(ARMS["d_student"]))
-    assert len(out) == n and shlex.split(out[0])[:3] == [sys.executable, "-m", "classification.train"]
-    assert not (work / "d_student" / "seed0" / "cls.stale-1").exists()
+    assert cli.main([str(done[0]), "--work-dir", str(work), "--dry-run"]) == 0  # a finished study: the same
+    assert [shlex.split(x)[0] for x in capsys.readouterr().out.splitlines()] == [sys.executable] * len(lines)
 
 
 def test_only_a_stage_needs_its_upstream_outputs(tiny_data, tmp_path, capsys):
     det = str(REPO / "configs/detection/faster-rcnn_r50_fpn_voc0712.py")
     study = {"data": {"imagenet": str(tiny_data / "imagenet"), "voc": str(tiny_data / "VOCdevkit")},
-             "detection": {"config": det, "cfg_options": ["train_cfg.max_epochs=1"]}, "arms": ARMS}
+             "detection": {"config": det, "cfg_options": ["train_cfg.max_epochs=1"]}, "allow_synthetic": True,
+             "arms": ARMS}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
-    assert runner.main([str(path), "--work-dir", str(tmp_path / "w"), "--only", "det", "--dry-run"]) == 1
-    cap = capsys.readouterr()
-    errors = [line for line in cap.err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all("export/meta.json" in e for e in errors)  # one line per pretrained arm
-    (line,) = cap.out.splitlines()  # random_init needs no export
-    assert shlex.split(line)[3:5] == ["--export", "none"] and line.endswith("--cfg-options train_cfg.max_epochs=1")
-    assert not (tmp_path / "w").exists()
+    assert cli.main([str(path), "--work-dir", str(tmp_path / "w"), "--only", "det", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (control,) = [line for line in lines if "--arm random_init" in line]
+    assert len(lines) == 3 and shlex.split(control)[3:5] == ["--export", "none"]  # random_init needs no export
+    assert control.endswith("--cfg-options train_cfg.max_epochs=1")
+    assert cli.main([str(path), "--work-dir", str(tmp_path / "w"), "--only", "det", "--arms", "b_standard,d_student",
+                     "--no-report"]) == 1
+    st = status(tmp_path / "w")
+    assert {st[(a, "detection")]["status"] for a in ("b_standard", "d_student")} == {"blocked"}
+    assert "export/meta.json; run the stage that writes it first" in st[("b_standard", "detection")]["error"]
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.update(extra=1), "unknown key 'extra'"),
     (lambda s: s["arms"]["b_standard"].update(classification="nope.yaml"), "arms.b_standard.classification: nope.yaml"),
     (lambda s: s["arms"]["b_standard"].update(sett=[]), "arms.b_standard: unknown key 'sett'"),
-    (lambda s: s["arms"]["b_standard"].update(set=["epoch=1"]), "unknown classification key 'epoch'"),
-    (lambda s: s["arms"]["b_standard"].update(set=["seed=1"]), "set by the study runner"),
+    (lambda s: s["arms"]["b_standard"].update(set=["epoch=1"]), "arms.b_standard.set: --set: unknown key 'epoch'"),
+    (lambda s: s["arms"]["b_standard"].update(set=["seed=1"]), "'seed' is set by the study"),
     (lambda s: s["arms"]["d_student"].update(set=["distill_teacher={cls:nobody}"]), "{cls:nobody} names no arm"),
     (lambda s: s["arms"]["b_standard"].update(set=["distill_teacher={cls:d_student}"]), "cycle"),
     (lambda s: s["arms"]["d_student"].update(set=["distill_teacher={cls:random_init}"]), "no classification stage"),
@@ -235,19 +234,19 @@ def test_bad_study_file_gives_one_line_naming_it(tiny_data, tmp_path, capsys, ch
     raw = yaml.safe_load(path.read_text())
     change(raw)
     path.write_text(yaml.safe_dump(raw))
-    assert runner.main([str(path), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 2
+    assert cli.main([str(path), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {path}: ") and message in err
     assert not (tmp_path / "w").exists()
 
 
 def test_bad_command_line_gives_one_line(done, tmp_path, capsys):
-    assert runner.main([str(done[0]), "--work-dir", str(tmp_path / "w"), "--arms", "b_standard,nope"]) == 2
+    assert cli.main([str(done[0]), "--work-dir", str(tmp_path / "w"), "--arms", "b_standard,nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(done[0]) in err and "'nope'" in err
     dup = tmp_path / "dup.yaml"
     dup.write_text(done[0].read_text() + "seeds: [1]\n")
-    assert runner.main([str(dup), "--work-dir", str(tmp_path / "w")]) == 2
+    assert cli.main([str(dup), "--work-dir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(dup) in err and "given twice" in err
 
@@ -256,7 +255,7 @@ def test_bad_command_line_gives_one_line(done, tmp_path, capsys):
 def test_shipped_study_files_dry_run(study_file, tmp_path, capsys):
     """The shipped studies parse and print one command per arm and stage (the data need not exist to plan)."""
     path = REPO / "configs" / "studies" / study_file
-    assert runner.main([str(path), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 0
+    assert cli.main([str(path), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     arms = yaml.safe_load(path.read_text())["arms"]
     pretrained = [a for a, spec in arms.items() if spec["classification"]]
@@ -278,29 +277,130 @@ def test_every_shipped_classification_recipe_loads():
 
 def test_paper_study_refuses_generated_data_before_any_stage(tiny_data, tmp_path, capsys):
     paper = REPO / "configs/studies/paper.yaml"
-    assert runner.main([str(paper), "--work-dir", str(tmp_path / "w"), "--data-root", str(tiny_data)]) == 2
+    assert cli.main([str(paper), "--work-dir", str(tmp_path / "w"), "--data-root", str(tiny_data)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "SYNTHETIC.json" in err and "--allow-synthetic" in err
     assert not (tmp_path / "w").exists()
 
 
-def test_paper_study_keeps_its_protocol_on_1_2_and_8_gpus(tmp_path, capsys, monkeypatch):
-    """--dry-run states each training stage's batch, lr and schedule: the same on any GPU count, with the
-    accumulation that gets there."""
-    paper = REPO / "configs/studies/paper.yaml"
+def test_paper_recipes_keep_their_protocol_on_1_2_and_8_gpus():
+    """Each training stage of the paper study states its batch, lr and schedule, the same on any GPU count with the
+    accumulation that gets there (the line each stage logs first and records in its summary)."""
+    from classification.config import load_config
+    from transfer.runner import describe_recipe
+
+    spec = yaml.safe_load((REPO / "configs/studies/paper.yaml").read_text())
     seen = {}
-    for gpus in ("1", "2", "8"):
-        monkeypatch.setenv("GPUS", gpus)
-        assert runner.main([str(paper), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 0
-        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("# ")]
-        protocols = dict(m.groups() for m in map(re.compile(r"# (.+?): [^;]*; (.*)").fullmatch, notes) if m)
-        assert len(protocols) == 8 + 8 + 8 - 1  # cls for 7 pretrained arms; det and seg for all 8 arms
-        seen[gpus] = protocols
-    assert seen["1"]["b_standard seed0 classification"].startswith(
-        "global batch 256 = 1 x 32 x 8 accumulation steps, peak lr 0.1, 120 epochs")
-    assert seen["8"]["d_mixup seed0 classification"].startswith(
-        "global batch 1024 = 8 x 128 x 1 accumulation steps, peak lr 0.4, 200 epochs")
-    assert seen["1"]["random_init seed0 segmentation"].startswith("batch 16 = 1 x 4 x 4 accumulation steps, lr 0.01")
+    for gpus in (1, 2, 8):
+        lines = {arm: load_config(REPO / a["classification"]).batch_line(gpus)
+                 for arm, a in spec["arms"].items() if a["classification"]}
+        lines.update({stage: describe_recipe(REPO / spec[stage]["config"], {}, gpus)
+                      for stage in ("detection", "segmentation")})
+        seen[gpus] = lines
+    assert seen[1]["b_standard"].startswith("global batch 256 = 1 x 32 x 8 accumulation steps, peak lr 0.1")
+    assert seen[8]["d_mixup"].startswith("global batch 1024 = 8 x 128 x 1 accumulation steps, peak lr 0.4")
+    assert seen[1]["segmentation"].startswith("batch 16 = 1 x 4 x 4 accumulation steps, lr 0.01")
     same = {g: {k: re.sub(r" = \d+ x \d+ x \d+ accumulation steps", "", v) for k, v in p.items()}
             for g, p in seen.items()}
-    assert same["1"] == same["2"] == same["8"]
+    assert same[1] == same[2] == same[8] and len(same[1]) == 9
+
+
+def sbatch(text: str) -> dict[str, str]:
+    return dict(line[len("#SBATCH --"):].partition("=")[::2] for line in text.splitlines()
+                if line.startswith("#SBATCH --"))
+
+
+def test_paper_study_on_slurm_dry_run_prints_one_job_per_arm(tmp_path, capsys):
+    """--executor slurm --dry-run: the sbatch file submitit would write for each of the paper's 8 arms, built from
+    the same plan as the local commands; nothing is created and no scheduler is called."""
+    paper = REPO / "configs/studies/paper.yaml"
+    assert cli.main([str(paper), "--work-dir", str(tmp_path / "w"), "--executor", "slurm", "--dry-run", "--nodes",
+                     "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "600", "--account", "vision",
+                     "--slurm", "qos=high", "cpus_per_task=40"]) == 0
+    jobs = capsys.readouterr().out.split("\n# job ")  # each job: its stages' commands, then its sbatch file
+    arms = list(yaml.safe_load(paper.read_text())["arms"])
+    assert len(jobs) == len(arms) == 8 and not (tmp_path / "w").exists()
+    for arm, text in zip(arms, jobs):
+        params = sbatch(text)
+        assert params.pop("job-name") == f"study.{arm}.seed0" and params.pop("output").endswith("%j_0_log.out")
+        params.pop("error")
+        assert params == {"nodes": "2", "ntasks-per-node": "1", "gpus-per-node": "4", "partition": "gpu",
+                          "time": "600", "account": "vision", "qos": "high", "cpus-per-task": "40",
+                          "signal": "USR1@120", "requeue": "", "open-mode": "append", "wckey": "submitit"}
+        assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in text and "-m submitit.core._submit" in text
+    # The job's stages, in order: torchrun across both nodes for the training stages, the export on one process.
+    mixup = job_stages(jobs[arms.index("d_mixup")])
+    assert [line.split(":")[0] for line in mixup] == [f"d_mixup seed0 {s}" for s in
+                                                      ("classification", "export", "detection", "segmentation")]
+    assert "--nnodes=2 --rdzv-backend=c10d" in mixup[0] and "--nproc_per_node=4" in mixup[0]
+    assert "torch.distributed.run" not in mixup[1]
+
+
+def job_stages(text: str) -> list[str]:
+    return [line[4:] for line in text.splitlines() if line.startswith("#   ")]
+
+
+def test_slurm_submission_teacher_first_with_afterok(tiny_data, tmp_path, monkeypatch):
+    """The submit path through submitit's own SlurmExecutor, sbatch replaced by echo: the submission files it
+    writes, the student's job waiting on its teacher's."""
+    import submitit
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    job_ids = iter(range(4242, 4250))
+    monkeypatch.setattr(submitit.SlurmExecutor, "_make_submission_command",
+                        lambda self, path: ["echo", f"Submitted batch job {next(job_ids)}"])
+    study = write_study(tmp_path / "study.yaml", tiny_data, ARMS)
+    assert cli.main([str(study), "--work-dir", str(tmp_path / "w"), "--executor", "slurm", "--time", "30"]) == 0
+    files = sorted((tmp_path / "w" / "slurm").rglob("*_submission.sh"))
+    texts = [sbatch(f.read_text()) for f in files]
+    assert sorted(t["job-name"] for t in texts) == ["study.b_standard.seed0", "study.d_student.seed0"]
+    student = next(t for t in texts if t["job-name"] == "study.d_student.seed0")
+    assert student["dependency"] == "afterok:4242" and student["signal"] == "USR1@120"
+
+
+def test_slurm_job_runs_its_arm_through_submitit(tiny_data, tmp_path):
+    """One ArmJob through submitit's LocalExecutor (a real job process): the arm's stages run and are recorded."""
+    import argparse
+
+    import submitit
+
+    from study import slurm
+    from study.plan import plan
+    from study.spec import load_spec
+
+    arms = {"b_standard": {"classification": RECIPE_B, "set": TINY}}
+    spec = load_spec(write_study(tmp_path / "study.yaml", tiny_data, arms))
+    args = argparse.Namespace(work_dir=tmp_path / "w", gpus_per_node=0, nodes=1, slurm=[], time=30, partition=None,
+                              account=None)
+    (job,) = slurm.arm_jobs(spec, plan(spec, args.work_dir), args)
+    submitted = slurm.submit([job], args, tmp_path / "w" / "slurm" / "%j", executor_factory=submitit.LocalExecutor)
+    assert submitted["b_standard.seed0"].result() == 0
+    entry = status(tmp_path / "w")[("b_standard", "classification")]
+    assert entry["status"] == "done" and entry["pid"] != os.getpid()
+
+
+def test_preempted_slurm_job_saves_its_stage_and_requeues(tmp_path):
+    """submitit's handler calls ArmJob.checkpoint on SIGUSR1: the running stage is asked to save (the stop contract),
+    exits 75, is recorded 'interrupted', and the same job comes back to be requeued."""
+    import threading
+
+    from submitit.helpers import DelayedSubmission
+
+    from study import run, slurm
+    from study.plan import Step
+
+    stage = ("-c", "import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); time.sleep(60)")
+    step = Step("b_standard", 0, "classification", tmp_path / "b_standard/seed0/cls", stage, False)
+    job = slurm.ArmJob("b_standard.seed0", [step], tmp_path, gpus_per_node=0)
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(run.run_steps(job.steps, tmp_path, 0)))
+    thread.start()
+    deadline = time.time() + 30
+    while run._Running.proc is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)  # the stage installs its handler (Slurm warns minutes after the start)
+    requeued = job.checkpoint()
+    thread.join(30)
+    run._Running.signum = None
+    assert isinstance(requeued, DelayedSubmission) and requeued.function is job
+    assert answers == [75] and status(tmp_path)[("b_standard", "classification")]["status"] == "interrupted"

@@ -295,3 +295,26 @@ def test_a_downstream_run_resumes_only_on_its_own_split(tmp_path, monkeypatch):
     refuse_another_split(tmp_path / "config.py", configured(seg, world=1, monkeypatch=monkeypatch)[0])
     with pytest.raises(StageError, match="accumulation 4 .now 4 and 1.; resume it on the GPU count"):
         refuse_another_split(tmp_path / "config.py", configured(seg, world=4, monkeypatch=monkeypatch)[0])
+
+
+def test_a_downstream_rerun_with_other_inputs_is_refused_naming_the_keys(tiny_export, tmp_path, monkeypatch):
+    """The dumped config.py is the record: a rerun with the same experiment (runtime keys may differ) goes on; another
+    recipe key or another export (its tensors' hash) is refused in one line naming the keys."""
+    from classification.export import load_export
+    from transfer.runner import StageError, refuse_changed_inputs
+
+    det = "configs/detection/faster-rcnn_r50_fpn_voc0712.py"
+    _, meta = load_export(tiny_export)
+    ckpt = tiny_export.resolve() / "backbone.pth"
+    first, _ = configured(det, world=1, monkeypatch=monkeypatch, meta=meta, export=ckpt)
+    first.dump(str(tmp_path / "config.py"))
+    runtime = {"train_dataloader.num_workers": 0, "default_hooks.logger.interval": 1, "work_dir": "elsewhere"}
+    refuse_changed_inputs(tmp_path / "config.py", configured(det, world=1, monkeypatch=monkeypatch, meta=meta,
+                                                              export=ckpt, **runtime)[0])
+    lr = configured(det, world=1, monkeypatch=monkeypatch, meta=meta, export=ckpt,
+                    **{"optim_wrapper.optimizer.lr": 0.5})[0]
+    with pytest.raises(StageError, match=r"inputs changed: optim_wrapper\.optimizer\.lr; use another --work-dir"):
+        refuse_changed_inputs(tmp_path / "config.py", lr)
+    other = configured(det, world=1, monkeypatch=monkeypatch, meta=dict(meta, state_sha256="0" * 64), export=ckpt)[0]
+    with pytest.raises(StageError, match="inputs changed: export_state_sha256;"):
+        refuse_changed_inputs(tmp_path / "config.py", other)

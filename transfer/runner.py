@@ -4,7 +4,9 @@
     python -m segmentation.train --export EXPORT_DIR|none --config CFG --data-root ROOT --work-dir DIR [...]
 
 The generated ``DIR/config.py`` is the record of the run and also runs under MMDetection's / MMSegmentation's
-own ``tools/train.py``. Rerunning the same command resumes (mmengine ``resume=True`` finds the last checkpoint).
+own ``tools/train.py``. Rerunning the same command resumes (mmengine ``resume=True`` finds the last checkpoint), or
+does nothing when the run is complete; a rerun with another effective config or another export (its tensors' hash)
+is refused in one line naming the keys (``refuse_changed_inputs``).
 """
 
 from __future__ import annotations
@@ -179,6 +181,8 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
     cfg.load_from = None
     cfg.launcher = args.launcher
     cfg.randomness = dict(seed=args.seed, deterministic=False)
+    # The export's identity is its tensors, not its folder: recorded so that a rerun can tell another export.
+    cfg.export_state_sha256 = meta["state_sha256"] if meta is not None else None
     return dict(decided, control_changes=control_changes)
 
 
@@ -215,6 +219,44 @@ def refuse_another_split(previous: Path, cfg) -> None:
         raise StageError(f"{previous}: this run was started with {before[0]} images per process and accumulation "
                          f"{before[1]} (now {now[0]} and {now[1]}); resume it on the GPU count it was started "
                          f"with, or use another --work-dir")
+
+
+# Config keys a rerun may change: where things are (data, work dir, the export's folder: its tensors are compared by
+# export_state_sha256) and how the run is launched, loaded and logged. Any other key is the experiment.
+RUNTIME_KEYS = {"work_dir", "launcher", "resume", "load_from", "data_root", "num_workers", "persistent_workers",
+                "pin_memory", "checkpoint", "export", "logger", "log_processor", "visualizer", "env_cfg"}
+
+
+def _experiment(node: Any, prefix: str = "") -> dict[str, Any]:
+    """The config as dotted key -> value, without RUNTIME_KEYS; tuples and lists alike (a dumped config.py reads
+    back lists)."""
+    if isinstance(node, dict):
+        items = ((f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items() if k not in RUNTIME_KEYS)
+    elif isinstance(node, (list, tuple)):
+        items = ((f"{prefix}[{i}]", v) for i, v in enumerate(node))
+    else:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(_experiment(value, key))
+    return out
+
+
+def refuse_changed_inputs(previous: Path, cfg) -> None:
+    """A rerun into a work dir resumes it, or finds it complete; with another effective config or another export
+    it would mix two experiments in one run dir, so it is refused, naming the keys that differ."""
+    if not previous.is_file():
+        return
+    refuse_another_split(previous, cfg)
+    from mmengine.config import Config
+
+    old = _experiment(Config.fromfile(str(previous), import_custom_modules=False).to_dict())
+    new = _experiment(Config.fromstring(cfg.pretty_text, ".py").to_dict())  # as it would read back once dumped
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise StageError(f"{previous.parent}: inputs changed: {shown}; use another --work-dir (or restore the "
+                         f"original settings)")
 
 
 def load_mm_config(path: str | Path):
@@ -316,9 +358,6 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     from classification.export import load_export
 
     work_dir = Path(args.work_dir)
-    if (work_dir / "summary.json").exists():
-        print(f"{work_dir / 'summary.json'} exists: this run is complete (delete it to evaluate again)")
-        return 0
     main_process = int(os.environ.get("RANK", "0")) == 0
 
     meta, export_ckpt = None, None
@@ -327,6 +366,11 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
         export_ckpt = (Path(args.export) / "backbone.pth").resolve()
     cfg = load_mm_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
+    decided = configure(cfg, stage, args, meta, export_ckpt)
+    refuse_changed_inputs(work_dir / "config.py", cfg)  # before "complete": a finished run with other inputs too
+    if (work_dir / "summary.json").exists():
+        print(f"{work_dir / 'summary.json'} exists: this run is complete (delete it to evaluate again)")
+        return 0
     problem = synthetic_problem(args.data_root, args.allow_synthetic or cfg.get("allow_synthetic", False))
     if problem:
         raise StageError(problem)
@@ -340,8 +384,6 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
         raise StageError(f"{args.data_root}: {len(problems)} problem{'s' * (len(problems) != 1)} in the "
                          f"{stage.check_data} data (above); "
                          f"fix them (tools/check_data.py {stage.check_data} {args.data_root} --full)")
-    decided = configure(cfg, stage, args, meta, export_ckpt)
-    refuse_another_split(work_dir / "config.py", cfg)
     work_dir.mkdir(parents=True, exist_ok=True)
     compat.trust_checkpoints_in(work_dir)  # resume reads the Runner's own checkpoints written here
     cfg.dump(str(work_dir / "config.py"))

@@ -1,0 +1,92 @@
+"""A study spec turned into commands: one Step per (seed, arm, stage), the stage's own CLI, in the order they run
+(teachers first), in ``WORK_DIR/<arm>/seed<S>/{cls,export,det,seg}``. Whether it has work to do is the stage's call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from study.spec import STAGE_DIRS, STAGES, TEACHER_REF, Arm, StudySpec
+
+REPO = Path(__file__).resolve().parent.parent
+OUTPUTS = {**dict.fromkeys(STAGES, "summary.json"), "export": "meta.json"}  # what marks a stage done
+MODULES = {"classification": "classification.train", "detection": "detection.train",
+           "segmentation": "segmentation.train"}
+EXPORT_TOOL = "tools/export_backbone.py"
+RDZV_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Step:
+    arm: str
+    seed: int
+    stage: str
+    dir: Path
+    argv: tuple[str, ...]  # after the launcher: ("-m", "classification.train", ...) or (EXPORT_TOOL, ...)
+    distributed: bool  # runs under torchrun on several GPUs
+    needs: tuple[tuple[str, int, str], ...] = ()  # the steps whose outputs it reads
+
+    key = property(lambda self: (self.arm, self.seed, self.stage))
+    label = property(lambda self: f"{self.arm} seed{self.seed} {self.stage}")
+    output = property(lambda self: self.dir / OUTPUTS[self.stage])
+    inputs = property(lambda self: [stage_dir(self.dir.parents[2], *n) / OUTPUTS[n[2]] for n in self.needs])
+
+
+def stage_dir(work_dir: Path, arm: str, seed: int, stage: str) -> Path:
+    return work_dir / arm / f"seed{seed}" / STAGE_DIRS[stage]
+
+
+def plan(spec: StudySpec, work_dir: Path, stages: tuple[str, ...] = STAGES, arms: list[str] | None = None
+         ) -> list[Step]:
+    """Every step of ``stages`` for the chosen arms, plus the classification of the teachers they name."""
+    chosen, teachers = set(spec.arms if arms is None else arms), set()
+    for name in reversed(spec.arms):  # students before their teachers
+        teachers |= set(spec.arms[name].teachers) if name in chosen | teachers else set()
+    wanted = [(arm, stage) for arm in spec.arms.values() for stage in stages if spec.defines(stage) and (
+        arm.name in chosen or (arm.name in teachers and stage == "classification"))]
+    return [step for seed in spec.seeds for arm, stage in wanted if (step := _step(spec, work_dir, arm, seed, stage))]
+
+
+def _step(spec: StudySpec, work_dir: Path, arm: Arm, seed: int, stage: str) -> Step | None:
+    here = stage_dir(work_dir, arm.name, seed, stage)
+    path = os.path.normpath
+    if stage == "classification":
+        if arm.classification is None:
+            return None
+        items = [TEACHER_REF.sub(lambda m: path(stage_dir(work_dir, m[1], seed, stage)), item) for item in arm.set]
+        argv = ["-m", MODULES[stage], path(arm.classification), "--data-root", path(spec.data["imagenet"]),
+                *(["--allow-synthetic"] if spec.allow_synthetic else []), "--work-dir", path(here),
+                "--set", f"name={arm.name}", f"seed={seed}", *items]
+        return Step(arm.name, seed, stage, here, tuple(argv), True, tuple((t, seed, stage) for t in arm.teachers))
+    if stage == "export":
+        if not arm.pretrained:
+            return None
+        tool = rel if not (rel := os.path.relpath(REPO / EXPORT_TOOL)).startswith("..") else str(REPO / EXPORT_TOOL)
+        if arm.backbone is not None:  # published weights (timm:NAME, torchvision:WEIGHTS) or a weights file
+            variant = ["--variant", arm.variant] if arm.variant else []
+            return Step(arm.name, seed, stage, here, (tool, arm.backbone, *variant, "--out", path(here)), False)
+        cls = stage_dir(work_dir, arm.name, seed, "classification")
+        return Step(arm.name, seed, stage, here, (tool, path(cls), "--out", path(here)), False,
+                    ((arm.name, seed, "classification"),))
+    section, export = getattr(spec, stage), stage_dir(work_dir, arm.name, seed, "export")
+    argv = ["-m", MODULES[stage], "--export", path(export) if arm.pretrained else "none", "--config",
+            path(section.config), "--data-root", path(spec.data["voc" if stage == "detection" else "ade20k"]),
+            "--work-dir", path(here), "--arm", arm.name, "--seed", str(seed),
+            *(["--allow-synthetic"] if spec.allow_synthetic else []),
+            *(["--cfg-options", *section.cfg_options] if section.cfg_options else [])]
+    return Step(arm.name, seed, stage, here, tuple(argv), True, ((arm.name, seed, "export"),) if arm.pretrained else ())
+
+
+def command(step: Step, gpus: int, nodes: int = 1, master: str = "$MASTER_ADDR", job_id: str = "0") -> list[str]:
+    """The full command: plain python, or torchrun with ``gpus`` processes per node for the distributed stages
+    (across ``nodes`` nodes through torchrun's c10d rendezvous on ``master``)."""
+    if not step.distributed or gpus * nodes <= 1:
+        return [sys.executable, *step.argv]
+    multi = ([f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{RDZV_PORT}",
+              f"--rdzv-id={job_id}"] if nodes > 1 else [])
+    launcher = ["--launcher", "pytorch"] if step.stage in ("detection", "segmentation") else []
+    return [sys.executable, "-m", "torch.distributed.run", *multi, f"--nproc_per_node={gpus}", *step.argv,
+            *launcher]

@@ -1,0 +1,92 @@
+"""The Slurm executor through submitit: one job per arm and seed running that arm's stages in order (study/run.py)
+on its allocation, the arms in parallel. Before its end the job gets SIGUSR1 (the stop contract's signal, sent by
+Slurm to every process of the job): the running stage saves and exits 75, and submitit, listening to SIGUSR1 too,
+calls ``ArmJob.checkpoint`` and requeues the job, whose stages then find themselves done or resume. A student
+whose ``set`` names a teacher's run (``{cls:ARM}``) waits for the teacher's job (``--dependency=afterok``).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.helpers import DelayedSubmission
+from submitit.slurm.slurm import _make_sbatch_string  # the sbatch text SlurmExecutor writes, for --dry-run
+
+from study.plan import Step, command
+from study.run import STATUS_FILE, run_steps, stop_running_stage
+from study.spec import StudySpec
+
+SIGNAL_DELAY_S = 120  # the stages save within one step; a checkpoint of a ResNet-50 takes seconds
+
+
+@dataclass
+class ArmJob:  # pickled by submitit, run on every node of the allocation; ``checkpoint``: submitit's requeue protocol
+
+    name: str
+    steps: list[Step]
+    work_dir: Path
+    gpus_per_node: int
+    nodes: int = 1
+    teachers: list[str] = field(default_factory=list)  # names of the jobs it waits for
+
+    def __call__(self) -> int:
+        env = submitit.JobEnvironment()
+        if rc := run_steps(self.steps, self.work_dir, self.gpus_per_node, self.nodes, rank=env.global_rank,
+                           master=env.hostnames[0], job_id=str(env.job_id)):  # a failed job, for sacct and afterok
+            raise RuntimeError(f"{self.name}: a stage is not done (exit {rc}); see {self.work_dir / STATUS_FILE}")
+        return rc
+
+    def checkpoint(self, *args: Any) -> DelayedSubmission:
+        stop_running_stage(signal.SIGUSR1, wait_s=SIGNAL_DELAY_S - 15)
+        return DelayedSubmission(self)
+
+
+def arm_jobs(spec: StudySpec, steps: list[Step], args) -> list[ArmJob]:
+    """The plan's steps grouped by arm and seed, in plan order (teachers first)."""
+    jobs: dict[str, ArmJob] = {}
+    for step in steps:
+        teachers = [f"{t}.seed{step.seed}" for t in spec.arms[step.arm].teachers]
+        jobs.setdefault(name := f"{step.arm}.seed{step.seed}",
+                        ArmJob(name, [], args.work_dir, args.gpus_per_node, args.nodes, teachers)).steps.append(step)
+    return list(jobs.values())
+
+
+def sbatch_parameters(job: ArmJob, args, dependency: str | None = None) -> dict[str, Any]:
+    """The sbatch parameters of a job, in the names of submitit's SlurmExecutor.update_parameters."""
+    extra = dict(item.split("=", 1) for item in args.slurm)
+    return dict(job_name=f"study.{job.name}", nodes=job.nodes, ntasks_per_node=1, gpus_per_node=job.gpus_per_node,
+                time=args.time, signal_delay_s=SIGNAL_DELAY_S, **{k: v for k, v in (
+                    ("partition", args.partition), ("account", args.account)) if v},
+                setup=["export SUBMITIT_PREEMPT_SIGNAL=USR1"],  # submitit's handler on the stop contract's signal
+                additional_parameters={"signal": f"USR1@{SIGNAL_DELAY_S}", "requeue": True,
+                                       **({"dependency": dependency} if dependency else {}), **extra})
+
+
+def submission_text(job: ArmJob, params: dict[str, Any], folder: Path) -> str:
+    """What --dry-run prints of a job: the stages' commands, and the sbatch file SlurmExecutor would write."""
+    python = shlex.quote(sys.executable)
+    text = _make_sbatch_string(command=f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}",
+                               folder=folder, **params)
+    runs = [f"#   {step.label}: {shlex.join(command(step, job.gpus_per_node, job.nodes))}" for step in job.steps]
+    return "\n".join([f"# job {job.name}: {len(job.steps)} stage(s), in order", *runs, text])
+
+
+def submit(jobs: list[ArmJob], args, folder: Path, executor_factory=None) -> dict[str, submitit.Job]:
+    """Submit every job (teachers' first, their students with afterok on them); return name -> submitit job.
+    ``executor_factory(folder)`` makes the submitit executor (default SlurmExecutor; tests pass LocalExecutor)."""
+    os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"  # inherited by the jobs (sbatch exports the environment)
+    submitted: dict[str, submitit.Job] = {}
+    for job in jobs:
+        executor = (executor_factory or submitit.SlurmExecutor)(folder)
+        if isinstance(executor, submitit.SlurmExecutor):
+            after = [submitted[t].job_id for t in job.teachers if t in submitted]
+            executor.update_parameters(**sbatch_parameters(job, args, "afterok:" + ":".join(after) if after else None))
+        submitted[job.name] = executor.submit(job)
+    return submitted
