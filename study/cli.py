@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tools/study.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", type=Path, help="study file (configs/studies/demo.yaml, paper.yaml, published.yaml)")
-    p.add_argument("--work-dir", type=Path, required=True, help="study directory: WORK_DIR/<arm>/seed<S>/<stage>")
+    p.add_argument("--work-dir", type=Path, help="WORK_DIR/<arm>/seed<S>/<stage> (default: work_dirs/<study name>)")
     p.add_argument("--dry-run", action="store_true", help="print the commands (local) or jobs (slurm), run nothing")
     p.add_argument("--status", action="store_true", help="print each stage's last answer, run nothing")
     p.add_argument("--only", choices=list(STAGE_DIRS.values()), help="one stage for every arm (its inputs must exist)")
@@ -61,6 +61,7 @@ def slurm_executor(spec, steps, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.work_dir = args.work_dir or Path("work_dirs") / args.study.stem
     if args.status:
         entries = read_status(args.work_dir)
         print(status_table(entries) if entries else f"{args.work_dir / STATUS_FILE}: no stage has run yet")
