@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,10 @@ import torch.distributed as dist
 import yaml
 from timm.utils import ModelEmaV3
 
-from .artifacts import atomic_write_bytes, write_summary
+from lifecycle.preemption import EXIT_INTERRUPTED
+from lifecycle.stop_flag import StopFlag
+
+from .artifacts import atomic_write_bytes, remove_stale_temporaries, write_summary
 from .checkpoint import (
     BEST,
     LAST,
@@ -78,25 +80,6 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
-
-
-class StopFlag:
-    """SIGTERM / SIGUSR1 (cluster preemption): finish the current step, save, exit."""
-
-    def __init__(self):
-        self.set = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        log.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
-        self.set = True
-
-    def agreed(self, device: torch.device) -> bool:
-        """All ranks stop at the same step: any rank's flag stops everyone (a collective; call on all ranks)."""
-        if not dist.is_initialized():
-            return self.set
-        return bool(all_reduce(torch.tensor([float(self.set)], device=device)).item())
 
 
 def grad_sync(task, sync: bool):
@@ -188,7 +171,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
                 raise TrainingError(
                     f"loss or gradients non-finite for {int(streak.item())} consecutive steps (epoch {epoch}, step "
                     f"{step + 1}): lower base_lr, add warmup_epochs or use amp=bf16; {LAST} holds the last good epoch")
-        if (logging_step or not dist.is_initialized()) and stop.agreed(device):
+        if stop.agreed():  # every step: under DDP an asynchronous CPU all-reduce (lifecycle/stop_flag.py)
             return dict(stopped_at=step + 1, reason="signal")
         if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
             save_every(epoch, step + 1)
@@ -292,6 +275,16 @@ def write_epoch_metrics(run_dir: Path, history: list[dict], tb) -> None:
 
 
 def run(cfg: Config, run_dir: Path, d: Dist) -> int:
+    """Train (or resume) the run in ``run_dir``: 0 when complete or stopped at max_steps, EXIT_INTERRUPTED when a
+    signal stopped it (a resumable last.pth was saved first)."""
+    stop = StopFlag()  # from the start: a signal during set-up stops the run after its first step
+    try:
+        return train_run(cfg, run_dir, d, stop)
+    finally:
+        stop.close()
+
+
+def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     np.random.seed(cfg.seed + d.rank)  # timm's Mixup draws lambda from numpy
@@ -320,6 +313,9 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
 
     epoch, first_step, history, best_top1, wall_before = 0, 0, [], -1.0, 0.0
     last = run_dir / LAST
+    if d.main:  # what a save killed mid-write (SIGKILL, power loss) left behind: never a valid file
+        for tmp in remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by an interrupted save", tmp)
     if last.exists():
         ckpt = load_checkpoint(last)
         check_resumable(ckpt, cfg, last)
@@ -368,7 +364,6 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(run_dir / "tb"))
-    stop = StopFlag()
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch, skip_updates=first_step)
         stats = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, mixup, ema, cfg, epoch,
@@ -377,7 +372,7 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
             save(last, epoch, stats["stopped_at"])
             log.info("stopped by %s at epoch %d step %d; %s saved, rerun the command to resume",
                      stats["reason"], epoch, stats["stopped_at"], last)
-            return 0
+            return EXIT_INTERRUPTED if stats["reason"] == "signal" else 0
         top1, top5 = evaluate(model, val_loader, device, cfg)
         ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, cfg) if ema else (None, None)
         epoch, first_step = epoch + 1, 0

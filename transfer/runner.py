@@ -20,6 +20,8 @@ from typing import Any
 
 from classification.artifacts import write_summary
 from datakit.synthetic import synthetic_problem
+from lifecycle.preemption import EXIT_INTERRUPTED
+from lifecycle.stop_flag import Preempted
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,10 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
     else:
         backbone.init_cfg = None  # the random-initialisation control arm
         control_changes = _train_from_scratch(cfg, distributed=world_size() > 1)
-    imports = ["transfer.hooks", "transfer.metrics"]
+    # Save and exit 75 on SIGTERM / SIGUSR1 / SIGINT (lifecycle/preemption.py), in every arm and under the
+    # libraries' own tools/train.py too.
+    cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="PreemptionHook")]
+    imports = ["transfer.hooks", "transfer.metrics", "transfer.preemption_hook"]
     shared_head = cfg.model.get("roi_head", {}).get("shared_head")
     if shared_head is not None:  # a C4 detector: the export's layer4 is the RoI head's shared head
         from transfer.shared_head import shared_head_keys
@@ -261,6 +266,7 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
 
     import transfer.hooks  # noqa: F401 - registers VerifyBackboneHook (the dumped config imports it itself)
     import transfer.metrics  # noqa: F401 - registers the per-class metrics
+    import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
     from classification.export import load_export
 
     work_dir = Path(args.work_dir)
@@ -290,13 +296,16 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     decided = configure(cfg, stage, args, meta, export_ckpt)
     refuse_another_split(work_dir / "config.py", cfg)
     work_dir.mkdir(parents=True, exist_ok=True)
-    compat.trust_checkpoints_in(work_dir)  # resume reads the Runner's own checkpoints written here
     cfg.dump(str(work_dir / "config.py"))
 
     t0 = time.perf_counter()
     runner = Runner.from_cfg(cfg)
-    runner.train()
-    mm_metrics = runner.test()
+    try:
+        runner.train()
+        mm_metrics = runner.test()
+    except Preempted as e:
+        print(f"{stage.name}: {e.message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if main_process:
         metrics, protocol = stage.summarize(mm_metrics, cfg)
         arm = args.arm or ((meta.get("arm") or meta.get("name")) if meta else "random_init")
