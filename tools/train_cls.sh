@@ -5,10 +5,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$repo/.venv/bin/python}
 if [[ ${GPUS:-1} -gt 1 ]]; then
-    # torchrun forwards only these signals to its workers (its default lacks SIGUSR1, Slurm's preemption warning):
-    # every worker then saves and exits 75 (lifecycle/preemption.py).
-    TORCHELASTIC_SIGNALS_TO_HANDLE=$(cd "$repo" && "$PY" -c "from lifecycle.preemption import TORCHRUN_SIGNALS; print(TORCHRUN_SIGNALS)")
-    export TORCHELASTIC_SIGNALS_TO_HANDLE
-    exec "$PY" -m torch.distributed.run --nproc_per_node="$GPUS" -m classification.train "$@"
+    # torchrun through lifecycle/torchrun.py: it sets TORCHELASTIC_SIGNALS_TO_HANDLE so that SIGUSR1 (Slurm's
+    # preemption warning) reaches every worker too, and exits 75 when they saved (lifecycle/preemption.py).
+    exec "$PY" -m lifecycle.torchrun --nproc_per_node="$GPUS" -m classification.train "$@"
 fi
 exec "$PY" -m classification.train "$@"
