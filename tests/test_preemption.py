@@ -336,3 +336,71 @@ def json_of(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PreemptionHook in an epoch-based loop (the full VOC recipe): a mid-epoch stop resumes mid-epoch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_handlers():
+    from lifecycle.preemption import SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def toy_runner(work: Path, signal_at: int | None = None):
+    """mmengine's Runner on a linear model, 2 epochs of 5 batches, SGD with momentum, a checkpoint per epoch and
+    PreemptionHook; SIGTERM to itself after iteration ``signal_at``."""
+    from mmengine.dataset import DefaultSampler
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+    from torch.utils.data import DataLoader
+
+    import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 1)
+
+        def forward(self, inputs, targets, mode="loss"):
+            return dict(loss=((self.fc(inputs) - targets) ** 2).mean())
+
+    class SignalAt(Hook):
+        priority = "HIGHEST"
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if runner.iter + 1 == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    g = torch.Generator().manual_seed(0)
+    data = [dict(inputs=torch.randn(3, generator=g), targets=torch.randn(1, generator=g)) for _ in range(10)]
+    torch.manual_seed(0)
+    loader = DataLoader(data, batch_size=2, sampler=DefaultSampler(data, shuffle=True, seed=0))
+    return Runner(model=Toy(), work_dir=str(work), train_dataloader=loader,
+                  optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)),
+                  train_cfg=dict(by_epoch=True, max_epochs=2), default_hooks=dict(checkpoint=dict(
+                      type="CheckpointHook", interval=1)), custom_hooks=[dict(type="PreemptionHook"), SignalAt()],
+                  resume=True, randomness=dict(seed=0), experiment_name=f"toy_{work.name}_{signal_at}")
+
+
+def test_epoch_based_loop_stopped_mid_epoch_resumes_mid_epoch_to_the_same_weights(tmp_path, restore_handlers):
+    from lifecycle.stop_flag import Preempted
+
+    straight = toy_runner(tmp_path / "straight")
+    straight.train()
+    work = tmp_path / "stopped"
+    with pytest.raises(Preempted):
+        toy_runner(work, signal_at=7).train()  # epoch 2, after its 2nd of 5 batches
+    assert last_checkpoint(work).name == "iter_7.pth"
+    resumed = toy_runner(work)
+    resumed.train()
+    assert resumed.iter == straight.iter == 10
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name

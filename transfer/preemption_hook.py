@@ -19,6 +19,7 @@ from pathlib import Path
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+from mmengine.runner import BaseLoop
 
 from classification.artifacts import atomic_write_bytes, remove_stale_temporaries
 from lifecycle.stop_flag import Preempted, StopFlag
@@ -85,7 +86,8 @@ class PreemptionHook(Hook):
 
     def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if self.stop.agreed():  # validation during training: the weights of the iterations trained so far
-            self._save_and_exit(runner, runner.iter if runner.train_loop is not None else None)
+            training = isinstance(getattr(runner, "_train_loop", None), BaseLoop)  # (runner.val() alone: not)
+            self._save_and_exit(runner, runner.iter if training else None)
 
     def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if self.stop.agreed():  # the final test: training is saved already (CheckpointHook's save_last)
