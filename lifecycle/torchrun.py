@@ -4,8 +4,8 @@ Plain torchrun (torch 2.14) breaks the contract in two ways. It forwards only SI
 to its workers (it starts them in their own sessions, so nothing else reaches them): a SIGUSR1 from Slurm killed the
 launcher and left the workers training. And when it forwards a signal it waits for the workers (up to
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s) and then exits 1 with a traceback, whatever they did, so a caller cannot
-tell a saved, resumable stop from a crash. This launcher sets TORCHELASTIC_SIGNALS_TO_HANDLE to the contract's
-signals and exits EXIT_INTERRUPTED when every worker did (each saved what it had to, rank 0 the checkpoint).
+tell a saved, resumable stop from a crash. This launcher has torchrun forward the contract's signals and exits
+EXIT_INTERRUPTED when every worker did (each saved what it had to, rank 0 the checkpoint).
 """
 
 from __future__ import annotations
@@ -16,9 +16,15 @@ import sys
 
 from lifecycle.preemption import EXIT_INTERRUPTED, TORCHRUN_SIGNALS, TORCHRUN_SIGNALS_ENV
 
+# torch 2.14's torchrun reads the signals to forward from its --signals-to-handle option (default from the env
+# variable PET_SIGNALS_TO_HANDLE, like all its options) and then overwrites TORCHELASTIC_SIGNALS_TO_HANDLE with it:
+# exporting TORCHRUN_SIGNALS_ENV alone is not enough (measured: SIGUSR1 did not reach the workers). Both are set.
+TORCHRUN_OPTION_ENV = "PET_SIGNALS_TO_HANDLE"
+
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ[TORCHRUN_SIGNALS_ENV] = TORCHRUN_SIGNALS
+    os.environ[TORCHRUN_SIGNALS_ENV] = TORCHRUN_SIGNALS  # read by the process contexts of older torch releases
+    os.environ[TORCHRUN_OPTION_ENV] = TORCHRUN_SIGNALS
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
