@@ -10,6 +10,8 @@ both do:
   previous valid export until the new one is complete. A kill between the two renames leaves the previous export
   in ``.NAME.old-PID``: ``recover`` (run first, every time) puts it back; a kill during the export leaves the
   sibling, which ``recover`` removes with the temporary files of interrupted writes.
+- SIGTERM, SIGUSR1 and SIGINT during the export stop it at once (there is nothing to save; a signal during the swap
+  waits for its two renames), remove the half-written sibling and exit with EXIT_INTERRUPTED (75).
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import Any
+
+from lifecycle.preemption import SIGNALS
+from lifecycle.stop_flag import Preempted
 
 from .artifacts import fsync_dir, remove_stale_temporaries
 from .export import BACKBONE_PTH, BACKBONE_ST, HEAD_ST, META, ExportError, file_sha256, run_checkpoint
@@ -77,20 +84,34 @@ def export_and_swap(src: str, out: Path, **options: Any) -> dict[str, Any]:
 
     new, old = out.with_name(f".{out.name}.new-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(new, ignore_errors=True)
+    deferred: list[int] = []
+
+    def interrupt(signum, frame):  # the preemption contract: nothing to save mid-export, the old export stays
+        raise Preempted(f"{signal.Signals(signum).name}: export interrupted, {out} unchanged; rerun to export")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in SIGNALS}
     try:
-        meta = export_source(src, new, **options)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
-    fsync_dir(out.parent)
-    return meta
+        try:
+            meta = export_source(src, new, **options)
+        except BaseException as e:
+            shutil.rmtree(new, ignore_errors=True)
+            if isinstance(e, Preempted):
+                print(e.message, file=sys.stderr)
+            raise
+        for sig in SIGNALS:  # the swap is short and must not be cut: a signal now waits until it is done
+            signal.signal(sig, lambda signum, frame: deferred.append(signum))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            os.replace(out, old)
+            os.replace(new, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(new, out)
+        fsync_dir(out.parent)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return meta  # a signal during the swap: the export is complete, nothing is left to redo
 
 
 def refresh_export(src: str, out: str | Path, *, checkpoint: str | None = None, weights: str | None = None,

@@ -25,6 +25,7 @@ import yaml
 from timm.utils import ModelEmaV3
 
 from lifecycle.preemption import EXIT_INTERRUPTED
+from lifecycle.run_lock import RunDirBusy, RunLock
 from lifecycle.stop_flag import StopFlag
 
 from .artifacts import atomic_write_bytes, remove_stale_temporaries, write_summary
@@ -277,11 +278,19 @@ def write_epoch_metrics(run_dir: Path, history: list[dict], tb) -> None:
 def run(cfg: Config, run_dir: Path, d: Dist) -> int:
     """Train (or resume) the run in ``run_dir``: 0 when complete or stopped at max_steps, EXIT_INTERRUPTED when a
     signal stopped it (a resumable last.pth was saved first)."""
+    lock = None
+    if d.main:  # one writer per run dir: a second command on the same dir stops here
+        try:
+            lock = RunLock(run_dir)
+        except RunDirBusy as e:
+            raise CheckpointError(str(e)) from None
     stop = StopFlag()  # from the start: a signal during set-up stops the run after its first step
     try:
         return train_run(cfg, run_dir, d, stop)
     finally:
         stop.close()
+        if lock is not None:
+            lock.release()
 
 
 def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:

@@ -111,6 +111,22 @@ def _atomic_save_checkpoint(original):
     return save_checkpoint
 
 
+def _find_latest_checkpoint(original):
+    """mmengine's CheckpointHook writes ``last_checkpoint`` (the path resume=True reads) in place: a kill inside that
+    write leaves it empty and the rerun would start from iteration 0 with the checkpoints beside it. When the file
+    is missing, empty or names a missing file, take the newest ``iter_N.pth`` / ``epoch_N.pth`` of the work dir
+    (complete: saves go through ``_atomic_save_checkpoint``)."""
+
+    def find_latest_checkpoint(path: str):
+        named = original(path)
+        if named and Path(named).is_file():
+            return named
+        saved = [p for p in Path(path).glob("*_*.pth") if p.stem.split("_")[0] in ("iter", "epoch")]
+        return str(max(saved, key=lambda p: p.stat().st_mtime_ns)) if saved else named
+
+    return find_latest_checkpoint
+
+
 def apply() -> None:
     """Apply every run-time fix once; the detection and segmentation stages call this before using mmengine, and
     the hooks their generated configs import call it too (so MMDetection's / MMSegmentation's own tools get them)."""
@@ -125,6 +141,7 @@ def apply() -> None:
     HistoryBuffer.__getstate__ = _history_buffer_getstate
     HistoryBuffer.__setstate__ = _history_buffer_setstate
     mm_runner.save_checkpoint = _atomic_save_checkpoint(mm_runner.save_checkpoint)  # what Runner.save_checkpoint calls
+    mm_runner.find_latest_checkpoint = _find_latest_checkpoint(mm_runner.find_latest_checkpoint)  # and resume
     _applied = True
 
 

@@ -22,6 +22,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop
 
 from classification.artifacts import atomic_write_bytes, remove_stale_temporaries
+from lifecycle.run_lock import RunLock
 from lifecycle.stop_flag import Preempted, StopFlag
 from transfer import compat
 
@@ -57,8 +58,11 @@ class PreemptionHook(Hook):
         # so a Ctrl-C to the terminal's process group does not kill them under the main process. Kept for the
         # whole process (train, then test): the flag's collectives run in the same order on every rank.
         self.stop = StopFlag()
+        self.lock: RunLock | None = None  # held until the process exits
 
     def before_run(self, runner) -> None:
+        if is_main_process() and self.lock is None:  # one writer per work dir (lifecycle/run_lock.py)
+            self.lock = RunLock(runner.work_dir)
         if is_main_process():
             for tmp in remove_stale_temporaries(runner.work_dir):
                 runner.logger.info(f"PreemptionHook: removed {tmp}, left by an interrupted save")
@@ -106,6 +110,9 @@ class PreemptionHook(Hook):
             runner.message_hub.update_info("last_ckpt", path)
             runner.logger.info(f"PreemptionHook: saved {path} (iteration {iteration}); rerun the same command to "
                                f"resume")
+        if self.lock is not None:  # written and done: the rerun (in this process too, in tests) may take over
+            self.lock.release()
+            self.lock = None
         raise Preempted(f"stopped by a signal at iteration {runner.iter}; rerun the same command to resume")
 
     @staticmethod

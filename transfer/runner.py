@@ -21,6 +21,7 @@ from typing import Any
 from classification.artifacts import write_summary
 from datakit.synthetic import synthetic_problem
 from lifecycle.preemption import EXIT_INTERRUPTED
+from lifecycle.run_lock import RunDirBusy
 from lifecycle.stop_flag import Preempted
 
 
@@ -325,6 +326,6 @@ def main(stage: Stage, argv: list[str] | None = None) -> int:
     args = parse_args(stage, argv)
     try:
         return run(stage, args)
-    except (StageError, ExportError, FileNotFoundError) as e:
+    except (StageError, ExportError, FileNotFoundError, RunDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
