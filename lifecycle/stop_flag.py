@@ -11,6 +11,7 @@ every rank at most one step after the step it arrived in.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS
@@ -27,12 +28,35 @@ class Preempted(SystemExit):
         self.message = message
 
 
+_active = 0  # StopFlags installed in this process
+
+
+def _in_forked_child() -> None:
+    """A process forked while a StopFlag is installed (DataLoader workers, multiprocessing pools) must not inherit its
+    handlers: a pool's terminate() stops its workers with SIGTERM, which the flag would swallow (the pool then waits
+    forever), and the flag of a child is read by nobody. SIGTERM gets its default action back; SIGUSR1 and SIGINT
+    (sent to every process of a Slurm step or of the terminal's process group) are ignored, so that the workers keep
+    serving batches until the parent has saved, and the parent stops them itself."""
+    global _active
+    if _active:
+        _active = 0
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in SIGNALS:
+            if sig != signal.SIGTERM:
+                signal.signal(sig, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=_in_forked_child)
+
+
 class StopFlag:
     """Install the handlers for SIGNALS (``close()`` puts the previous ones back); poll ``agreed()`` each step."""
 
     def __init__(self):
+        global _active
         self.signum: int | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        _active += 1
         self._group = None
         self._pending = None  # (work, tensor) of the all-reduce started at the previous step
 
@@ -78,5 +102,9 @@ class StopFlag:
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        global _active
+        if self._previous:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
+            _active -= 1

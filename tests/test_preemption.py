@@ -452,3 +452,24 @@ def test_a_second_writer_on_the_same_run_dir_is_refused(folder, tmp_path):
         holder.kill()
         holder.wait()
     RunLock(work).release()  # SIGKILL released it
+
+
+def test_forked_workers_do_not_inherit_the_stop_flag():
+    """DataLoader workers and multiprocessing pools forked under a StopFlag: SIGUSR1 (and SIGINT) leave them serving,
+    SIGTERM stops them as their owners expect (a pool's terminate(); mmdet's VOC metric hung at exit before)."""
+    script = """if True:
+        import multiprocessing as mp, os, signal
+        from lifecycle.stop_flag import StopFlag
+        flag = StopFlag()
+        with mp.get_context("fork").Pool(1) as pool:  # leaving the block: terminate(), SIGTERM to the worker, join
+            pid = pool.apply(os.getpid)
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+            assert pool.apply(signal.getsignal, (signal.SIGUSR1,)) == signal.SIG_IGN
+            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGINT)
+            assert pool.apply(os.getpid) == pid, "the worker died"
+        assert not flag.set, "the parent's flag was set by its child's signal"
+        print("ok")
+    """
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
