@@ -2,6 +2,8 @@
 
     python -m classification.train CONFIG.yaml [--data-root DIR] [--work-dir DIR] [--set key=value ...]
     torchrun --nproc_per_node=8 -m classification.train CONFIG.yaml ...      # DDP, one process per GPU
+
+SIGTERM, SIGUSR1 and SIGINT save last.pth at the current update and exit 75 (lifecycle/preemption.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
     python -m segmentation.train --export EXPORT_DIR|none --config CFG --data-root ROOT --work-dir DIR [...]
 
 The generated ``DIR/config.py`` is the record of the run and also runs under MMDetection's / MMSegmentation's
-own ``tools/train.py``. Rerunning the same command resumes (mmengine ``resume=True`` finds the last checkpoint).
+own ``tools/train.py``. Rerunning the same command resumes (mmengine ``resume=True`` finds the last checkpoint);
+SIGTERM, SIGUSR1 and SIGINT save the current iteration and exit 75 (transfer/preemption_hook.py).
 """
 
 from __future__ import annotations
