@@ -7,9 +7,10 @@ both do:
   exactly that, nothing is written ("up to date"); when the checkpoint changed (the run trained further) or other
   weights were asked for, it is exported again.
 - The new export is written into a sibling ``.NAME.new-PID`` and swapped in by two renames, so ``out`` holds the
-  previous valid export until the new one is complete. A kill between the two renames leaves the previous export
-  in ``.NAME.old-PID``: ``recover`` (run first, every time) puts it back; a kill during the export leaves the
-  sibling, which ``recover`` removes with the temporary files of interrupted writes.
+  previous valid export until the new one is complete (other files in ``out`` move along into the new one). A
+  kill between the two renames leaves the previous export in ``.NAME.old-PID``: ``recover`` (run first, every
+  time) puts it back; a kill during the export leaves the sibling, which ``recover`` removes with the temporary
+  files of interrupted writes.
 - SIGTERM, SIGUSR1 and SIGINT during the export stop it at once (there is nothing to save; a signal during the swap
   waits for its two renames), remove the half-written sibling and exit with EXIT_INTERRUPTED (75).
 """
@@ -102,6 +103,11 @@ def export_and_swap(src: str, out: Path, **options: Any) -> dict[str, Any]:
             signal.signal(sig, lambda signum, frame: deferred.append(signum))
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
+            # Whatever else lives in ``out`` (a study's stage.log, still being written through an open descriptor,
+            # which a rename keeps valid) moves into the new export; only the old export's own files are dropped.
+            for entry in out.iterdir():
+                if entry.name not in EXPORT_FILES and not (new / entry.name).exists():
+                    os.replace(entry, new / entry.name)
             os.replace(out, old)
             os.replace(new, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -128,10 +134,6 @@ def refresh_export(src: str, out: str | Path, *, checkpoint: str | None = None, 
     meta = read_meta_quietly(out)
     if meta is not None and all(meta.get(k) == v for k, v in want.items()):
         return "up to date", meta, repairs
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) if out.is_dir() else []
-    if foreign:  # the swap replaces the whole directory: never one holding anything else
-        raise ExportError(f"{out}: holds files that are not part of an export ({', '.join(foreign[:4])}); give an "
-                          f"empty or new --out")
     what = "exported" if meta is None else "re-exported"  # no meta.json: nothing, or an incomplete export
     opts = dict(checkpoint=checkpoint, weights=weights, variant=variant)
     return what, export_and_swap(src, out, **{k: v for k, v in opts.items() if v is not None}), repairs

@@ -279,9 +279,11 @@ def test_export_tool_does_nothing_when_up_to_date_and_reexports_a_changed_checkp
     assert again.returncode == 0 and "up to date" in again.stdout and "nothing written" in again.stdout, again.stdout
     assert (out / "backbone.pth").stat().st_mtime_ns == stamp
 
+    (out / "stage.log").write_text("a study's log\n")  # not the export's: moves along with the swap
     train_further(run_dir)
     redo = export_tool(run_dir, "--out", out)
     assert redo.returncode == 0 and "re-exported" in redo.stdout, redo.stdout + redo.stderr
+    assert (out / "stage.log").read_text() == "a study's log\n"
     assert json_of(out / "meta.json")["sha256"] == file_sha256(run_dir / "last.pth") != meta["sha256"]
     key = "layer1.0.conv1.weight"
     assert torch.equal(load_export(out)[0][key], load_export(tiny_export)[0][key] + 1)
