@@ -33,14 +33,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lifecycle.errors import UserError
+
 SCHEMA_VERSION = 1
 STAGES = ("classification", "detection", "segmentation")
+
+
+TMP_SUFFIX = ".tmp"
 
 
 def _mkstemp_beside(path: Path) -> str:
     """A temporary file next to ``path`` with the permissions a plain open() would give (mkstemp uses 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -48,16 +53,43 @@ def _mkstemp_beside(path: Path) -> str:
     return tmp
 
 
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files of saves that were killed before their rename (SIGKILL, OOM, power loss): they
+    are never valid files, and a checkpoint's can be hundreds of MB. Call it when a run starts, from the one process
+    that writes into ``directory``. Returns what was removed."""
+    removed = []
+    for tmp in Path(directory).glob(f".*{TMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename in ``directory`` durable: the new name is in the directory's own blocks only after this."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: str, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename: the old file survives a crash."""
+    """Write to a temporary file in the same directory, fsync it, rename it over ``path`` and fsync the directory:
+    the old file survives a crash, and the new one survives a power loss once this returns."""
     path = Path(path)
     tmp = _mkstemp_beside(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -68,16 +100,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save through a same-directory temporary file and a rename (a full disk leaves the old file)."""
+    """torch.save through a same-directory temporary file, fsync and a rename (as ``atomic_write_bytes``)."""
     import torch
 
     path = Path(path)
     tmp = _mkstemp_beside(path)
     try:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -131,7 +161,7 @@ def write_summary(
     return summary
 
 
-class SummaryError(ValueError):
+class SummaryError(UserError, ValueError):
     pass
 
 

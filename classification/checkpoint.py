@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lifecycle.errors import UserError
+
 from .artifacts import atomic_torch_save
 from .config import Config, config_from_dict
 from .models import build_model
@@ -17,7 +19,7 @@ from .models import build_model
 LAST, BEST = "last.pth", "best.pth"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from lifecycle.errors import UserError
+
 from .artifacts import atomic_torch_save, atomic_write_bytes, atomic_write_json, stack_versions
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import ConfigError, config_from_dict
@@ -62,7 +64,7 @@ _MM_STEM, _MM_STEM_LAST_BN = "stem.", "stem.7."
 PUBLISHED_KINDS = ("timm", "torchvision", "file")  # meta source_kind of weights this toolkit did not train
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A bad export or a backbone that does not hold it; the message is one line naming the keys and the fix."""
 
 

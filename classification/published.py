@@ -404,6 +404,14 @@ def source_kind(src: str | Path) -> str:
         return "published"
     path = Path(src)
     if path.is_dir():
+        from .export import BACKBONE_PTH, BACKBONE_ST, META
+
+        if (path / META).is_file():
+            raise ExportError(f"{src}: an export dir (it holds {META}), not a training run; give the run dir it was "
+                              f"exported from, or pass it to the stages as it is")
+        if (path / BACKBONE_ST).exists() or (path / BACKBONE_PTH).exists():
+            raise ExportError(f"{src}: an incomplete export (backbone files but no {META}: its export was "
+                              f"interrupted); export again: tools/export_backbone.py SRC --out {src}")
         return "trained"
     if not path.is_file():
         raise ExportError(f"{src}: no such run dir or weights file; give a classification run dir, a checkpoint, "

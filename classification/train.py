@@ -2,6 +2,8 @@
 
     python -m classification.train CONFIG.yaml [--data-root DIR] [--work-dir DIR] [--set key=value ...]
     torchrun --nproc_per_node=8 -m classification.train CONFIG.yaml ...      # DDP, one process per GPU
+
+SIGTERM, SIGUSR1 and SIGINT save last.pth at the current update and exit 75 (lifecycle/preemption.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import json
 import logging
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,8 +27,11 @@ import yaml
 from timm.utils import ModelEmaV3
 
 from lifecycle.errors import UserError, cli, writing
+from lifecycle.preemption import EXIT_INTERRUPTED
+from lifecycle.run_lock import RunDirBusy, RunLock
+from lifecycle.stop_flag import StopFlag
 
-from .artifacts import atomic_write_bytes, write_summary
+from .artifacts import atomic_write_bytes, remove_stale_temporaries, write_summary
 from .checkpoint import (
     BEST,
     LAST,
@@ -105,25 +109,6 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
-
-
-class StopFlag:
-    """SIGTERM / SIGUSR1 (cluster preemption): finish the current step, save, exit."""
-
-    def __init__(self):
-        self.set = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        log.warning("received signal %d: saving a checkpoint at the next step boundary", signum)
-        self.set = True
-
-    def agreed(self, device: torch.device) -> bool:
-        """All ranks stop at the same step: any rank's flag stops everyone (a collective; call on all ranks)."""
-        if not dist.is_initialized():
-            return self.set
-        return bool(all_reduce(torch.tensor([float(self.set)], device=device)).item())
 
 
 def grad_sync(task, sync: bool):
@@ -213,7 +198,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
                      epoch, step + 1, iters_per_epoch, loss_sum.item() / max(n_ok, 1), optimizer.param_groups[0]["lr"],
                      images / elapsed, 100 * data_wait / elapsed, skipped.item(), bad)
             guard.check(epoch, step + 1)
-        if (logging_step or not dist.is_initialized()) and stop.agreed(device):
+        if stop.agreed():  # every step: under DDP an asynchronous CPU all-reduce (lifecycle/stop_flag.py)
             return dict(stopped_at=step + 1, reason="signal")
         if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
             save_every(epoch, step + 1)
@@ -327,6 +312,24 @@ def write_epoch_metrics(run_dir: Path, history: list[dict], tb) -> None:
 
 
 def run(cfg: Config, run_dir: Path, d: Dist) -> int:
+    """Train (or resume) the run in ``run_dir``: 0 when complete or stopped at max_steps, EXIT_INTERRUPTED when a
+    signal stopped it (a resumable last.pth was saved first)."""
+    lock = None
+    if d.main:  # one writer per run dir: a second command on the same dir stops here
+        try:
+            lock = RunLock(run_dir)
+        except RunDirBusy as e:
+            raise CheckpointError(str(e)) from None
+    stop = StopFlag()  # from the start: a signal during set-up stops the run after its first step
+    try:
+        return train_run(cfg, run_dir, d, stop)
+    finally:
+        stop.close()
+        if lock is not None:
+            lock.release()
+
+
+def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     np.random.seed(cfg.seed + d.rank)  # timm's Mixup draws lambda from numpy
@@ -355,6 +358,9 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
 
     epoch, first_step, history, best_top1, wall_before = 0, 0, [], -1.0, 0.0
     last = run_dir / LAST
+    if d.main:  # what a save killed mid-write (SIGKILL, power loss) left behind: never a valid file
+        for tmp in remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by an interrupted save", tmp)
     if last.exists():
         ckpt = load_checkpoint(last)
         check_resumable(ckpt, cfg, last)
@@ -406,7 +412,6 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(run_dir / "tb"))
-    stop = StopFlag()
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, device)  # one streak for the whole run, not one per epoch
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch, skip_updates=first_step)
@@ -417,7 +422,7 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
             save(last, epoch, stats["stopped_at"])
             log.info("stopped by %s at epoch %d step %d; %s saved, rerun the command to resume",
                      stats["reason"], epoch, stats["stopped_at"], last)
-            return 0
+            return EXIT_INTERRUPTED if stats["reason"] == "signal" else 0
         top1, top5, val_images, val_bad = evaluate(model, val_loader, device, cfg)
         ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, cfg)[:2] if ema else (None, None)
         if val_bad:  # bad_images=skip: say so, and record it beside the top-1 it changes

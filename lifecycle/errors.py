@@ -7,9 +7,8 @@ tool starts, e.g. torchrun's workers, inherit it).
 
 What it knows:
 
-- :class:`UserError` and its subclasses (``ConfigError``, ``DataError``, ...): the message is the whole report;
-- error classes of modules that keep another base class, registered by name (:func:`register`, or ``_REGISTERED``
-  below), so this module imports neither torch nor mm;
+- :class:`UserError` and its subclasses (``ConfigError``, ``DataError``, ``ExportError``, ...): the message is the
+  whole report;
 - an exception re-raised by torch's DataLoader from a worker process: torch rebuilds it with the worker's whole
   traceback as its message ("Caught DataError in DataLoader worker process 0 ..."); the line is the original's;
 - ``OSError``: a full disk or quota ("disk full: <path>"), permissions, a read-only or failing disk, a missing
@@ -43,29 +42,8 @@ class UserError(Exception):
     exit_status = 1
 
 
-# Error classes that keep another base class, by qualified name: their modules need not import this one, and this one
-# need not import them (torch, mm). A class of a module here may also subclass UserError or call register().
-_REGISTERED: set[str] = {
-    "classification.checkpoint.CheckpointError",
-    "classification.export.ExportError",
-    "classification.artifacts.SummaryError",
-    "study.runner.StudyError",
-    "study.report.ReportError",
-}
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def register(cls: type) -> type:
-    """Treat ``cls`` (and its subclasses) as a user-facing error; usable as a class decorator."""
-    _REGISTERED.add(_qualified(cls))
-    return cls
-
-
 def is_user_error(exc: BaseException) -> bool:
-    return isinstance(exc, UserError) or any(_qualified(c) in _REGISTERED for c in type(exc).__mro__)
+    return isinstance(exc, UserError)
 
 
 def debug_requested() -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 from scipy import stats
 
 from classification.artifacts import read_summary
+from lifecycle.errors import UserError
 from study import paper
 from study.run import STATUS_FILE, read_status
 
@@ -20,7 +21,7 @@ PUBLISHED_KINDS = ("timm", "torchvision", "file")  # meta.json source_kind of we
 CONFIDENCE = 0.95
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError, ValueError):
     """Bad study input: one line naming the file and the fix."""
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from lifecycle.errors import UserError
+
 STAGES = ("classification", "export", "detection", "segmentation")
 STAGE_DIRS = {"classification": "cls", "export": "export", "detection": "det", "segmentation": "seg"}
 DATA_KEYS = {"imagenet": "classification", "voc": "detection", "ade20k": "segmentation"}  # data root -> its stage
@@ -21,7 +23,7 @@ ARM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 STUDY_KEYS = ("name", "seed", "data_root")  # the study sets these itself
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """Bad study file or command line: one line naming the file and the fix."""
 
 

@@ -67,19 +67,13 @@ def one_line(err: str) -> str:
 # ------------------------------------------------------------------------------------------------ the mapping
 
 
-class _Registered(Exception):
-    pass
-
-
-def test_user_and_registered_errors_are_their_message():
+def test_user_errors_are_their_message():
     from classification.checkpoint import CheckpointError
     from classification.data import DataError
 
     assert errors.describe(DataError("a.jpg: bad; fix it")) == "a.jpg: bad; fix it"
-    assert errors.describe(CheckpointError("last.pth: damaged; retrain")) == "last.pth: damaged; retrain"  # by name
-    assert errors.describe(_Registered("x")) is None
-    errors.register(_Registered)
-    assert errors.describe(_Registered("x: y")) == "x: y"
+    assert errors.describe(CheckpointError("last.pth: damaged; retrain")) == "last.pth: damaged; retrain"
+    assert errors.describe(KeyError("x")) is None  # not a user error: reported as unexpected, with its type
     try:  # a user error raised while handling another is still the line
         try:
             raise KeyError("inner")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from classification import train
 from classification.artifacts import read_summary
+from lifecycle.preemption import EXIT_INTERRUPTED
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["image_size=32", "global_batch=4", "device_batch=4", "workers=0", "init=timm", "log_interval=1",
@@ -48,13 +49,13 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(folder, tmp_pat
 
     calls = {"n": 0}
 
-    def stop_at_third_step(self, device):
+    def stop_at_third_step(self):
         calls["n"] += 1
         return calls["n"] == 3
 
     with monkeypatch.context() as m:
         m.setattr(train.StopFlag, "agreed", stop_at_third_step)
-        assert run_train(folder, tmp_path / "resumed", *tricks) == 0
+        assert run_train(folder, tmp_path / "resumed", *tricks) == EXIT_INTERRUPTED
     partial = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
     assert (partial["epoch"], partial["step"]) == (0, 3)
     assert not (tmp_path / "resumed" / "summary.json").exists()
@@ -82,19 +83,22 @@ def test_rerun_of_complete_run_does_nothing_and_changed_config_is_refused(folder
     assert "last.pth" in err and "variant" in err and err.count("\n") == 1
 
 
-def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(folder, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_signal_saves_the_current_step_and_exits_75(folder, tmp_path, sig):
     cmd = [sys.executable, "-m", "classification.train", str(REPO / "configs/classification/demo/smoke.yaml"),
            "--data-root", str(folder), "--work-dir", str(tmp_path / "run"), "--set", *TINY, "epochs=100"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    lines = []
+    lines, signalled_at = [], None
     for line in proc.stdout:
         lines.append(line)
-        if "epoch 0 [1/" in line:
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, "".join(lines)
+        if signalled_at is None and (m := re.search(r"epoch 0 \[(\d+)/", line)):
+            signalled_at = int(m.group(1))
+            proc.send_signal(sig)
+    assert proc.wait(timeout=120) == EXIT_INTERRUPTED, "".join(lines)
     assert any("stopped by signal" in line for line in lines)
     ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
-    assert ckpt["step"] >= 1 and ckpt["epoch"] == 0 and ckpt["config"]["epochs"] == 100
+    # One process checks the flag after every step: it stops after the step the signal arrived in, or the next.
+    assert ckpt["epoch"] == 0 and signalled_at <= ckpt["step"] <= signalled_at + 1 and ckpt["config"]["epochs"] == 100
 
 
 def test_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path, capsys):

@@ -8,8 +8,10 @@ reports; --checkpoint best and --weights ema opt in to the others) or one of its
 weights: timm:NAME (e.g. timm:resnet50d.gluon_in1k), torchvision:WEIGHTS (e.g.
 torchvision:ResNet50_Weights.IMAGENET1K_V1), or a timm / torchvision weights file (.pth, .safetensors; --variant
 when its keys fit more than one variant). Writes DIR/backbone.pth, DIR/backbone.safetensors, DIR/head.safetensors
-and DIR/meta.json; then, where mmdet / mmseg are installed, loads backbone.pth into both libraries' backbones
-through mmengine's Pretrained init, checks every tensor, and compares their stage outputs with the classifier's.
+and DIR/meta.json (with the sha256 of the source file: a rerun does nothing while it is unchanged and exports
+again, beside the old export and then swapped in, once it changed); then, where mmdet / mmseg are installed,
+loads backbone.pth into both libraries' backbones through mmengine's Pretrained init, checks every tensor, and
+compares their stage outputs with the classifier's.
 """
 
 import argparse
@@ -77,11 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     if ":" not in args.src and not Path(args.src).exists():  # before importing torch: a typo fails at once
         raise UserError(f"{args.src}: no such run dir or weights file; give a classification run dir (holding "
                         f"last.pth), a checkpoint, timm:NAME, torchvision:WEIGHTS or a weights file")
-    from classification.published import export_source
+    from classification.export_refresh import refresh_export
 
     with writing(out):
-        meta = export_source(args.src, out, checkpoint=args.checkpoint, weights=args.weights, variant=args.variant)
-    print(describe(meta, args))
+        what, meta, repairs = refresh_export(args.src, out, checkpoint=args.checkpoint, weights=args.weights,
+                                             variant=args.variant)
+    for line in repairs:
+        print(line)
+    if what == "up to date":  # meta.json records this source and its sha256: nothing to redo
+        print(f"{out}: up to date, an export of {meta.get('source_checkpoint') or meta.get('source')} (sha256 "
+              f"{str(meta.get('sha256'))[:12]}...); nothing written")
+        return 0
+    print(describe(meta, args) + (" (re-exported: the source changed since the previous export)"
+                                  if what == "re-exported" else ""))
     for name in ("backbone.pth", "backbone.safetensors", "head.safetensors", "meta.json"):
         print(f"  wrote {out / name}")
     if all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine")):

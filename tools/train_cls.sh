@@ -5,6 +5,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$repo/.venv/bin/python}
 if [[ ${GPUS:-1} -gt 1 ]]; then
-    exec "$PY" -m torch.distributed.run --nproc_per_node="$GPUS" -m classification.train "$@"
+    # torchrun through lifecycle/torchrun.py: it sets TORCHELASTIC_SIGNALS_TO_HANDLE so that SIGUSR1 (Slurm's
+    # preemption warning) reaches every worker too, and exits 75 when they saved (lifecycle/preemption.py).
+    exec "$PY" -m lifecycle.torchrun --nproc_per_node="$GPUS" -m classification.train "$@"
 fi
 exec "$PY" -m classification.train "$@"

@@ -37,6 +37,8 @@ export_dir=$("$PY" -m transfer.source "$src" "${variant[@]}")
 args=(--export "$export_dir" --config "$config" --data-root "$data_root" --work-dir "$work_dir" "${extra[@]}")
 [[ $# -gt 0 ]] && args+=(--cfg-options "$@")
 if [[ ${GPUS:-1} -gt 1 ]]; then
-    exec "$PY" -m torch.distributed.run --nproc_per_node="$GPUS" -m "$stage.train" "${args[@]}" --launcher pytorch
+    # torchrun through lifecycle/torchrun.py: it sets TORCHELASTIC_SIGNALS_TO_HANDLE so that SIGUSR1 (Slurm's
+    # preemption warning) reaches every worker too, and exits 75 when they saved (lifecycle/preemption.py).
+    exec "$PY" -m lifecycle.torchrun --nproc_per_node="$GPUS" -m "$stage.train" "${args[@]}" --launcher pytorch
 fi
 exec "$PY" -m "$stage.train" "${args[@]}"

@@ -50,41 +50,98 @@ def patch_mmcv_source(src_dir: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 _applied = False
-_trusted_dirs: list[Path] = []
 
 
-def trust_checkpoints_in(directory: str | Path) -> None:
-    """Opt in to full unpickling for the checkpoints mmengine's Runner wrote into ``directory`` (a run's own
-    work_dir); see ``_load_from_local``."""
-    _trusted_dirs.append(Path(directory).resolve())
+def _history_buffer_getstate(self) -> dict:
+    """HistoryBuffer's own ``__getstate__`` adds the class's ``_statistics_methods`` (functions, pickled through
+    ``builtins.getattr``, which weights-only loading cannot allow safely). Leave them out: they are registered by
+    the class at import (``__setstate__`` below puts back the defaults), not state of the buffer."""
+    state = dict(self.__dict__)
+    state.pop("statistics_methods", None)
+    return state
+
+
+def _history_buffer_setstate(self, state: dict) -> None:
+    state = dict(state)
+    self._statistics_methods.update(state.pop("statistics_methods", {}))  # older checkpoints carry them
+    self.__dict__.update(state)
+    for name in ("min", "max", "current", "mean"):
+        self._statistics_methods.setdefault(name, getattr(type(self), name))
+
+
+def checkpoint_safe_globals() -> list:
+    """What mmengine's Runner checkpoints hold besides tensors and plain containers, allowed for weights-only
+    loading: the message hub's HistoryBuffer (its numpy arrays of logged values) and numpy scalars and arrays
+    (runtime info, seeds). Data types only: no callable that could run code while loading."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    return [HistoryBuffer, multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype,
+            *{type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.uint8, np.bool_)}]
 
 
 def _load_from_local(filename: str, map_location=None):
     """mmengine 0.10.7 calls ``torch.load(path)`` without ``weights_only``; since torch 2.6 that means weights-only
-    loading, which refuses the Runner's own checkpoints (resume, test after train): their ``message_hub`` pickles
-    mmengine ``HistoryBuffer`` objects and numpy scalars, whose numpy 2 pickles need ``builtins.getattr``, a
-    global that cannot be allow-listed safely. So: files inside a directory registered with
-    ``trust_checkpoints_in`` (the toolkit's own run dirs) load fully; every other file (pretrained weights, our
-    exports, anything downloaded) stays weights-only. Delete when mmengine passes ``weights_only`` itself (not in any
-    release as of 2026-11).
-    """
+    loading, which refused the Runner's own checkpoints (resume, tools/test.py after tools/train.py): their
+    ``message_hub`` pickles mmengine ``HistoryBuffer`` objects and numpy scalars. Every file stays weights-only
+    (pretrained weights, our exports, anything downloaded, and the Runner's own), with ``checkpoint_safe_globals``
+    allowed, and HistoryBuffer pickled without its functions (``apply``). Delete when mmengine passes
+    ``weights_only`` and allow-lists its own types (not in any release as of 2026-11)."""
     import torch
 
     path = Path(filename).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{filename} can not be found.")
-    trusted = any(path.is_relative_to(d) for d in _trusted_dirs)
-    return torch.load(path, map_location=map_location, weights_only=not trusted)
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _atomic_save_checkpoint(original):
+    """mmengine writes a checkpoint in place: a kill during the write leaves a truncated ``iter_N.pth`` (and a
+    resume that fails on it). Local files go through a temporary file, fsync and rename instead."""
+
+    def save_checkpoint(checkpoint, filename, file_client_args=None, backend_args=None):
+        if "://" in str(filename) or file_client_args is not None or backend_args is not None:
+            return original(checkpoint, filename, file_client_args=file_client_args, backend_args=backend_args)
+        from classification.artifacts import atomic_torch_save
+
+        atomic_torch_save(checkpoint, filename)
+
+    return save_checkpoint
+
+
+def _find_latest_checkpoint(original):
+    """mmengine's CheckpointHook writes ``last_checkpoint`` (the path resume=True reads) in place: a kill inside that
+    write leaves it empty and the rerun would start from iteration 0 with the checkpoints beside it. When the file
+    is missing, empty or names a missing file, take the newest ``iter_N.pth`` / ``epoch_N.pth`` of the work dir
+    (complete: saves go through ``_atomic_save_checkpoint``)."""
+
+    def find_latest_checkpoint(path: str):
+        named = original(path)
+        if named and Path(named).is_file():
+            return named
+        saved = [p for p in Path(path).glob("*_*.pth") if p.stem.split("_")[0] in ("iter", "epoch")]
+        return str(max(saved, key=lambda p: p.stat().st_mtime_ns)) if saved else named
+
+    return find_latest_checkpoint
 
 
 def apply() -> None:
-    """Apply every run-time fix once; the detection and segmentation stages call this before using mmengine."""
+    """Apply every run-time fix once; the detection and segmentation stages call this before using mmengine, and
+    the hooks their generated configs import call it too (so MMDetection's / MMSegmentation's own tools get them)."""
     global _applied
     if _applied:
         return
+    import mmengine.runner.runner as mm_runner
+    from mmengine.logging import HistoryBuffer
     from mmengine.runner.checkpoint import CheckpointLoader
 
     CheckpointLoader.register_scheme(prefixes="", loader=_load_from_local, force=True)
+    HistoryBuffer.__getstate__ = _history_buffer_getstate
+    HistoryBuffer.__setstate__ = _history_buffer_setstate
+    mm_runner.save_checkpoint = _atomic_save_checkpoint(mm_runner.save_checkpoint)  # what Runner.save_checkpoint calls
+    mm_runner.find_latest_checkpoint = _find_latest_checkpoint(mm_runner.find_latest_checkpoint)  # and resume
     _applied = True
 
 

@@ -6,7 +6,8 @@
 The generated ``DIR/config.py`` is the record of the run and also runs under MMDetection's / MMSegmentation's
 own ``tools/train.py``. Rerunning the same command resumes (mmengine ``resume=True`` finds the last checkpoint), or
 does nothing when the run is complete; a rerun with another effective config or another export (its tensors' hash)
-is refused in one line naming the keys (``refuse_changed_inputs``).
+is refused in one line naming the keys (``refuse_changed_inputs``). SIGTERM, SIGUSR1 and SIGINT save the current
+iteration and exit 75 (transfer/preemption_hook.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 from classification.artifacts import write_summary
 from datakit.synthetic import synthetic_problem
 from lifecycle.errors import UserError
+from lifecycle.preemption import EXIT_INTERRUPTED
+from lifecycle.stop_flag import Preempted
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,10 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
     else:
         backbone.init_cfg = None  # the random-initialisation control arm
         control_changes = _train_from_scratch(cfg, distributed=world_size() > 1)
-    imports = ["transfer.hooks", "transfer.metrics"]
+    # Save and exit 75 on SIGTERM / SIGUSR1 / SIGINT (lifecycle/preemption.py), in every arm and under the
+    # libraries' own tools/train.py too.
+    cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="PreemptionHook")]
+    imports = ["transfer.hooks", "transfer.metrics", "transfer.preemption_hook"]
     shared_head = cfg.model.get("roi_head", {}).get("shared_head")
     if shared_head is not None:  # a C4 detector: the export's layer4 is the RoI head's shared head
         from transfer.shared_head import shared_head_keys
@@ -355,6 +361,7 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
 
     import transfer.hooks  # noqa: F401 - registers VerifyBackboneHook (the dumped config imports it itself)
     import transfer.metrics  # noqa: F401 - registers the per-class metrics
+    import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
     from classification.export import load_export
 
     work_dir = Path(args.work_dir)
@@ -385,13 +392,16 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
                          f"{stage.check_data} data (above); "
                          f"fix them (tools/check_data.py {stage.check_data} {args.data_root} --full)")
     work_dir.mkdir(parents=True, exist_ok=True)
-    compat.trust_checkpoints_in(work_dir)  # resume reads the Runner's own checkpoints written here
     cfg.dump(str(work_dir / "config.py"))
 
     t0 = time.perf_counter()
     runner = Runner.from_cfg(cfg)
-    runner.train()
-    mm_metrics = runner.test()
+    try:
+        runner.train()
+        mm_metrics = runner.test()
+    except Preempted as e:
+        print(f"{stage.name}: {e.message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if main_process:
         metrics, protocol = stage.summarize(mm_metrics, cfg)
         arm = args.arm or ((meta.get("arm") or meta.get("name")) if meta else "random_init")

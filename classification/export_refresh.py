@@ -1,0 +1,139 @@
+"""Keep an export dir current: redo it only when its source changed, and never leave it invalid.
+
+``refresh_export(src, out)`` is what tools/export_backbone.py and transfer/source.py ("export beside the run dir")
+both do:
+- meta.json records what the export came from (for a trained run the checkpoint's path, its sha256, which checkpoint
+  and which weights; for published weights the source and the file's sha256). When ``out`` holds an export of
+  exactly that, nothing is written ("up to date"); when the checkpoint changed (the run trained further) or other
+  weights were asked for, it is exported again.
+- The new export is written into a sibling ``.NAME.new-PID`` and swapped in by two renames, so ``out`` holds the
+  previous valid export until the new one is complete (other files in ``out`` move along into the new one). A
+  kill between the two renames leaves the previous export in ``.NAME.old-PID``: ``recover`` (run first, every
+  time) puts it back; a kill during the export leaves the sibling, which ``recover`` removes with the temporary
+  files of interrupted writes.
+- SIGTERM, SIGUSR1 and SIGINT during the export stop it at once (there is nothing to save; a signal during the swap
+  waits for its two renames), remove the half-written sibling and exit with EXIT_INTERRUPTED (75).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from lifecycle.preemption import SIGNALS
+from lifecycle.stop_flag import Preempted
+
+from .artifacts import fsync_dir, remove_stale_temporaries
+from .export import BACKBONE_PTH, BACKBONE_ST, HEAD_ST, META, ExportError, file_sha256, run_checkpoint
+
+EXPORT_FILES = {META, BACKBONE_PTH, BACKBONE_ST, HEAD_ST}
+
+
+def read_meta_quietly(out: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((out / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def source_identity(src: str, *, checkpoint: str | None = None, weights: str | None = None) -> dict[str, Any]:
+    """The meta.json values an export of ``src`` (with these options) has; a different value means re-export."""
+    from .published import describe, is_published, source_kind
+
+    if is_published(src):
+        return {"source": describe(src).source}  # a library's named weights: the name fixes the file
+    path = Path(src)
+    if source_kind(path) == "trained":
+        ckpt = run_checkpoint(path, checkpoint)
+        return {"source_checkpoint": str(ckpt.resolve()), "sha256": file_sha256(ckpt), "checkpoint": ckpt.name,
+                "weights": weights or "raw"}
+    return {"source": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def _siblings(out: Path, kind: str) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.{kind}-*"))
+
+
+def recover(out: Path) -> list[str]:
+    """Undo what a killed export left: the previous export back in place if the swap was cut between its two
+    renames, half-written siblings and temporary files removed. Returns what was done, one line each."""
+    done = []
+    if not out.exists():
+        for old in _siblings(out, "old"):
+            if (old / META).is_file():
+                os.replace(old, out)
+                done.append(f"restored {out} from {old.name} (an export swap was interrupted)")
+                break
+    for stale in _siblings(out, "new") + _siblings(out, "old"):
+        shutil.rmtree(stale, ignore_errors=True)
+        done.append(f"removed {stale}, left by an interrupted export")
+    if out.is_dir():
+        done += [f"removed {tmp}, left by an interrupted write" for tmp in remove_stale_temporaries(out)]
+    return done
+
+
+def export_and_swap(src: str, out: Path, **options: Any) -> dict[str, Any]:
+    """Export into a sibling dir, then rename it over ``out`` (a directory cannot atomically replace a non-empty
+    one: for the microseconds between the two renames ``out`` is absent, and ``recover`` repairs a kill there)."""
+    from .published import export_source
+
+    new, old = out.with_name(f".{out.name}.new-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(new, ignore_errors=True)
+    deferred: list[int] = []
+
+    def interrupt(signum, frame):  # the preemption contract: nothing to save mid-export, the old export stays
+        raise Preempted(f"{signal.Signals(signum).name}: export interrupted, {out} unchanged; rerun to export")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in SIGNALS}
+    try:
+        try:
+            meta = export_source(src, new, **options)
+        except BaseException as e:
+            shutil.rmtree(new, ignore_errors=True)
+            if isinstance(e, Preempted):
+                print(e.message, file=sys.stderr)
+            raise
+        for sig in SIGNALS:  # the swap is short and must not be cut: a signal now waits until it is done
+            signal.signal(sig, lambda signum, frame: deferred.append(signum))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            # Whatever else lives in ``out`` (a study's stage.log, still being written through an open descriptor,
+            # which a rename keeps valid) moves into the new export; only the old export's own files are dropped.
+            for entry in out.iterdir():
+                if entry.name not in EXPORT_FILES and not (new / entry.name).exists():
+                    os.replace(entry, new / entry.name)
+            os.replace(out, old)
+            os.replace(new, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(new, out)
+        fsync_dir(out.parent)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return meta  # a signal during the swap: the export is complete, nothing is left to redo
+
+
+def refresh_export(src: str, out: str | Path, *, checkpoint: str | None = None, weights: str | None = None,
+                   variant: str | None = None) -> tuple[str, dict[str, Any], list[str]]:
+    """Make ``out`` an export of ``src``: (what happened: "up to date" | "exported" | "re-exported", its meta, the
+    repairs ``recover`` made)."""
+    out = Path(out)
+    repairs = recover(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory; give another --out")
+    want = source_identity(src, checkpoint=checkpoint, weights=weights)
+    if variant is not None:
+        want["variant"] = variant.upper()
+    meta = read_meta_quietly(out)
+    if meta is not None and all(meta.get(k) == v for k, v in want.items()):
+        return "up to date", meta, repairs
+    what = "exported" if meta is None else "re-exported"  # no meta.json: nothing, or an incomplete export
+    opts = dict(checkpoint=checkpoint, weights=weights, variant=variant)
+    return what, export_and_swap(src, out, **{k: v for k, v in opts.items() if v is not None}), repairs

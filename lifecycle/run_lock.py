@@ -1,0 +1,42 @@
+"""One writer per run dir: an exclusive advisory lock on ``RUN_DIR/.lock``, held by the writing process.
+
+A rerun while an earlier process still trains in the same dir (an orphaned worker, a job requeued before the old
+one died, the same command started twice) would interleave two writers of last.pth. The lock makes the second one
+stop at once with one line. flock locks belong to the open file: the kernel releases them when the holder exits,
+also on SIGKILL, so a killed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from lifecycle.errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+class RunDirBusy(UserError, RuntimeError):
+    pass
+
+
+class RunLock:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self._fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise RunDirBusy(f"{run_dir}: another process (pid {holder}) is training in this run dir; stop it or "
+                             f"wait for it, then rerun (one writer per run dir)") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None

@@ -1,0 +1,66 @@
+"""torchrun with the preemption contract: ``python -m lifecycle.torchrun [torchrun options] -m MODULE ...``.
+
+Plain torchrun (torch 2.14) breaks the contract in two ways. It forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT
+to its workers (it starts them in their own sessions, so nothing else reaches them): a SIGUSR1 from Slurm killed the
+launcher and left the workers training. And when it forwards a signal it waits for the workers (up to
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s) and then exits 1 with a traceback, whatever they did, so a caller cannot
+tell a saved, resumable stop from a crash. This launcher has torchrun forward the contract's signals and exits
+EXIT_INTERRUPTED when every worker did (each saved what it had to, rank 0 the checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from lifecycle.preemption import EXIT_INTERRUPTED, TORCHRUN_SIGNALS, TORCHRUN_SIGNALS_ENV
+
+# torch 2.14's torchrun reads the signals to forward from its --signals-to-handle option (default from the env
+# variable PET_SIGNALS_TO_HANDLE, like all its options) and then overwrites TORCHELASTIC_SIGNALS_TO_HANDLE with it:
+# exporting TORCHRUN_SIGNALS_ENV alone is not enough (measured: SIGUSR1 did not reach the workers). Both are set.
+TORCHRUN_OPTION_ENV = "PET_SIGNALS_TO_HANDLE"
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ[TORCHRUN_SIGNALS_ENV] = TORCHRUN_SIGNALS  # read by the process contexts of older torch releases
+    os.environ[TORCHRUN_OPTION_ENV] = TORCHRUN_SIGNALS
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    exit_codes: dict[int, int | None] = {}
+    shutdown = LocalElasticAgent._shutdown
+
+    def recording_shutdown(self, death_sig=signal.SIGTERM, timeout=30):
+        """The agent's shutdown (signal the workers, wait, kill the rest), then note how each worker ended; the
+        agent itself drops them. ``subprocess_handlers``: torch's SubprocessContext, used for ``-m MODULE``."""
+        context = self._pcontext
+        shutdown(self, death_sig, timeout)
+        for rank, handler in (getattr(context, "subprocess_handlers", None) or {}).items():
+            exit_codes[rank] = handler.proc.returncode
+
+    LocalElasticAgent._shutdown = recording_shutdown
+    try:
+        run(parse_args(argv))
+    except SignalException as e:
+        if exit_codes and all(code == EXIT_INTERRUPTED for code in exit_codes.values()):
+            print(f"lifecycle.torchrun: {e.sigval.name}: every worker saved and exited {EXIT_INTERRUPTED}; rerun the "
+                  f"same command to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(f"lifecycle.torchrun: {e.sigval.name}: workers ended with {exit_codes}", file=sys.stderr)
+        return 128 + e.sigval
+    except ChildFailedError as e:  # the workers stopped first (the signal reached them directly, e.g. from Slurm)
+        codes = {failure.exitcode for failure in e.failures.values()}
+        if codes == {EXIT_INTERRUPTED}:
+            print(f"lifecycle.torchrun: every worker saved and exited {EXIT_INTERRUPTED}; rerun the same command to "
+                  f"resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(f"lifecycle.torchrun: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

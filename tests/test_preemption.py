@@ -1,0 +1,477 @@
+"""The preemption contract (lifecycle/preemption.py) end to end: signals save the current step and exit 75 in every
+stage, under torchrun too; SIGKILL at random points loses nothing a rerun cannot redo; mmengine's own tools load
+the checkpoints the runs wrote."""
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from classification.artifacts import read_summary
+from lifecycle.preemption import EXIT_INTERRUPTED
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = Path(torch.__file__).parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+CLS = ["image_size=32", "global_batch=4", "device_batch=4", "workers=0", "init=timm", "log_interval=1",
+       "step_epochs=[1]", "deterministic=true", "epochs=2", "mixup_alpha=0.2", "warmup_epochs=0.5",
+       "zero_gamma=true", "ema_decay=0.9"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_until(cmd, pattern: str, sig: int, env=ENV, timeout=600):
+    """Run ``cmd``; send ``sig`` when a line of its output matches ``pattern`` (its first group: an int). Returns
+    (exit code, output, the int of the matched line or None)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    lines, at = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if at is None and (m := re.search(pattern, line)):
+                at = int(m.group(1))
+                proc.send_signal(sig)
+        return proc.wait(timeout=timeout), "".join(lines), at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """tests/test_train_cls.py's two colour classes: 8 train / 2 val images each (4 updates of 4 per epoch)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 2)):
+        for c, base in enumerate(([200, 40, 40], [40, 40, 200])):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.clip(rng.normal(base, 40, (40, 40, 3)), 0, 255).astype(np.uint8)).save(
+                    d / f"{i}.jpg", quality=90)
+    return root
+
+
+def cls_cmd(folder, work, *sets):
+    return [sys.executable, "-m", "classification.train", str(REPO / "configs/classification/demo/smoke.yaml"),
+            "--data-root", str(folder), "--work-dir", str(work), "--set", *CLS, *sets]
+
+
+def same_weights(a: Path, b: Path) -> None:
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    for key in ("model", "ema", "optimizer"):
+        flat_a, flat_b = _flat(a[key]), _flat(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for name in flat_a:
+            assert torch.equal(flat_a[name], flat_b[name]), f"{key}.{name}"
+    # Evaluations are equal; train_loss and throughput of a resumed epoch cover only its updates after the resume.
+    evals = ("epoch", "top1", "top5", "ema_top1", "ema_top5")
+    assert [[r[k] for k in evals] for r in a["history"]] == [[r[k] for k in evals] for r in b["history"]]
+
+
+def _flat(obj, prefix="") -> dict:
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix: obj} if isinstance(obj, torch.Tensor) else {}
+
+
+def test_sigkill_at_random_points_then_rerun_ends_with_the_uninterrupted_weights(folder, tmp_path):
+    """A classification run SIGKILLed three times at random updates (a checkpoint every update, so a kill may also
+    land inside a save) and rerun with the same command each time ends bitwise equal to an uninterrupted run."""
+    straight = subprocess.run(cls_cmd(folder, tmp_path / "straight", "checkpoint_interval=1"), cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    work = tmp_path / "killed"
+    cmd = cls_cmd(folder, work, "checkpoint_interval=1")
+    rng = random.Random()  # a different schedule each session; the seed is printed when the test fails
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    resumed_from = []
+    for target in sorted(rng.sample(range(1, 9), 3)):  # global updates of the 8 (2 epochs x 4 updates)
+        epoch, step = divmod(target - 1, 4)
+        code, out, at = run_until(cmd, rf"epoch {epoch} \[({step + 1})/4\]", signal.SIGKILL)
+        if m := re.search(r"resumed from \S+ at epoch (\d+), update (\d+)", out):
+            resumed_from.append((int(m.group(1)), int(m.group(2))))
+        assert code in (-signal.SIGKILL, 0), f"seed {seed}: {out}"
+        (work / ".last.pth.planted.tmp").write_bytes(b"x" * 1000)  # what a kill inside a save leaves
+    final = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, f"seed {seed}: {final.stdout + final.stderr}"
+    assert "removed" in final.stdout and not list(work.glob(".*.tmp")), f"seed {seed}: the debris stayed"
+    assert resumed_from, f"seed {seed}: no rerun resumed"
+    same_weights(tmp_path / "straight" / "last.pth", work / "last.pth")
+    assert read_summary(work / "summary.json")["history"][-1]["top1"] == \
+        read_summary(tmp_path / "straight" / "summary.json")["history"][-1]["top1"]
+
+
+def test_sigusr1_to_a_two_process_torchrun_saves_the_current_update_and_resumes(folder, tmp_path):
+    """tools/train_cls.sh with GPUS=2 (torchrun, gloo on CPU): SIGUSR1 to the launcher reaches both workers (torchrun
+    forwards it only when told to), they agree on the update to stop at, rank 0 saves it, both exit 75; the rerun
+    continues from that update and ends equal to an uninterrupted run."""
+    env = {**ENV, "GPUS": "2"}
+    sets = ["global_batch=8", "epochs=2", "checkpoint_interval=0"]
+
+    def cmd(work):
+        return ["bash", str(REPO / "tools/train_cls.sh"), str(REPO / "configs/classification/demo/smoke.yaml"),
+                "--data-root", str(folder), "--work-dir", str(work), "--set", *CLS, *sets]
+
+    straight = subprocess.run(cmd(tmp_path / "straight"), cwd=REPO, env={**env, "PET_MASTER_PORT": str(free_port())},
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    work = tmp_path / "stopped"
+    code, out, at = run_until(cmd(work), r"epoch 0 \[(1)/2\]", signal.SIGUSR1,
+                              env={**env, "PET_MASTER_PORT": str(free_port())})
+    assert at == 1 and "stopped by signal" in out, out
+    assert code == EXIT_INTERRUPTED and "every worker saved and exited 75" in out, out
+    ckpt = torch.load(work / "last.pth", weights_only=True)
+    # The ranks agree asynchronously (lifecycle/stop_flag.py): the update in progress when the signal came (2), or
+    # the one after it (epoch 1's first, after the evaluation).
+    assert ckpt["world_size"] == 2 and (ckpt["epoch"], ckpt["step"]) in ((0, 2), (1, 1)), out
+    assert not (work / "summary.json").exists()
+    rerun = subprocess.run(cmd(work), cwd=REPO, env={**env, "PET_MASTER_PORT": str(free_port())},
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resumed from {work / 'last.pth'} at epoch {ckpt['epoch']}, update {ckpt['step']}" in rerun.stdout
+    same_weights(tmp_path / "straight" / "last.pth", work / "last.pth")
+
+
+SEG = dict(config="configs/segmentation/demo/fcn_r50-d8_ade20k_demo.py", data="ADEChallengeData2016",
+           script="tools/transfer_seg.sh", test_tool=SITE / "mmseg/.mim/tools/test.py")
+DET = dict(config="configs/detection/demo/faster-rcnn_r50_fpn_voc0712_demo.py", data="VOCdevkit",
+           script="tools/transfer_det.sh", test_tool=SITE / "mmdet/.mim/tools/test.py")
+
+
+def stage_cmd(stage, export, tiny_data, work, *options):
+    return ["bash", str(REPO / stage["script"]), str(export), "--config", str(REPO / stage["config"]), "--data-root",
+            str(tiny_data / stage["data"]), "--work-dir", str(work), "--", *options]
+
+
+def last_checkpoint(work: Path) -> Path:
+    return Path((work / "last_checkpoint").read_text().strip())
+
+
+def load_mm_checkpoint(path: Path) -> dict:
+    from transfer import compat
+
+    compat.apply()
+    return compat._load_from_local(str(path))
+
+
+def test_sigterm_to_transfer_seg_saves_the_current_iteration_and_the_rerun_continues(tiny_data, tiny_export,
+                                                                                      tmp_path):
+    """The segmentation stage saved only every checkpoint.interval iterations; now SIGTERM saves the iteration it
+    arrived in (or the next), exits 75, and the same command resumes there, finishes and writes its summary."""
+    work = tmp_path / "seg"
+    cmd = stage_cmd(SEG, tiny_export, tiny_data, work, "train_cfg.max_iters=6", "default_hooks.checkpoint.interval=100",
+                    "default_hooks.logger.interval=1")
+    code, out, at = run_until(cmd, r"Iter\(train\) \[\s*(\d+)/6\]", signal.SIGTERM)
+    assert code == EXIT_INTERRUPTED, out[-3000:]
+    ckpt = last_checkpoint(work)
+    saved = int(re.fullmatch(r"iter_(\d+)\.pth", ckpt.name).group(1))
+    assert at <= saved <= at + 1 < 6 and "PreemptionHook: saved" in out, out[-3000:]
+    assert load_mm_checkpoint(ckpt)["meta"]["iter"] == saved
+    rerun = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    log = rerun.stdout + rerun.stderr
+    assert f"resumed epoch: 0, iter: {saved}" in log and f"Advance dataloader {saved} steps" in log, log[-3000:]
+    assert read_summary(work / "summary.json")["stage"] == "segmentation"
+
+    # The libraries' own tools/test.py loads the checkpoints the run wrote (weights-only, allow-listed types).
+    test = subprocess.run([sys.executable, str(SEG["test_tool"]), str(work / "config.py"), str(last_checkpoint(work)),
+                           "--work-dir", str(tmp_path / "seg_test")], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=900)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "mIoU" in test.stdout + test.stderr
+
+
+def test_sigkill_detection_run_resumes_from_its_last_checkpoint_and_mm_test_loads_it(tiny_data, tiny_export,
+                                                                                      tmp_path):
+    """A detection run SIGKILLed at random iterations twice: each rerun of the same command resumes from the last
+    checkpoint that was complete (saves are atomic: a kill inside one leaves the previous), loads it without
+    error and the run completes; MMDetection's own tools/test.py then loads its final checkpoint."""
+    work = tmp_path / "det"
+    cmd = stage_cmd(DET, tiny_export, tiny_data, work, "train_cfg.max_iters=6", "default_hooks.checkpoint.interval=1",
+                    "default_hooks.logger.interval=1")
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    for _ in range(2):
+        before = last_checkpoint(work).name if (work / "last_checkpoint").exists() else None
+        target = rng.randrange(1, 6)
+        code, out, at = run_until(cmd, rf"Iter\(train\) \[\s*({target})/6\]", signal.SIGKILL)
+        if before is not None:
+            assert f"resumed epoch: 0, iter: {int(before[5:-4])}" in out, f"seed {seed}: {out[-3000:]}"
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL, f"seed {seed}: {out[-3000:]}"
+        if not (work / "last_checkpoint").exists():  # killed before the first checkpoint: nothing to resume
+            assert at == 1, f"seed {seed}"
+            continue
+        ckpt = load_mm_checkpoint(last_checkpoint(work))  # complete and loadable, wherever the kill landed
+        # The log line of iteration ``at`` comes before that iteration's checkpoint (LoggerHook runs before
+        # CheckpointHook): the kill loses at most that one iteration.
+        assert ckpt["meta"]["iter"] >= at - 1, f"seed {seed}"
+    final = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, f"seed {seed}: {final.stdout[-3000:] + final.stderr[-3000:]}"
+    assert read_summary(work / "summary.json")["stage"] == "detection"
+    test = subprocess.run([sys.executable, str(DET["test_tool"]), str(work / "config.py"), str(last_checkpoint(work)),
+                           "--work-dir", str(tmp_path / "det_test")], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=900)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "mAP" in test.stdout + test.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exports: redone when their checkpoint changes, never left invalid, debris removed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_dir(tiny_export, tmp_path) -> Path:
+    """A copy of the tiny trained run (last.pth, best.pth, summary.json), without its export."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_export.parent, run, ignore=shutil.ignore_patterns("export", "tb"))
+    return run
+
+
+def train_further(run: Path) -> None:
+    """Stand-in for more training: last.pth changes (atomically, as the trainer writes it)."""
+    from classification.artifacts import atomic_torch_save
+
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    ckpt["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    atomic_torch_save(ckpt, run / "last.pth")
+
+
+def export_tool(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools/export_backbone.py"), *map(str, args)], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_export_tool_does_nothing_when_up_to_date_and_reexports_a_changed_checkpoint(run_dir, tiny_export, tmp_path):
+    from classification.export import file_sha256, load_export
+
+    out = tmp_path / "export"
+    first = export_tool(run_dir, "--out", out)
+    assert first.returncode == 0, first.stderr
+    meta = json_of(out / "meta.json")
+    assert meta["sha256"] == file_sha256(run_dir / "last.pth")
+    stamp = (out / "backbone.pth").stat().st_mtime_ns
+
+    again = export_tool(run_dir, "--out", out)
+    assert again.returncode == 0 and "up to date" in again.stdout and "nothing written" in again.stdout, again.stdout
+    assert (out / "backbone.pth").stat().st_mtime_ns == stamp
+
+    (out / "stage.log").write_text("a study's log\n")  # not the export's: moves along with the swap
+    train_further(run_dir)
+    redo = export_tool(run_dir, "--out", out)
+    assert redo.returncode == 0 and "re-exported" in redo.stdout, redo.stdout + redo.stderr
+    assert (out / "stage.log").read_text() == "a study's log\n"
+    assert json_of(out / "meta.json")["sha256"] == file_sha256(run_dir / "last.pth") != meta["sha256"]
+    key = "layer1.0.conv1.weight"
+    assert torch.equal(load_export(out)[0][key], load_export(tiny_export)[0][key] + 1)
+
+
+def test_killed_reexport_keeps_the_previous_export_valid_and_the_rerun_cleans_up(run_dir, tmp_path):
+    """SIGKILL an export that overwrites a valid one, at random moments: ``out`` is always a complete, valid export
+    (the old one or the new one); the rerun removes what the kill left and ends up to date."""
+    from classification.export import file_sha256, load_export
+
+    out = tmp_path / "export"
+    assert export_tool(run_dir, "--out", out).returncode == 0
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    for _ in range(3):
+        train_further(run_dir)
+        proc = subprocess.Popen([sys.executable, str(REPO / "tools/export_backbone.py"), str(run_dir), "--out",
+                                 str(out)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 4.0))
+        proc.kill()
+        proc.wait()
+        if out.exists():
+            load_export(out)  # complete and consistent, whichever it is
+        else:  # killed between the two renames of the swap: the previous export waits beside it
+            assert list(out.parent.glob(".export.old-*")), f"seed {seed}: export gone"
+    (out / ".backbone.pth.planted.tmp").write_bytes(b"x" * 1000)  # what a kill inside a write leaves
+    rerun = export_tool(run_dir, "--out", out)
+    assert rerun.returncode == 0, f"seed {seed}: {rerun.stdout + rerun.stderr}"
+    assert json_of(out / "meta.json")["sha256"] == file_sha256(run_dir / "last.pth")
+    assert not list(out.glob(".*.tmp")) and not list(out.parent.glob(".export.*")), f"seed {seed}: debris stayed"
+    assert "removed" in rerun.stdout
+
+
+def test_sigterm_during_a_reexport_exits_75_and_keeps_the_previous_export(run_dir, tmp_path):
+    from classification.export import file_sha256, load_export
+
+    out = tmp_path / "export"
+    assert export_tool(run_dir, "--out", out).returncode == 0
+    before = json_of(out / "meta.json")["sha256"]
+    train_further(run_dir)
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools/export_backbone.py"), str(run_dir), "--out", str(out)],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".export.new-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the new export is being written beside the old one
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, stdout + stderr
+    assert "export interrupted" in stderr and stderr.count("\n") == 1, stderr
+    assert json_of(out / "meta.json")["sha256"] == before != file_sha256(run_dir / "last.pth")
+    load_export(out)
+    assert not list(tmp_path.glob(".export.*"))
+
+
+def test_export_dir_without_meta_is_diagnosed_as_an_incomplete_export(run_dir, tmp_path):
+    from classification.export import ExportError, file_sha256
+    from transfer.source import resolve
+
+    out = tmp_path / "export"
+    assert export_tool(run_dir, "--out", out).returncode == 0
+    (out / "meta.json").unlink()  # an export killed before its last file
+    with pytest.raises(ExportError, match="incomplete export .*no meta.json"):
+        resolve(str(out))
+    tool = export_tool(out, "--out", tmp_path / "other")
+    assert tool.returncode == 1 and "incomplete export" in tool.stderr and tool.stderr.count("\n") == 1, tool.stderr
+    # The run dir's export beside it (transfer/source.py) follows the export tool's rule: up to date, then redone.
+    assert resolve(str(run_dir)) == str(run_dir / "export")
+    stamp = (run_dir / "export" / "meta.json").stat().st_mtime_ns
+    assert resolve(str(run_dir)) == str(run_dir / "export")
+    assert (run_dir / "export" / "meta.json").stat().st_mtime_ns == stamp
+    train_further(run_dir)
+    resolve(str(run_dir))
+    assert json_of(run_dir / "export" / "meta.json")["sha256"] == file_sha256(run_dir / "last.pth")
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PreemptionHook in an epoch-based loop (the full VOC recipe): a mid-epoch stop resumes mid-epoch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_handlers():
+    from lifecycle.preemption import SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def toy_runner(work: Path, signal_at: int | None = None):
+    """mmengine's Runner on a linear model, 2 epochs of 5 batches, SGD with momentum, a checkpoint per epoch and
+    PreemptionHook; SIGTERM to itself after iteration ``signal_at``."""
+    from mmengine.dataset import DefaultSampler
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+    from torch.utils.data import DataLoader
+
+    import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 1)
+
+        def forward(self, inputs, targets, mode="loss"):
+            return dict(loss=((self.fc(inputs) - targets) ** 2).mean())
+
+    class SignalAt(Hook):
+        priority = "HIGHEST"
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if runner.iter + 1 == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    g = torch.Generator().manual_seed(0)
+    data = [dict(inputs=torch.randn(3, generator=g), targets=torch.randn(1, generator=g)) for _ in range(10)]
+    torch.manual_seed(0)
+    loader = DataLoader(data, batch_size=2, sampler=DefaultSampler(data, shuffle=True, seed=0))
+    return Runner(model=Toy(), work_dir=str(work), train_dataloader=loader,
+                  optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)),
+                  train_cfg=dict(by_epoch=True, max_epochs=2), default_hooks=dict(checkpoint=dict(
+                      type="CheckpointHook", interval=1)), custom_hooks=[dict(type="PreemptionHook"), SignalAt()],
+                  resume=True, randomness=dict(seed=0), experiment_name=f"toy_{work.name}_{signal_at}")
+
+
+def test_epoch_based_loop_stopped_mid_epoch_resumes_mid_epoch_to_the_same_weights(tmp_path, restore_handlers):
+    from lifecycle.stop_flag import Preempted
+
+    straight = toy_runner(tmp_path / "straight")
+    straight.train()
+    work = tmp_path / "stopped"
+    with pytest.raises(Preempted):
+        toy_runner(work, signal_at=7).train()  # epoch 2, after its 2nd of 5 batches
+    assert last_checkpoint(work).name == "iter_7.pth"
+    (work / "last_checkpoint").write_text("")  # as a kill inside CheckpointHook's in-place write of it leaves it
+    resumed = toy_runner(work)
+    resumed.train()
+    assert resumed.iter == straight.iter == 10
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_a_second_writer_on_the_same_run_dir_is_refused(folder, tmp_path):
+    """One writer per run dir (lifecycle/run_lock.py): a command started while another process trains there stops
+    at once with one line; the lock dies with its holder, also on SIGKILL."""
+    from lifecycle.run_lock import RunLock
+
+    work = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lifecycle.run_lock import RunLock; "
+                               f"RunLock({str(work)!r}); print('locked', flush=True); time.sleep(600)"],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run(cls_cmd(folder, work, "epochs=1"), cwd=REPO, env=ENV, capture_output=True, text=True,
+                                timeout=600)
+        assert second.returncode == 1 and f"another process (pid {holder.pid})" in second.stderr, second.stderr
+        assert second.stderr.count("\n") == 1 and not (work / "last.pth").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(work).release()  # SIGKILL released it
+
+
+def test_forked_workers_do_not_inherit_the_stop_flag():
+    """DataLoader workers and multiprocessing pools forked under a StopFlag: SIGUSR1 (and SIGINT) leave them serving,
+    SIGTERM stops them as their owners expect (a pool's terminate(); mmdet's VOC metric hung at exit before)."""
+    script = """if True:
+        import multiprocessing as mp, os, signal
+        from lifecycle.stop_flag import StopFlag
+        flag = StopFlag()
+        with mp.get_context("fork").Pool(1) as pool:  # leaving the block: terminate(), SIGTERM to the worker, join
+            pid = pool.apply(os.getpid)
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+            assert pool.apply(signal.getsignal, (signal.SIGUSR1,)) == signal.SIG_IGN
+            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGINT)
+            assert pool.apply(os.getpid) == pid, "the worker died"
+        assert not flag.set, "the parent's flag was set by its child's signal"
+        print("ok")
+    """
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

@@ -1,0 +1,126 @@
+"""mmengine hook: the preemption contract (lifecycle/preemption.py) for the detection and segmentation stages.
+
+SIGTERM, SIGUSR1 and SIGINT save a resumable checkpoint of the current iteration (at the next optimizer-update
+boundary, the same on every rank) and exit with EXIT_INTERRUPTED; rerunning the same command resumes from it. Without
+this, mmengine saves only every ``checkpoint.interval`` iterations (8,000 in the MMSegmentation recipe): a preemption
+lost up to that much training. Registered in the generated config (``custom_hooks``, imported through
+``custom_imports``), so it also works under MMDetection's / MMSegmentation's own ``tools/train.py``.
+
+Also, for epoch-based loops (the full VOC recipe), a checkpoint saved in the middle of an epoch resumes in the middle
+of it: mmengine itself restarts the epoch from its first batch, which would train those batches twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from mmengine.dist import is_main_process
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+from mmengine.runner import BaseLoop
+
+from classification.artifacts import atomic_write_bytes, remove_stale_temporaries
+from lifecycle.run_lock import RunLock
+from lifecycle.stop_flag import Preempted, StopFlag
+from transfer import compat
+
+compat.apply()  # atomic checkpoint writes and their loading, also under the libraries' own tools
+
+LAST_CHECKPOINT = "last_checkpoint"  # mmengine's pointer file: resume=True reads the path written in it
+
+
+class _SkipBatches:
+    """The train dataloader minus its first ``skip`` batches, for one epoch; everything else is the loader's."""
+
+    def __init__(self, loader, skip: int):
+        self.loader, self.skip = loader, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.skip, None)
+
+    def __len__(self):
+        return len(self.loader) - self.skip
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+@HOOKS.register_module()
+class PreemptionHook(Hook):
+    """Poll the stop flag after every training, validation and test iteration; on a signal save and exit 75."""
+
+    priority = "VERY_LOW"  # after the iteration's own hooks (logging, the interval checkpoint)
+
+    def __init__(self):
+        # Built with the Runner, before its dataloaders start their workers: forked workers inherit these handlers,
+        # so a Ctrl-C to the terminal's process group does not kill them under the main process. Kept for the
+        # whole process (train, then test): the flag's collectives run in the same order on every rank.
+        self.stop = StopFlag()
+        self.lock: RunLock | None = None  # held until the process exits
+
+    def before_run(self, runner) -> None:
+        if is_main_process() and self.lock is None:  # one writer per work dir (lifecycle/run_lock.py)
+            self.lock = RunLock(runner.work_dir)
+        if is_main_process():
+            for tmp in remove_stale_temporaries(runner.work_dir):
+                runner.logger.info(f"PreemptionHook: removed {tmp}, left by an interrupted save")
+
+    def before_train_epoch(self, runner) -> None:
+        loop = runner.train_loop
+        if not hasattr(loop, "max_epochs") or not hasattr(loop.dataloader, "__len__"):
+            return  # an iteration-based loop: mmengine advances its dataloader to the resumed iteration itself
+        done = runner.iter - runner.epoch * len(loop.dataloader)  # batches of this epoch trained before a resume
+        if 0 < done <= len(loop.dataloader):
+            runner.logger.info(f"PreemptionHook: resuming epoch {runner.epoch + 1} after its first {done} batches")
+            loop.dataloader = _SkipBatches(loop.dataloader, done)
+
+    def after_train_epoch(self, runner) -> None:
+        loop = runner.train_loop
+        if isinstance(loop.dataloader, _SkipBatches):
+            loop.dataloader = loop.dataloader.loader
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        # With gradient accumulation only an update boundary is a consistent state (the partial gradients are not
+        # saved); the iteration counter counts passes.
+        counts = getattr(runner.optim_wrapper, "_accumulative_counts", 1)
+        if (runner.iter + 1) % counts == 0 and self.stop.agreed():
+            self._save_and_exit(runner, runner.iter + 1)
+
+    def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self.stop.agreed():  # validation during training: the weights of the iterations trained so far
+            training = isinstance(getattr(runner, "_train_loop", None), BaseLoop)  # (runner.val() alone: not)
+            self._save_and_exit(runner, runner.iter if training else None)
+
+    def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self.stop.agreed():  # the final test: training is saved already (CheckpointHook's save_last)
+            self._save_and_exit(runner, None)
+
+    def _save_and_exit(self, runner, iteration: int | None) -> None:
+        if iteration is not None and not self._saved(runner, iteration):
+            name = f"iter_{iteration}.pth"
+            # Runner.save_checkpoint writes on the main process only; meta as an iteration-based save, also in an
+            # epoch-based loop (before_train_epoch skips the batches of the epoch already trained).
+            runner.save_checkpoint(runner.work_dir, name, meta=dict(epoch=runner.epoch, iter=iteration),
+                                   by_epoch=False)
+            path = os.path.join(runner.work_dir, name)
+            if is_main_process():
+                atomic_write_bytes(Path(runner.work_dir) / LAST_CHECKPOINT, path.encode())
+            runner.message_hub.update_info("last_ckpt", path)
+            runner.logger.info(f"PreemptionHook: saved {path} (iteration {iteration}); rerun the same command to "
+                               f"resume")
+        if self.lock is not None:  # written and done: the rerun (in this process too, in tests) may take over
+            self.lock.release()
+            self.lock = None
+        raise Preempted(f"stopped by a signal at iteration {runner.iter}; rerun the same command to resume")
+
+    @staticmethod
+    def _saved(runner, iteration: int) -> bool:
+        """The checkpoint of ``iteration`` exists already (CheckpointHook saved it in this iteration)."""
+        last = Path(runner.work_dir) / LAST_CHECKPOINT
+        try:
+            return last.read_text().strip().endswith(f"iter_{iteration}.pth") and \
+                Path(last.read_text().strip()).is_file()
+        except OSError:
+            return False
