@@ -157,7 +157,7 @@ def _torch_load_path(exc: BaseException) -> str | None:
 
 def _describe_one(exc: BaseException) -> str | None:
     """The one line for ``exc`` alone (not its chain), or None when it is not a known kind."""
-    names = {_qualified(c) for c in type(exc).__mro__}
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__}  # classes of modules not imported here
     worker = _worker_original(exc)
     message = worker if worker is not None else str(exc)
     if is_user_error(exc):
