@@ -134,9 +134,9 @@ def test_disk_full_inside_a_library_names_the_file_it_was_writing():
             f.flush()
 
     with pytest.raises(OSError) as info:
-        put(b"x" * 10, "/work_dirs/det/iter_56.pth")
+        put(b"x" * 10, "work_dirs/det/iter_56.pth")
     assert info.value.filename is None
-    assert errors.describe(info.value).startswith("disk full: /work_dirs/det/iter_56.pth")
+    assert errors.describe(info.value).startswith("disk full: work_dirs/det/iter_56.pth")
 
 
 @pytest.mark.parametrize("code, words", [(errno.EACCES, "permission denied: /p"), (errno.EROFS, "read-only"),
@@ -159,7 +159,7 @@ class _Bad(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("exc, line", [
     (None, "/x/3.jpg: unreadable image; replace it"),  # a DataError (built in the test: it needs the import)
-    (OSError(errno.ENOSPC, "No space left on device", "/tmp/cache/x"), "disk full: /tmp/cache/x"),
+    (OSError(errno.ENOSPC, "No space left on device", "/data/cache/x"), "disk full: /data/cache/x"),
     (ValueError("odd value"), "odd value (in a data loader worker)"),
 ])
 def test_dataloader_worker_errors_are_the_original_line(exc, line):
