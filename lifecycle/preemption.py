@@ -15,6 +15,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_INTERRUPTED = 75
 
 # torchrun forwards only the signals named here to its workers (default SIGTERM,SIGINT,SIGHUP,SIGQUIT); without
-# SIGUSR1 a Slurm warning kills the launcher and orphans the workers. Launchers export this before torchrun starts.
+# SIGUSR1 a Slurm warning kills the launcher and orphans the workers. torch 2.14 takes the list from its own option
+# (PET_SIGNALS_TO_HANDLE) and overwrites this variable: launch through lifecycle.torchrun, which sets both.
 TORCHRUN_SIGNALS_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"

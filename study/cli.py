@@ -16,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from lifecycle import errors
 from lifecycle.preemption import EXIT_INTERRUPTED
 from study.plan import command, plan
 from study.run import STATUS_FILE, echo, passing_signals_on, read_status, run_steps, status_table
@@ -59,6 +60,7 @@ def slurm_executor(spec, steps, args) -> int:
     return 0
 
 
+@errors.cli  # one line per failure (lifecycle/errors.py); --debug or BOT_DEBUG=1 shows the traceback
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.work_dir = args.work_dir or Path("work_dirs") / args.study.stem
@@ -66,29 +68,25 @@ def main(argv: list[str] | None = None) -> int:
         entries = read_status(args.work_dir)
         print(status_table(entries) if entries else f"{args.work_dir / STATUS_FILE}: no stage has run yet")
         return 0
-    try:
-        spec = load_spec(args.study, args.data_root, args.allow_synthetic)
-        stages = tuple(s for s in STAGES if args.only in (None, STAGE_DIRS[s]))
-        if args.only and not spec.defines(stages[0]):
-            raise SpecError(f"{spec.path}: --only {args.only}: this study has no {stages[0]} stage")
-        arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
-        if arms is not None and (not arms or (bad := [a for a in arms if a not in spec.arms])):
-            raise SpecError(f"{spec.path}: --arms: no arm named {bad[0] if arms else args.arms!r} "
-                            f"(arms: {', '.join(spec.arms)})")
-        if bad := next((i for i in args.slurm if "=" not in i), None):
-            raise SpecError(f"--slurm {bad}: expected KEY=VALUE (an sbatch parameter, e.g. qos=high)")
-        if not (gpus := os.environ.get("GPUS", "").strip() or "0").isdigit():
-            raise SpecError(f"GPUS={gpus!r}: expected the number of GPUs per machine (an integer), or leave it unset")
-        steps = plan(spec, args.work_dir, stages, arms)
-        for step in steps if args.dry_run and args.executor == "local" else []:  # each logs its protocol first
-            print(shlex.join(command(step, int(gpus))), flush=True)
-        if args.dry_run and args.executor == "local":
-            return 0
-        if not args.dry_run:
-            check_data(spec, stages)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = load_spec(args.study, args.data_root, args.allow_synthetic)
+    stages = tuple(s for s in STAGES if args.only in (None, STAGE_DIRS[s]))
+    if args.only and not spec.defines(stages[0]):
+        raise SpecError(f"{spec.path}: --only {args.only}: this study has no {stages[0]} stage")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    if arms is not None and (not arms or (bad := [a for a in arms if a not in spec.arms])):
+        raise SpecError(f"{spec.path}: --arms: no arm named {bad[0] if arms else args.arms!r} "
+                        f"(arms: {', '.join(spec.arms)})")
+    if bad := next((i for i in args.slurm if "=" not in i), None):
+        raise SpecError(f"--slurm {bad}: expected KEY=VALUE (an sbatch parameter, e.g. qos=high)")
+    if not (gpus := os.environ.get("GPUS", "").strip() or "0").isdigit():
+        raise SpecError(f"GPUS={gpus!r}: expected the number of GPUs per machine (an integer), or leave it unset")
+    steps = plan(spec, args.work_dir, stages, arms)
+    for step in steps if args.dry_run and args.executor == "local" else []:  # each logs its protocol first
+        print(shlex.join(command(step, int(gpus))), flush=True)
+    if args.dry_run and args.executor == "local":
+        return 0
+    if not args.dry_run:
+        check_data(spec, stages)
     if args.executor == "slurm":
         return slurm_executor(spec, steps, args)
     echo(f"{spec.path}: {len({s.arm for s in steps})} arm(s) x {len(spec.seeds)} seed(s), {len(steps)} stage(s) -> "

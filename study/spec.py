@@ -26,6 +26,8 @@ STUDY_KEYS = ("name", "seed", "data_root")  # the study sets these itself
 class SpecError(UserError, ValueError):
     """Bad study file or command line: one line naming the file and the fix."""
 
+    exit_status = 2  # a usage error, as argparse's
+
 
 @dataclass(frozen=True)
 class Downstream:  # a study's `detection:` / `segmentation:` section

@@ -190,7 +190,7 @@ def test_dry_run_prints_the_commands_and_creates_nothing(done, work, tmp_path, m
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == sum(len(arm_stages(a)) for a in ARMS.values()) and not fresh.exists()
     first = shlex.split(lines[0])
-    assert first[:4] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    assert first[:4] == [sys.executable, "-m", "lifecycle.torchrun", "--nproc_per_node=2"]
     assert first[4:7] == ["-m", "classification.train", RECIPE_B] and "--work-dir" in first
     monkeypatch.delenv("GPUS")
     assert cli.main([str(done[0]), "--work-dir", str(work), "--dry-run"]) == 0  # a finished study: the same
@@ -333,7 +333,7 @@ def test_paper_study_on_slurm_dry_run_prints_one_job_per_arm(tmp_path, capsys):
     assert [line.split(":")[0] for line in mixup] == [f"d_mixup seed0 {s}" for s in
                                                       ("classification", "export", "detection", "segmentation")]
     assert "--nnodes=2 --rdzv-backend=c10d" in mixup[0] and "--nproc_per_node=4" in mixup[0]
-    assert "torch.distributed.run" not in mixup[1]
+    assert "lifecycle.torchrun" in mixup[0] and "torchrun" not in mixup[1]
 
 
 def job_stages(text: str) -> list[str]:
