@@ -79,7 +79,7 @@ _STREAM = {"imagenet": 1, "VOC2007": 2, "VOC2012": 3, "ade20k": 4}
 Log = Callable[[str], None]
 
 
-class DataError(UserError):
+class GenerateRequestError(UserError):
     """Bad request (arguments, existing output): reported as one line, exit code 1."""
 
 
@@ -270,22 +270,22 @@ def readme(meta: dict) -> str:
 
 def generate(out: str | Path, seed: int = 0, scale: str = "tiny", sets: Sequence[str] = SETS, force: bool = False,
              log: Log | None = print) -> dict:
-    """Generate the datasets under ``out``; returns the ``data.json`` content. Raises DataError on bad input."""
+    """Generate the datasets under ``out``; returns the ``data.json`` content (GenerateRequestError on bad input)."""
     if scale not in SCALES:
-        raise DataError(f"unknown scale {scale!r} (choose one of {', '.join(SCALES)})")
+        raise GenerateRequestError(f"unknown scale {scale!r} (choose one of {', '.join(SCALES)})")
     if not isinstance(seed, int) or seed < 0:
-        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+        raise GenerateRequestError(f"seed must be a non-negative integer, got {seed!r}")
     unknown = [s for s in sets if s not in SETS]
     if unknown or not sets:
-        raise DataError(f"unknown set(s) {unknown} (choose from {', '.join(SETS)})")
+        raise GenerateRequestError(f"unknown set(s) {unknown} (choose from {', '.join(SETS)})")
     sets = [s for s in SETS if s in sets]  # canonical order, no duplicates
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder (choose another --out)")
+        raise GenerateRequestError(f"{out}: exists and is not a folder (choose another --out)")
     if not force:
         for name in sets:
             if (out / SET_DIRS[name]).exists():
-                raise DataError(f"{out / SET_DIRS[name]}: already exists (pass --force to replace it, "
+                raise GenerateRequestError(f"{out / SET_DIRS[name]}: already exists (pass --force to replace it, "
                                 "or choose another --out)")
     t_start = time.perf_counter()
     tmp = out / ".make_data.tmp"
