@@ -39,7 +39,16 @@ from .checkpoint import (
 from .config import Config, ConfigError, load_config
 from .data import DataError, build_loaders
 from .models import build_model
-from .tricks import autocast_kwargs, build_mixup, build_optimizer, build_scaler, build_scheduler, build_task, lr_at
+from .tricks import (
+    autocast_kwargs,
+    build_mixup,
+    build_optimizer,
+    build_scaler,
+    build_scheduler,
+    build_task,
+    lr_at,
+    optimizer_step,
+)
 
 log = logging.getLogger("classification")
 
@@ -166,11 +175,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
             images += len(x)
         if accumulation > 1:
             first_pass_statistics(bns, momenta, first=True)
-        scaler.step(optimizer)  # skips the update when any gradient is inf/NaN
-        # Private but long-stable GradScaler API (torch 2.14 pinned): per-device inf flags, no host sync.
-        found = scaler._found_inf_per_device(optimizer)
-        found_inf = sum(found.values()) if found else torch.zeros((), device=device)
-        scaler.update()
+        found_inf = optimizer_step(optimizer, scaler, loss_update)  # skips a non-finite update
         if ema is not None:
             ema.update(model, step=global_step)
 
