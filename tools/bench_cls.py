@@ -118,11 +118,12 @@ class OurTrainer:
         self.cfg, self.device, self.updates = cfg, device, updates
 
     def epoch(self, batches) -> int:
+        n = min(len(batches), self.updates)
         stats = train.train_one_epoch(self.task, self.model, batches, self.opt, self.sched, self.scaler,
-                                      build_mixup(self.cfg, 10), None, self.cfg, 0, 0, self.updates, train.Dist(),
+                                      build_mixup(self.cfg, 10), None, self.cfg, 0, 0, n, train.Dist(),
                                       self.device, train.StopFlag())
         assert "stopped_at" not in stats
-        return self.updates * self.cfg.device_batch
+        return n * self.cfg.device_batch
 
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -188,6 +189,8 @@ def compare(args) -> dict:
         return result
     result["loader"] = alternate("loader", args.rounds, lambda: loader_rate(theirs_loader),
                                  lambda: loader_rate(ours_loader))
+    if args.skip_epoch:
+        return result
 
     def epoch(trainer_cls, loader):
         trainer = trainer_cls(cfg, device, updates)
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--skip-data", action="store_true", help="the step comparison only")
+    p.add_argument("--skip-epoch", action="store_true", help="the step and loader comparisons only")
     p.add_argument("--decode-paths", action="store_true",
                    help="instead: the training transform per core on generated 500x375 JPEGs, each decode path")
     p.add_argument("--images", type=int, default=64, help="--decode-paths: JPEGs generated (each seen twice a round)")
