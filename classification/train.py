@@ -266,7 +266,8 @@ def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> torch.n
 def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
     saved = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_KEYS}
     now = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}
-    changed = sorted(k for k in now if saved.get(k) != now[k])
+    defaults = Config().to_dict()  # a key added since the run started (e.g. decode) counts as its default
+    changed = sorted(k for k in now if saved.get(k, defaults[k]) != now[k])
     if changed:
         raise CheckpointError(f"{path}: this run dir was started with different settings ({', '.join(changed)}); "
                               f"use another --work-dir or restore the original settings")

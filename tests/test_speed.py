@@ -151,3 +151,15 @@ def test_the_jpeg_fast_path_gives_the_same_crops_within_tolerance(photos):
                 worst[factor] = max(worst.get(factor, 0.0), diff)
     assert worst[0] == 0.0 and worst[1] < 1e-3  # Pillow's libjpeg-turbo and simplejpeg's decode alike
     assert worst[2] <= 2.5 and worst[4] <= 2.5, worst  # 300 px tall photos at 48 px: 1/2 and 1/4 scales occur
+
+
+def test_a_run_started_before_the_decode_key_existed_still_resumes():
+    from classification.checkpoint import CheckpointError
+    from classification.train import check_resumable
+
+    cfg = load_config(None, [])
+    saved = cfg.to_dict()
+    del saved["decode"]
+    check_resumable({"config": saved}, cfg, "last.pth")  # absent: the default, "pil"
+    with pytest.raises(CheckpointError, match="decode"):
+        check_resumable({"config": {**saved, "decode": "simplejpeg"}}, cfg, "last.pth")
