@@ -45,7 +45,16 @@ from .checkpoint import (
 from .config import Config, ConfigError, load_config
 from .data import DataError, build_loaders
 from .models import build_model
-from .tricks import autocast_kwargs, build_mixup, build_optimizer, build_scaler, build_scheduler, build_task, lr_at
+from .tricks import (
+    autocast_kwargs,
+    build_mixup,
+    build_optimizer,
+    build_scaler,
+    build_scheduler,
+    build_task,
+    lr_at,
+    optimizer_step,
+)
 
 log = logging.getLogger("classification")
 
@@ -179,11 +188,10 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
             images += len(x)
         if accumulation > 1:
             first_pass_statistics(bns, momenta, first=True)
-        scaler.step(optimizer)  # skips the update when any gradient is inf/NaN
-        # Private but long-stable GradScaler API (torch 2.14 pinned): per-device inf flags, no host sync.
-        found = scaler._found_inf_per_device(optimizer)
-        found_inf = sum(found.values()) if found else torch.zeros((), device=device)
-        scaler.update()
+        # Every rank skips the same updates: the gradients are averaged, so one rank's non-finite loss spoils all
+        # (the sum of the ranks' losses is non-finite when any is; one scalar, no host sync).
+        any_loss = all_reduce(loss_update.clone()) if dist.is_initialized() else loss_update
+        found_inf = optimizer_step(optimizer, scaler, any_loss)  # skips a non-finite update
         if ema is not None:
             ema.update(model, step=global_step)
 
@@ -280,7 +288,8 @@ def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> torch.n
 def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
     saved = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_KEYS}
     now = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}
-    changed = sorted(k for k in now if saved.get(k) != now[k])
+    defaults = Config().to_dict()  # a key added since the run started (e.g. decode) counts as its default
+    changed = sorted(k for k in now if saved.get(k, defaults[k]) != now[k])
     if changed:
         raise CheckpointError(f"{path}: this run dir was started with different settings ({', '.join(changed)}); "
                               f"use another --work-dir or restore the original settings")

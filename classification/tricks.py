@@ -34,10 +34,17 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """§2: Nesterov SGD, momentum 0.9; the learning rate is set per update by the scheduler."""
+    """§2: Nesterov SGD, momentum 0.9; the learning rate is set per update by the scheduler.
+
+    torch's fused SGD where it has a kernel (CPU, CUDA): one pass over each parameter instead of torch's default
+    per-tensor loop of five ops and two temporaries, 3x faster on a CPU for a ResNet-50 (80 ms against 270 ms a
+    step here), the same arithmetic up to float rounding (tests/test_speed.py: weights and momenta within 1e-6)."""
+    groups = param_groups(model, cfg)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                for g in groups for p in g["params"])
     return torch.optim.SGD(
-        param_groups(model, cfg), lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
+        groups, lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+        fused=fused or None,
     )
 
 
@@ -84,11 +91,41 @@ def autocast_kwargs(cfg: Config, device: torch.device) -> dict:
 
 
 def build_scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler:
-    """§3.2 loss scaling for fp16. The scaler also guards fp32/bf16: with scale 1 that never grows it only skips
-    updates whose gradients are not finite (the non-finite counter in the trainer reads its flags)."""
-    fp16 = cfg.amp == "fp16"
-    return torch.amp.GradScaler(device.type, init_scale=2.0**16 if fp16 else 1.0, growth_factor=2.0,
-                                backoff_factor=0.5, growth_interval=2000 if fp16 else 2**30, enabled=True)
+    """§3.2 loss scaling, for fp16 only. fp32 and bf16 need no scaling; a scaler kept on there with scale 1 cost a
+    full pass over every gradient per update (its inf check, 7 % of a CPU step here) to guard against non-finite
+    gradients, which ``optimizer_step`` now does from the loss alone."""
+    return torch.amp.GradScaler(device.type, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
+                                growth_interval=2000, enabled=cfg.amp == "fp16")
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   loss: torch.Tensor) -> torch.Tensor:
+    """One update, skipped when it would not be finite; returns 1.0 (skipped) or 0.0 as a tensor, no host sync
+    where the optimizer is fused.
+
+    fp16: the scaler unscales, skips an update with inf/NaN gradients and adapts the scale. fp32/bf16: the update is
+    skipped when the loss is not finite (a finite loss with non-finite gradients, rare without fp16, leaves
+    non-finite weights, so the following losses are non-finite and the trainer's streak check stops the run).
+    """
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        # Private but long-stable GradScaler API (torch 2.14 pinned): per-device inf flags, no host sync.
+        found = scaler._found_inf_per_device(optimizer)
+        found_inf = sum(found.values()) if found else torch.zeros((), device=loss.device)
+        scaler.update()
+        return found_inf
+    found_inf = (~torch.isfinite(loss)).float()
+    if all(g.get("fused") for g in optimizer.param_groups):  # per group: a resumed state dict sets it
+        # The fused kernels skip the whole update (weights and momenta) when found_inf is set: GradScaler's own
+        # mechanism for fused optimizers (torch.optim.SGD.step reads these two attributes), with scale 1.
+        optimizer.grad_scale, optimizer.found_inf = None, found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not found_inf.item():
+        optimizer.step()
+    return found_inf
 
 
 def build_mixup(cfg: Config, num_classes: int) -> Mixup | None:
