@@ -81,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (gpus := os.environ.get("GPUS", "").strip() or "0").isdigit():
         raise SpecError(f"GPUS={gpus!r}: expected the number of GPUs per machine (an integer), or leave it unset")
     steps = plan(spec, args.work_dir, stages, arms)
-    for step in steps if args.dry_run and args.executor == "local" else []:  # each logs its protocol first
-        print(shlex.join(command(step, int(gpus))), flush=True)
-    if args.dry_run and args.executor == "local":
+    if args.dry_run and args.executor == "local":  # the commands; each stage logs its protocol line when it runs
+        print("\n".join(shlex.join(command(step, int(gpus))) for step in steps), flush=True)
         return 0
     if not args.dry_run:
         check_data(spec, stages)

@@ -81,9 +81,8 @@ def _step(spec: StudySpec, work_dir: Path, arm: Arm, seed: int, stage: str) -> S
 
 
 def command(step: Step, gpus: int, nodes: int = 1, master: str = "$MASTER_ADDR", job_id: str = "0") -> list[str]:
-    """The full command: plain python, or torchrun with ``gpus`` processes per node for the distributed stages
-    (across ``nodes`` nodes through torchrun's c10d rendezvous on ``master``), through lifecycle.torchrun so that
-    SIGUSR1 reaches the workers and a saved stop exits 75."""
+    """Plain python, or torchrun (lifecycle.torchrun: SIGUSR1 reaches the workers) with ``gpus`` processes per node
+    for the distributed stages, across ``nodes`` nodes through torchrun's c10d rendezvous on ``master``."""
     if not step.distributed or gpus * nodes <= 1:
         return [sys.executable, *step.argv]
     multi = ([f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{RDZV_PORT}",

@@ -13,11 +13,11 @@ from typing import Any
 from scipy import stats
 
 from classification.artifacts import read_summary
+from classification.export import PUBLISHED_KINDS
 from lifecycle.errors import UserError
 from study import paper
 from study.run import STATUS_FILE, read_status
 
-PUBLISHED_KINDS = ("timm", "torchvision", "file")  # meta.json source_kind of weights this toolkit did not train
 CONFIDENCE = 0.95
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from classification.artifacts import atomic_write_json
-from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS, TORCHRUN_SIGNALS, TORCHRUN_SIGNALS_ENV
+from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS
 from study.plan import REPO, Step, command
 from study.spec import STAGES
 
@@ -118,8 +118,8 @@ def stop_running_stage(signum: int, wait_s: float) -> None:
 
 def run_stage(step: Step, argv: list[str], work_dir: Path) -> tuple[int, str]:
     """Run one stage; its stdout passes through, its stderr too, the last error line kept."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), TORCHRUN_SIGNALS_ENV: TORCHRUN_SIGNALS}
+    paths = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": paths}  # torchrun's signals: lifecycle.torchrun
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env)
     _Running.proc, _Running.step, _Running.work_dir = proc, step, work_dir
     decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""

@@ -28,7 +28,6 @@ SIGNAL_DELAY_S = 120  # the stages save within one step; a checkpoint of a ResNe
 
 @dataclass
 class ArmJob:  # pickled by submitit, run on every node of the allocation; ``checkpoint``: submitit's requeue protocol
-
     name: str
     steps: list[Step]
     work_dir: Path

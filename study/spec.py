@@ -24,9 +24,8 @@ STUDY_KEYS = ("name", "seed", "data_root")  # the study sets these itself
 
 
 class SpecError(UserError, ValueError):
-    """Bad study file or command line: one line naming the file and the fix."""
-
-    exit_status = 2  # a usage error, as argparse's
+    """Bad study file or command line: one line naming the file and the fix; exit 2, a usage error as argparse's."""
+    exit_status = 2
 
 
 @dataclass(frozen=True)
