@@ -320,12 +320,12 @@ def test_transfer_source_reexports_a_run_whose_checkpoint_changed(tmp_path, monk
         assert load_export(out)[1]["source_top1"] == 10.0  # the old export is intact while the new one is written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(source, "export_source", interrupted)
+    monkeypatch.setattr(published, "export_source", interrupted)  # export_refresh reads it per call
     with pytest.raises(KeyboardInterrupt):
         source.resolve(str(run))
     assert load_export(out)[1]["source_top1"] == 10.0 and sorted(p.name for p in run.iterdir()) == ["export",
                                                                                                      "last.pth"]
-    monkeypatch.setattr(source, "export_source", real)
+    monkeypatch.setattr(published, "export_source", real)
     assert source.resolve(str(run)) == str(out)
     _, meta = load_export(out)
     assert meta["source_top1"] == 20.0 and meta["sha256"] == file_sha256(run / "last.pth")
