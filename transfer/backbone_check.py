@@ -67,8 +67,13 @@ def mm_backbone_cfg(meta: dict[str, Any], library: str = "mmdet", dilated: bool 
 def build_mm_backbone(meta: dict[str, Any], library: str = "mmdet", dilated: bool = False,
                       checkpoint: str | Path | None = None) -> nn.Module:
     """The export's target backbone, built by the pinned package's own registry (randomly initialised until
-    ``init_weights()``; with ``checkpoint`` that loads it through mmengine's Pretrained init)."""
-    return _registry(library).build(mm_backbone_cfg(meta, library, dilated, checkpoint))
+    ``init_weights()``; with ``checkpoint`` that loads it through mmengine's Pretrained init). Built in the library's
+    scope: an mmengine Runner created earlier in the process leaves its default scope behind, whose registry would be
+    searched instead."""
+    from mmengine.registry import DefaultScope
+
+    with DefaultScope.overwrite_default_scope(library):
+        return _registry(library).build(mm_backbone_cfg(meta, library, dilated, checkpoint))
 
 
 def data_preprocessor_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
