@@ -1,7 +1,7 @@
 """Train a ResNet-50 A/B/C/D with any subset of the paper's tricks; rerunning the same command resumes.
 
     python -m classification.train CONFIG.yaml [--data-root DIR] [--work-dir DIR] [--set key=value ...]
-    torchrun --nproc_per_node=8 -m classification.train CONFIG.yaml ...      # DDP, one process per GPU
+    python -m lifecycle.torchrun --nproc_per_node=8 -m classification.train CONFIG.yaml ...  # DDP, one per GPU
 
 SIGTERM, SIGUSR1 and SIGINT save last.pth at the current update and exit 75 (lifecycle/preemption.py).
 """
