@@ -11,6 +11,24 @@ if str(REPO) not in sys.path:  # import the toolkit's packages from the checkout
     sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ImageFolder: two colour classes, 8 train / 2 val JPEGs each, 40 px (4 updates of 4 per epoch)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 2)):
+        for c, base in enumerate(([200, 40, 40], [40, 40, 200])):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(rng.normal(base, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_check_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Remembered data-check passes go to a per-session folder, not the user's ~/.cache (subprocesses inherit it)."""

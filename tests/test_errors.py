@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -28,21 +27,6 @@ TINY = ["image_size=32", "global_batch=4", "device_batch=4", "workers=0", "init=
 def _no_debug(monkeypatch):
     """Tracebacks off, and BOT_DEBUG restored after each test (a --debug in a test sets it for the process)."""
     monkeypatch.setenv(errors.DEBUG_ENV, "0")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """Two colour classes, 8 train / 2 val images each, 40 px."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 2)):
-        for c, base in enumerate(([200, 40, 40], [40, 40, 200])):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = np.clip(rng.normal(base, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
-    return root
 
 
 def copy(folder: Path, tmp_path: Path) -> Path:

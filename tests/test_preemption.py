@@ -50,24 +50,6 @@ def run_until(cmd, pattern: str, sig: int, env=ENV, timeout=600):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """tests/test_train_cls.py's two colour classes: 8 train / 2 val images each (4 updates of 4 per epoch)."""
-    import numpy as np
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imagefolder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 2)):
-        for c, base in enumerate(([200, 40, 40], [40, 40, 200])):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(np.clip(rng.normal(base, 40, (40, 40, 3)), 0, 255).astype(np.uint8)).save(
-                    d / f"{i}.jpg", quality=90)
-    return root
-
-
 def cls_cmd(folder, work, *sets):
     return [sys.executable, "-m", "classification.train", str(REPO / "configs/classification/demo/smoke.yaml"),
             "--data-root", str(folder), "--work-dir", str(work), "--set", *CLS, *sets]

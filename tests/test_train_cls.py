@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from classification import train
 from classification.artifacts import read_summary
@@ -19,21 +17,6 @@ from lifecycle.preemption import EXIT_INTERRUPTED
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["image_size=32", "global_batch=4", "device_batch=4", "workers=0", "init=timm", "log_interval=1",
         "step_epochs=[1]"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """Two colour classes, 8 train / 2 val images each, 40 px."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 2)):
-        for c, base in enumerate(([200, 40, 40], [40, 40, 200])):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = np.clip(rng.normal(base, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
-    return root
 
 
 def run_train(folder, work, *sets, config="configs/classification/demo/smoke.yaml"):
