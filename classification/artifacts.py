@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,25 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     tmp = _mkstemp_beside(path)
     try:
         torch.save(obj, tmp)
+        _replace_durably(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_link(src: str | Path, path: str | Path) -> None:
+    """Make ``path`` a second name of the finished file ``src`` (a hard link through a temporary name and a rename,
+    as timm's train.py keeps its best checkpoint): a checkpoint's bytes are written once, not twice. Every write
+    here replaces a file by rename, never in place, so a later save of either name leaves the other untouched.
+    Where the file system has no hard links, ``src`` is copied."""
+    path = Path(path)
+    tmp = _mkstemp_beside(path)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network and FUSE file systems)
+            shutil.copyfile(src, tmp)
         _replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -31,7 +31,7 @@ from lifecycle.preemption import EXIT_INTERRUPTED
 from lifecycle.run_lock import RunDirBusy, RunLock
 from lifecycle.stop_flag import StopFlag
 
-from .artifacts import atomic_write_bytes, remove_stale_temporaries, write_summary
+from .artifacts import atomic_link, atomic_write_bytes, remove_stale_temporaries, write_summary
 from .checkpoint import (
     BEST,
     LAST,
@@ -445,10 +445,13 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
         history.append(row)
         log.info("epoch %d: top-1 %.2f top-5 %.2f%s, train loss %.4f, %.1f img/s", epoch, top1, top5,
                  f" (EMA top-1 {ema_top1:.2f})" if ema else "", stats["train_loss"], stats["images_per_s"])
-        if top1 > best_top1:
+        if top1 > best_top1:  # the same state under both names: written once, linked once
             best_top1 = top1
             save(run_dir / BEST, epoch, 0)
-        save(last, epoch, 0)
+            if d.main:
+                atomic_link(run_dir / BEST, last)
+        else:
+            save(last, epoch, 0)
         if d.main:
             with writing(run_dir / "metrics.jsonl"):
                 write_epoch_metrics(run_dir, history, tb)
