@@ -64,15 +64,50 @@ def train_transform(cfg: Config, *, crop: bool = True) -> transforms.Compose:
     ])
 
 
-def random_resized_crop(cfg: Config) -> transforms.RandomResizedCrop:
-    return transforms.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_area, 1.0), ratio=(3 / 4, 4 / 3),
-                                        interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
+def random_resized_crop(cfg: Config) -> RandomResizedCrop:
+    return RandomResizedCrop(cfg.image_size, scale=(cfg.crop_min_area, 1.0), ratio=(3 / 4, 4 / 3),
+                             interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
 
 
 # ---------------------------------------------------------------------------------------------- speed (issue 14)
 # The pieces below only make the data path cheaper; each gives the same images as the plain torchvision chain
 # (ToTensor, Lighting, Normalize; torch.manual_seed; Pillow's full decode) within the tolerance tests/test_speed.py
 # states.
+
+
+def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+             attempts: int = 10) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (top, left, height, width): area uniform in ``scale`` of the image's,
+    log aspect ratio uniform in ``ratio``, up to 10 attempts to fit, else the centred crop of the nearest ratio.
+    The same distribution, drawn with one torch RNG call (torch.rand(10, 4)) where torchvision makes two to four
+    one-element tensor draws per attempt: 90 us a sample, 9 % of a 48 px sample's CPU time and 4 % at 224 px."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for u_area, u_ratio, u_top, u_left in torch.rand(attempts, 4).tolist():
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return (min(int(u_top * (height - h + 1)), height - h), min(int(u_left * (width - w + 1)), width - w),
+                    h, w)
+    in_ratio = width / height  # fallback: as torchvision, the centred crop of the nearest allowed ratio
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class RandomResizedCrop(transforms.RandomResizedCrop):
+    """torchvision's transform with its boxes drawn by ``crop_box`` (the same distribution, 90 us less a sample)."""
+
+    @staticmethod
+    def get_params(img, scale, ratio) -> tuple[int, int, int, int]:
+        _, height, width = TF.get_dimensions(img)
+        return crop_box(height, width, scale, ratio)
 
 
 class ToNormalizedTensor:
@@ -113,7 +148,7 @@ def seeded_rng(seed: int):
 class JpegCropDecoder:
     """``decode: simplejpeg``: decode a JPEG straight to its random crop, with libjpeg-turbo's DCT-domain scaling.
 
-    Draws the RandomResizedCrop box exactly as the default path does (same RNG calls, from the header's size),
+    Draws the RandomResizedCrop box exactly as the default path does (``crop_box`` from the header's size),
     then decodes at 1/2, 1/4 or 1/8 scale when the box stays at least ``image_size`` on both sides at that scale
     (the decoder then does part of the downscaling for free), else at full size, and resizes the box to
     ``image_size`` with the same bilinear antialiased filter. Non-JPEG or unusual files (PNG, CMYK, damaged) go
@@ -135,9 +170,7 @@ class JpegCropDecoder:
             height, width = simplejpeg.decode_jpeg_header(data)[:2]
         except ValueError:  # not a JPEG: the default path, draws and all
             return self.rrc(_load_rgb(path))
-        box = transforms.RandomResizedCrop.get_params(torch.empty(()).expand(3, height, width), self.rrc.scale,
-                                                      self.rrc.ratio)
-        i, j, h, w = box
+        i, j, h, w = crop_box(height, width, self.rrc.scale, self.rrc.ratio)
         factor = self.last_factor = next((f for f in (8, 4, 2) if min(h, w) >= self.size * f), 1)
         try:
             if factor == 1:
