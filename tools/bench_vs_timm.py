@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Benchmark: our trainer against timm's own train.py, as whole processes, alternating, ratio ours / timm.
 
-Each pair runs timm's train.py and then our tools/train_cls.sh (and any other checkout of this toolkit given with
+Each pair runs timm's train.py and our tools/train_cls.sh (and any other checkout of this toolkit given with
 --ours, e.g. an older commit) on the same ImageFolder with the same recipe as far as timm's flags go: ResNet-50-D,
 Nesterov SGD, lr 0.1, weight decay 1e-4 without bias/BN decay, cosine per update without warmup, zero gamma, no
 mixup/smoothing/erasing, RandomResizedCrop 8-100 %, flip, colour jitter 0.4, bilinear, our mean/std, one epoch,
-no prefetcher. Ours adds the paper's PCA lighting, which timm lacks. Alternating runs share whatever background
-load there is; the median ratio and its range over the pairs are printed (below 1: we are faster) for
+no prefetcher. Ours adds the paper's PCA lighting, which timm lacks. The runs alternate, every other pair in
+reverse order, so that background load and drift hit both alike; the median ratio and its range over the pairs
+are printed (below 1: we are faster) for
 
 - wall: the whole process, start-up, validation and checkpoints included;
 - cpu: the process tree's user + system CPU seconds (loader workers included);
@@ -118,19 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     recipe_file = work / "recipe.yaml"
     recipe_file.write_text("".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}\n"
                                    for k, v in recipe(args).items()))
+    commands = {"timm": (timm_command(args, work / "timm"), REPO, TIMM_RATE),
+                **{name: (our_command(checkout, recipe_file, args, work / name), checkout, OUR_RATE)
+                   for name, checkout in ours.items()}}
     for i in range(-1, args.pairs):  # pair -1 is a warm-up (file cache, bytecode), not counted
-        timed_runs = {"timm": timed(timm_command(args, work / "timm"), work / "timm.log", REPO)}
-        timed_runs["timm"]["loop_img_s"] = loop_rate(work / "timm.log", TIMM_RATE)
-        for name, checkout in ours.items():
-            r = timed(our_command(checkout, recipe_file, args, work / name), work / f"{name}.log", checkout)
-            r["loop_img_s"] = loop_rate(work / f"{name}.log", OUR_RATE)
-            timed_runs[name] = r
+        timed_runs = {}
+        # every other pair in reverse order, so that a drift of the machine's speed within a pair (seen here:
+        # 20 % over a minute on a shared VM) does not favour whichever trainer runs first
+        for name in (list(commands) if i % 2 == 0 else reversed(commands)):
+            cmd, cwd, rate = commands[name]
+            timed_runs[name] = timed(cmd, work / f"{name}.log", cwd)
+            timed_runs[name]["loop_img_s"] = loop_rate(work / f"{name}.log", rate)
         for name in timed_runs:
             shutil.rmtree(work / name)  # each run starts from nothing
         if i < 0:
             continue
-        for name, r in timed_runs.items():
-            runs[name].append(r)
+        for name in runs:
+            runs[name].append(timed_runs[name])
         print(f"pair {i + 1}: " + ", ".join(f"{n} {r['wall']:.1f} s wall, {r['cpu']:.1f} s cpu, "
                                             f"{r['loop_img_s']:.1f} img/s" for n, r in timed_runs.items()), flush=True)
     result = dict(settings=dict(recipe(args), data_root=args.data_root, pairs=args.pairs), runs=runs, ratios={})
