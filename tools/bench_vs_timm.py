@@ -5,8 +5,8 @@ Each pair runs timm's train.py and our tools/train_cls.sh (and any other checkou
 --ours, e.g. an older commit) on the same ImageFolder with the same recipe as far as timm's flags go: ResNet-50-D,
 Nesterov SGD, lr 0.1, weight decay 1e-4 without bias/BN decay, cosine per update without warmup, zero gamma, no
 mixup/smoothing/erasing, RandomResizedCrop 8-100 %, flip, colour jitter 0.4, bilinear, our mean/std, one epoch,
-no prefetcher. Ours adds the paper's PCA lighting, which timm lacks. The runs alternate, every other pair in
-reverse order, so that background load and drift hit both alike; the median ratio and its range over the pairs
+no prefetcher. Ours adds the paper's PCA lighting, which timm lacks. The runs alternate, and their order rotates
+from pair to pair, so that background load and drift hit both alike; the median ratio and its range over the pairs
 are printed (below 1: we are faster) for
 
 - wall: the whole process, start-up, validation and checkpoints included;
@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                    for name, checkout in ours.items()}}
     for i in range(-1, args.pairs):  # pair -1 is a warm-up (file cache, bytecode), not counted
         timed_runs = {}
-        # every other pair in reverse order, so that a drift of the machine's speed within a pair (seen here:
-        # 20 % over a minute on a shared VM) does not favour whichever trainer runs first
-        for name in (list(commands) if i % 2 == 0 else reversed(commands)):
+        # the order rotates from pair to pair (timm first, then ours first, ...): on the shared VM here the first
+        # run of a pair measured up to 10 % slower than the others, which a fixed order gives to one trainer
+        names = list(commands)
+        for name in names[i % len(names):] + names[:i % len(names)]:
             cmd, cwd, rate = commands[name]
             timed_runs[name] = timed(cmd, work / f"{name}.log", cwd)
             timed_runs[name]["loop_img_s"] = loop_rate(work / f"{name}.log", rate)
