@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args.data_root = str(Path(args.data_root).resolve())
     if not Path(args.timm_train).is_file():
         sys.exit(f"error: {args.timm_train}: not a file; pass train.py of a pytorch-image-models checkout")
+    if not (Path(args.data_root) / "train").is_dir():
+        sys.exit(f"error: {args.data_root}: no train/ folder; pass an ImageFolder root (tools/make_data.py makes one)")
     ours = {"ours": REPO, **{f"ours@{c.name}": c.resolve() for c in args.ours}}
     runs: dict[str, list[dict]] = {"timm": [], **{name: [] for name in ours}}
     work = args.work_dir
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"timm": (timm_command(args, work / "timm"), REPO, TIMM_RATE),
                 **{name: (our_command(checkout, recipe_file, args, work / name), checkout, OUR_RATE)
                    for name, checkout in ours.items()}}
+    for name in commands:  # an interrupted benchmark's outputs: our trainer would resume from them
+        shutil.rmtree(work / name, ignore_errors=True)
     for i in range(-1, args.pairs):  # pair -1 is a warm-up (file cache, bytecode), not counted
         timed_runs = {}
         # the order rotates from pair to pair (timm first, then ours first, ...): on the shared VM here the first
