@@ -24,6 +24,16 @@ def run_train(folder, work, *sets, config="configs/classification/demo/smoke.yam
                        "--set", *TINY, *sets])
 
 
+def assert_best_and_last(run_dir: Path) -> None:
+    """best.pth is the first epoch with the highest top-1; when that is the last epoch, last.pth is the same file
+    (written once, hard-linked), and a later save of last.pth (mid-epoch, or a resume) never changes best.pth."""
+    best = torch.load(run_dir / "best.pth", weights_only=True)
+    history = torch.load(run_dir / "last.pth", weights_only=True)["history"]
+    top1 = [row["top1"] for row in history]
+    assert best["epoch"] == top1.index(max(top1)) + 1 and best["history"] == history[:best["epoch"]]
+    assert os.path.samefile(run_dir / "best.pth", run_dir / "last.pth") == (best["epoch"] == len(history))
+
+
 def test_interrupted_and_resumed_run_ends_with_identical_weights(folder, tmp_path, monkeypatch):
     tricks = ["deterministic=true", "epochs=2", "mixup_alpha=0.2", "label_smoothing=0.1", "schedule=cosine",
               "warmup_epochs=0.5", "no_bias_decay=true", "zero_gamma=true", "ema_decay=0.9",
@@ -51,14 +61,8 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(folder, tmp_pat
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
     assert a["history"][-1]["top1"] == b["history"][-1]["top1"]
-    # best.pth is the first epoch with the highest top-1; when that is the last epoch, last.pth is the same file
-    # (written once, hard-linked), and a mid-epoch save of last.pth later never changes best.pth
     for run in ("straight", "resumed"):
-        best = torch.load(tmp_path / run / "best.pth", weights_only=True)
-        history = torch.load(tmp_path / run / "last.pth", weights_only=True)["history"]
-        top1 = [row["top1"] for row in history]
-        assert best["epoch"] == top1.index(max(top1)) + 1 and best["history"] == history[:best["epoch"]]
-        assert os.path.samefile(tmp_path / run / "best.pth", tmp_path / run / "last.pth") == (best["epoch"] == 2)
+        assert_best_and_last(tmp_path / run)
     summary = read_summary(tmp_path / "resumed" / "summary.json")
     assert summary["stage"] == "classification" and summary["metrics"]["ema_top1"] is not None
     assert len(summary["history"]) == 2 and summary["lr_schedule"][0][1] > 0
@@ -169,14 +173,8 @@ def test_ddp_run_stopped_at_max_steps_resumes_to_the_same_weights(folder, tmp_pa
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
     assert a["history"][-1]["top1"] == b["history"][-1]["top1"]
-    # best.pth is the first epoch with the highest top-1; when that is the last epoch, last.pth is the same file
-    # (written once, hard-linked), and a mid-epoch save of last.pth later never changes best.pth
     for run in ("straight", "resumed"):
-        best = torch.load(tmp_path / run / "best.pth", weights_only=True)
-        history = torch.load(tmp_path / run / "last.pth", weights_only=True)["history"]
-        top1 = [row["top1"] for row in history]
-        assert best["epoch"] == top1.index(max(top1)) + 1 and best["history"] == history[:best["epoch"]]
-        assert os.path.samefile(tmp_path / run / "best.pth", tmp_path / run / "last.pth") == (best["epoch"] == 2)
+        assert_best_and_last(tmp_path / run)
 
 
 UPDATE_LINE = re.compile(r"epoch (\d+) \[(\d+)/\d+\] loss \S+ lr (\S+)")
