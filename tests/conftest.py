@@ -35,6 +35,22 @@ def _data_check_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["DATA_CHECK_CACHE"] = str(tmp_path_factory.mktemp("data_checks"))
 
 
+@pytest.fixture(autouse=True)
+def _detach_mm_log_files():
+    """A Runner built in this process leaves mmengine's current logger writing to a file in the test's tmp_path,
+    which is removed when the test passes: a later test logging through it would fail to reopen it."""
+    yield
+    if "mmengine" in sys.modules:
+        import logging
+
+        from mmengine.logging import MMLogger
+
+        for logger in MMLogger._instance_dict.values():
+            for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+                handler.close()
+                logger.removeHandler(handler)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The `tiny` generated datasets (seed 0), made once per session. Read-only: copy before breaking things.
