@@ -172,6 +172,8 @@ def test_sigterm_to_transfer_seg_saves_the_current_iteration_and_the_rerun_conti
     log = rerun.stdout + rerun.stderr
     assert f"resumed epoch: 0, iter: {saved}" in log and f"Advance dataloader {saved} steps" in log, log[-3000:]
     assert read_summary(work / "summary.json")["stage"] == "segmentation"
+    # The checkpoint saved on the signal is removed once the final one is written: one file per preemption otherwise.
+    assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_6.pth"]
 
     # The libraries' own tools/test.py loads the checkpoints the run wrote (weights-only, allow-listed types).
     test = subprocess.run([sys.executable, str(SEG["test_tool"]), str(work / "config.py"), str(last_checkpoint(work)),
@@ -211,6 +213,8 @@ def test_sigkill_detection_run_resumes_from_its_last_checkpoint_and_mm_test_load
     final = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, f"seed {seed}: {final.stdout[-3000:] + final.stderr[-3000:]}"
     assert read_summary(work / "summary.json")["stage"] == "detection"
+    # Two interval checkpoints kept (runner.KEEP_CHECKPOINTS), across the kills and resumes too.
+    assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_5.pth", "iter_6.pth"], f"seed {seed}"
     test = subprocess.run([sys.executable, str(DET["test_tool"]), str(work / "config.py"), str(last_checkpoint(work)),
                            "--work-dir", str(tmp_path / "det_test")], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=900)

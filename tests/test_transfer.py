@@ -268,6 +268,21 @@ def test_downstream_recipes_keep_their_batch_lr_and_schedule_on_any_gpu_count(mo
     assert (decided["per_device"], decided["accumulation"]) == (2, 8) and cfg.train_cfg.max_epochs == 4
 
 
+def test_downstream_runs_keep_two_interval_checkpoints_unless_their_config_says(monkeypatch):
+    """The stock recipes keep every checkpoint (ADE20K's 80k iterations: 10 x 397 MB per run); ours keep two, and a
+    config that sets its own number keeps it."""
+    from mmengine.config import Config
+
+    seg = "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"
+    for config in (seg, "configs/detection/faster-rcnn_r50_fpn_voc0712.py",
+                   "configs/detection/faster-rcnn_r50_c4_voc0712.py"):
+        assert Config.fromfile(REPO / config).default_hooks.checkpoint.get("max_keep_ckpts", -1) == -1, config
+        cfg, _ = configured(config, monkeypatch=monkeypatch)
+        assert cfg.default_hooks.checkpoint.max_keep_ckpts == 2, config
+    cfg, _ = configured(seg, monkeypatch=monkeypatch, **{"default_hooks.checkpoint.max_keep_ckpts": 5})
+    assert cfg.default_hooks.checkpoint.max_keep_ckpts == 5
+
+
 def test_paper_recipes_refuse_generated_data_unless_allowed(tiny_data, tmp_path, capsys):
     """A tree written by tools/make_data.py carries a marker: the paper's recipes stop before training, naming the
     marker and the flag; --allow-synthetic lets it through."""

@@ -29,6 +29,7 @@ from transfer import compat
 compat.apply()  # atomic checkpoint writes and their loading, also under the libraries' own tools
 
 LAST_CHECKPOINT = "last_checkpoint"  # mmengine's pointer file: resume=True reads the path written in it
+SAVED_ON_SIGNAL = "preemption_checkpoints"  # message-hub key (saved in every checkpoint): the files this hook wrote
 
 
 class _SkipBatches:
@@ -82,6 +83,7 @@ class PreemptionHook(Hook):
             loop.dataloader = loop.dataloader.loader
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self._remove_superseded(runner)
         # With gradient accumulation only an update boundary is a consistent state (the partial gradients are not
         # saved); the iteration counter counts passes.
         counts = getattr(runner.optim_wrapper, "_accumulative_counts", 1)
@@ -100,20 +102,37 @@ class PreemptionHook(Hook):
     def _save_and_exit(self, runner, iteration: int | None) -> None:
         if iteration is not None and not self._saved(runner, iteration):
             name = f"iter_{iteration}.pth"
+            path = os.path.join(runner.work_dir, name)
+            # Recorded before the save, so that the checkpoint knows itself as the latest and as this hook's.
+            runner.message_hub.update_info("last_ckpt", path)
+            runner.message_hub.update_info(SAVED_ON_SIGNAL, [*runner.message_hub.get_info(SAVED_ON_SIGNAL, []), name])
             # Runner.save_checkpoint writes on the main process only; meta as an iteration-based save, also in an
             # epoch-based loop (before_train_epoch skips the batches of the epoch already trained).
             runner.save_checkpoint(runner.work_dir, name, meta=dict(epoch=runner.epoch, iter=iteration),
                                    by_epoch=False)
-            path = os.path.join(runner.work_dir, name)
             if is_main_process():
                 atomic_write_bytes(Path(runner.work_dir) / LAST_CHECKPOINT, path.encode())
-            runner.message_hub.update_info("last_ckpt", path)
             runner.logger.info(f"PreemptionHook: saved {path} (iteration {iteration}); rerun the same command to "
                                f"resume")
         if self.lock is not None:  # written and done: the rerun (in this process too, in tests) may take over
             self.lock.release()
             self.lock = None
         raise Preempted(f"stopped by a signal at iteration {runner.iter}; rerun the same command to resume")
+
+    @staticmethod
+    def _remove_superseded(runner) -> None:
+        """A checkpoint saved on a signal is outside CheckpointHook's ``max_keep_ckpts`` rotation: once a newer one
+        is written (CheckpointHook runs before this hook in an iteration), it is removed, so that preemptions do not
+        leave one full checkpoint each. Names, not paths: a run dir may have been moved between resumes."""
+        mine = runner.message_hub.get_info(SAVED_ON_SIGNAL, [])
+        latest = Path(runner.message_hub.get_info("last_ckpt", "") or "").name
+        stale = [name for name in mine if name != latest]
+        if not stale:
+            return
+        if is_main_process():
+            for name in stale:
+                (Path(runner.work_dir) / name).unlink(missing_ok=True)
+        runner.message_hub.update_info(SAVED_ON_SIGNAL, [name for name in mine if name == latest])
 
     @staticmethod
     def _saved(runner, iteration: int) -> bool:

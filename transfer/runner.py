@@ -41,6 +41,13 @@ class StageError(UserError, RuntimeError):
     pass
 
 
+# mmengine's CheckpointHook keeps every interval checkpoint by default: 10 x 397 MB for the 80k-iteration ADE20K
+# recipe, 4 x 331 MB for VOC, per arm and seed, none of them read again but the last. It deletes the oldest before
+# writing the next, so keeping one would leave none while that write runs (a kill there: nothing to resume); two
+# always leave a complete one.
+KEEP_CHECKPOINTS = 2
+
+
 def walk(node: Any, fn: Callable[[dict], None]) -> None:
     """Call ``fn`` on every dict nested anywhere in a config (datasets are nested in Repeat/Concat wrappers)."""
     if isinstance(node, dict):
@@ -180,6 +187,9 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
     for evaluator in ("val_evaluator", "test_evaluator"):
         walk(cfg.get(evaluator), lambda d: d.__setitem__("type", stage.metric_types.get(d.get("type"), d.get("type"))))
 
+    ckpt = cfg.get("default_hooks", {}).get("checkpoint")
+    if ckpt is not None and ckpt.get("max_keep_ckpts", -1) <= 0:  # unless the config keeps its own number
+        ckpt["max_keep_ckpts"] = KEEP_CHECKPOINTS
     decided = keep_recipe_batch(cfg, world_size(), str(args.config))
     cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
     cfg.work_dir = str(Path(args.work_dir).resolve())
