@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Check the installed stack: versions, mmcv's compiled ops, accelerators, and each known incompatibility.
+"""Check the installed stack: versions, which mmcv build (mmcv-lite with torchvision's ops, or mmcv's compiled ops)
+and that its NMS and RoIAlign run, accelerators, and each known incompatibility.
 
     python tools/doctor.py        # exit 0 when all is well; else one line per problem with its fix, exit 1
 """
@@ -33,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     ok: list[str] = []
     pins = pinned()
-    for name in ("torch", "torchvision", "timm", "numpy", "mmengine", "mmcv", "mmdet", "mmsegmentation", "ftfy",
+    from transfer import mmcv_ops
+
+    build = mmcv_ops.mmcv_build()  # mmcv-lite and mmcv install the same package: ask which is there
+    mmcv_dist = "mmcv" if build == mmcv_ops.COMPILED else "mmcv-lite"
+    for name in ("torch", "torchvision", "timm", "numpy", "mmengine", mmcv_dist, "mmdet", "mmsegmentation", "ftfy",
                  "regex"):
         try:
             have = md.version(name)
@@ -50,23 +55,28 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print({mmcv_ops.COMPILED: "mmcv build: mmcv with OpenMMLab's compiled ops (MMCV=full)",
+           mmcv_ops.TORCHVISION: f"mmcv build: mmcv-lite, {', '.join(mmcv_ops.PROVIDED)} from torchvision "
+                                 f"(transfer/mmcv_ops.py); for mmcv's other ops, {mmcv_ops.FULL_BUILD_FIX}",
+           mmcv_ops.ABSENT: "mmcv build: none installed"}[build])
     try:
+        mmcv_ops.install()
         from mmcv.ops import RoIAlign, nms
 
         for dev in devices:
             boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60.0]], device=dev)
             _, keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7], device=dev), iou_threshold=0.5)
             if keep.tolist() != [0, 2]:
-                problems.append(f"mmcv nms on {dev}: kept {keep.tolist()}, expected [0, 2]; rebuild mmcv: "
-                                f"delete the cached wheel (~/.cache/bot-toolkit) and {FIX_INSTALL}")
+                problems.append(f"mmcv nms on {dev}: kept {keep.tolist()}, expected [0, 2]; {FIX_INSTALL} (with "
+                                f"MMCV=full, delete the cached wheel in ~/.cache/bot-toolkit first)")
             feats = torch.arange(16.0, device=dev).view(1, 1, 4, 4)
             out = RoIAlign((1, 1), spatial_scale=1.0, sampling_ratio=1, aligned=False)(
                 feats, torch.tensor([[0, 0, 0, 4, 4.0]], device=dev))
             if abs(out.item() - feats[0, 0, 2, 2].item()) > 1e-4:  # one sample at the box centre (2, 2)
                 problems.append(f"mmcv RoIAlign on {dev}: {out.item()} != {feats[0, 0, 2, 2].item()}; rebuild mmcv")
             print(f"mmcv ops: nms and RoIAlign run on {dev}")
-    except (ImportError, RuntimeError) as e:  # the compiled extension is missing or built for another torch
-        problems.append(f"mmcv compiled ops: {str(e).splitlines()[0]}; {FIX_INSTALL} (builds mmcv with its ops)")
+    except (ImportError, RuntimeError) as e:  # mmcv missing, or its compiled extension built for another torch
+        problems.append(f"mmcv ops: {str(e).splitlines()[0]}; {FIX_INSTALL}")
 
     if torch.cuda.is_available():
         print(f"CUDA: {torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s); "

@@ -30,6 +30,9 @@ SHARED_HEAD_PREFIX = "layer4."
 
 
 def _registry(library: str):
+    from transfer import compat
+
+    compat.apply()  # mmcv's ops (mmcv-lite) before the models import them
     if library == "mmdet":
         import mmdet.models  # noqa: F401 - registers the backbones
         from mmdet.registry import MODELS

@@ -7,7 +7,9 @@ Two kinds of fix live here:
 - build time: ``python transfer/compat.py patch-mmcv-source DIR`` edits an unpacked mmcv sdist before
   tools/setup_env.sh compiles it (this file is run as a script there, before anything is installed, so the
   build-time part uses the standard library only);
-- run time: ``apply()``, called by the detection and segmentation stages before they touch mmengine.
+- run time: ``apply()``, called by the detection and segmentation stages before they touch mmengine, and by every
+  module that imports MMDetection / MMSegmentation. With mmcv-lite (the default set-up) it first provides the mmcv
+  ops the pipeline uses from torchvision (``transfer/mmcv_ops.py``).
 """
 
 from __future__ import annotations
@@ -133,6 +135,9 @@ def apply() -> None:
     global _applied
     if _applied:
         return
+    from transfer import mmcv_ops
+
+    mmcv_ops.install()  # before anything imports mmcv.ops (MMDetection's models do)
     import mmengine.runner.runner as mm_runner
     from mmengine.logging import HistoryBuffer
     from mmengine.runner.checkpoint import CheckpointLoader

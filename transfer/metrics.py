@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from mmdet.evaluation.functional import eval_map
-from mmdet.evaluation.metrics import VOCMetric
-from mmengine.registry import METRICS
-from mmseg.evaluation.metrics import IoUMetric
+
+from transfer import compat
+
+compat.apply()  # mmcv's ops (mmcv-lite) before MMDetection imports them
+from mmdet.evaluation.functional import eval_map  # noqa: E402
+from mmdet.evaluation.metrics import VOCMetric  # noqa: E402
+from mmengine.registry import METRICS  # noqa: E402
+from mmseg.evaluation.metrics import IoUMetric  # noqa: E402
 
 
 @METRICS.register_module()

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmdet.models.backbones import ResNet
-from mmdet.models.layers import ResLayer as _ResLayer
-from mmdet.models.roi_heads.shared_heads import ResLayer
-from mmdet.registry import MODELS
-
 from classification.variants import get_variant
+from transfer import compat
+
+compat.apply()  # mmcv's ops (mmcv-lite) before MMDetection's models import them
+from mmdet.models.backbones import ResNet  # noqa: E402
+from mmdet.models.layers import ResLayer as _ResLayer  # noqa: E402
+from mmdet.models.roi_heads.shared_heads import ResLayer  # noqa: E402
+from mmdet.registry import MODELS  # noqa: E402
 
 
 @MODELS.register_module()
