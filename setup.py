@@ -1,6 +1,7 @@
 """Bag-of-tricks transfer toolkit: classification (torch + timm), detection and segmentation (OpenMMLab).
 
-Install with tools/setup_env.sh (or `make`), which applies requirements/constraints.txt and builds mmcv.
+Install with tools/setup_env.sh (or `make`), which applies requirements/constraints.txt and installs mmcv-lite
+(or, with MMCV=full, builds mmcv with its compiled ops).
 """
 
 from setuptools import find_packages, setup
@@ -29,8 +30,9 @@ setup(
         "scipy",
     ],
     extras_require={
-        # mmcv must already be installed (tools/setup_env.sh builds it); listed so pip checks the version.
-        "mm": ["mmcv", "mmengine", "mmdet", "mmsegmentation", "ftfy", "regex"],
+        # mmcv (mmcv-lite or the compiled mmcv: two distributions of one package) is installed by
+        # tools/setup_env.sh, which chooses the build; mmdet and mmseg do not declare it either.
+        "mm": ["mmengine", "mmdet", "mmsegmentation", "ftfy", "regex"],
         "dev": ["pytest", "ruff"],
     },
 )

@@ -1,6 +1,7 @@
 """Detection (Faster R-CNN, VOC) and segmentation (FCN, ADE20K) stages on the tiny generated trees, on CPU."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,8 @@ def test_stage_trains_tests_and_writes_summary_and_its_config_runs_under_mm_tool
     out = run_stage(stage, tiny_export, tiny_data / STAGES[stage]["data"], tmp_path / "run")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "VerifyBackboneHook: every backbone tensor equals the export" in out.stdout + out.stderr
+    assert re.search(r"^progress: iter 2/2, [\d.]+ img/s, eta 0:00:00$", out.stdout, re.M)  # lifecycle/progress.py
+    assert re.search(r"^progress: test (\d+)/\1, [\d.]+ img/s, eta 0:00:00$", out.stdout, re.M)
     summary = read_summary(tmp_path / "run" / "summary.json")
     assert summary["stage"] == stage and summary["arm"] == "test"
     assert summary["backbone"]["variant"] == "D"
@@ -62,6 +65,13 @@ def test_stage_trains_tests_and_writes_summary_and_its_config_runs_under_mm_tool
                           "--work-dir", str(tmp_path / "own")], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert own.returncode == 0, own.stderr[-3000:]
     assert "VerifyBackboneHook: every backbone tensor equals the export" in own.stdout + own.stderr
+    # And its own tools/test.py evaluates that run's checkpoint (with mmcv-lite: torchvision's NMS and RoIAlign).
+    tested = subprocess.run([sys.executable, str(STAGES[stage]["tool"].with_name("test.py")),
+                             str(tmp_path / "run" / "config.py"), str(tmp_path / "own" / "iter_2.pth"),
+                             "--work-dir", str(tmp_path / "own_test")], capture_output=True, text=True, cwd=REPO,
+                            timeout=900)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert ("pascal_voc/mAP" if stage == "detection" else "mIoU") in tested.stdout + tested.stderr
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # Creates .venv/ with the whole pinned stack, from nothing. Idempotent: a second run with unchanged inputs
-# returns at once, and the compiled mmcv wheel is cached outside the repo so a new venv takes seconds.
-#   WHEEL_CACHE  where the mmcv wheel is kept (default ~/.cache/bot-toolkit/wheels)
+# returns at once. One line per step on the console (what, how long); the tools' own output goes to a log file
+# (SETUP_LOG, default .setup.log), whose last lines and path are printed when a step fails.
+#   MMCV=lite    (default) mmcv-lite: mmcv without compiled ops, a pure-Python wheel; the ops the pipeline uses
+#                (NMS, RoIAlign) come from torchvision (transfer/mmcv_ops.py). No compiler, set-up in minutes.
+#   MMCV=full    mmcv with OpenMMLab's compiled ops, built from source once (about 20 min on 2 cores) into a
+#                wheel cache outside the repo (WHEEL_CACHE, default ~/.cache/bot-toolkit/wheels); later set-ups
+#                reuse the wheel. FORCE_CUDA=1 builds its CUDA ops too (needs nvcc).
 #   UV_HOME      where the pinned uv is installed, once per machine (default ~/.cache/bot-toolkit/uv-VERSION)
-#   FORCE_CUDA=1 build mmcv's CUDA ops too (needs nvcc; the CPU ops are always built)
 # The venv is created and filled by uv (https://github.com/astral-sh/uv): it resolves and links the ~60 wheels
 # from its cache in seconds where pip spent minutes unpacking torch. uv is pinned in requirements/constraints.txt
 # like everything else, and every install keeps `-c requirements/constraints.txt`. pip is still seeded into the
-# venv, for the mmcv build below and for users.
+# venv, for the mmcv build and for users.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+MMCV=${MMCV:-lite}
 VENV=.venv
+LOG=${SETUP_LOG:-$PWD/.setup.log}
 CONSTRAINTS=requirements/constraints.txt
 pin() { sed -n "s/^$1==//p" "$CONSTRAINTS"; }
-MMCV_VERSION=$(pin mmcv)
+case $MMCV in
+    lite) MMCV_DIST=mmcv-lite ;;
+    full) MMCV_DIST=mmcv ;;
+    *) echo "error: MMCV=$MMCV: expected 'lite' (default, no compiler) or 'full' (mmcv's compiled ops)" >&2; exit 2 ;;
+esac
+MMCV_VERSION=$(pin "$MMCV_DIST")
 TORCH_VERSION=$(pin torch)
 UV_VERSION=$(pin uv)
 # mmcv's compiled ops link against torch's ABI: one cached wheel per torch version (and CUDA or not).
@@ -23,18 +34,38 @@ WHEEL_DIR=${WHEEL_CACHE:-$HOME/.cache/bot-toolkit/wheels}/torch-${TORCH_VERSION}
 UV_HOME=${UV_HOME:-$HOME/.cache/bot-toolkit/uv-$UV_VERSION}
 
 # Everything that decides what gets installed; the stamp records its hash.
-stamp_inputs=(tools/setup_env.sh "$CONSTRAINTS" setup.py transfer/compat.py)
-want=$({ cat "${stamp_inputs[@]}"; echo "FORCE_CUDA=${FORCE_CUDA:-} $("$PYTHON" -V 2>&1)"; } | sha256sum | cut -c1-16)
+stamp_inputs=(tools/setup_env.sh "$CONSTRAINTS" setup.py transfer/compat.py transfer/mmcv_ops.py)
+want=$({ cat "${stamp_inputs[@]}"; echo "MMCV=$MMCV FORCE_CUDA=${FORCE_CUDA:-} $("$PYTHON" -V 2>&1)"; } |
+    sha256sum | cut -c1-16)
 if [[ -f $VENV/.stamp && $(cat $VENV/.stamp) == "$want" ]]; then
     exit 0
 fi
 
 t0=$SECONDS
+: > "$LOG"
+# step WHAT COMMAND...: one console line, "setup: WHAT ... done in N s"; the command's output goes to the log.
+step() {
+    local what=$1 t=$SECONDS rc=0
+    shift
+    printf 'setup: %s ... ' "$what"
+    echo "=== $what: $*" >> "$LOG"
+    "$@" >> "$LOG" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        echo "failed (exit $rc) after $((SECONDS - t)) s; its last lines:"
+        tail -n 15 "$LOG" | sed 's/^/    /'
+        echo "setup: the whole log is $LOG"
+        exit "$rc"
+    fi
+    echo "done in $((SECONDS - t)) s"
+}
 # uv itself, in a small venv of its own (not part of .venv), installed with pip once per machine and version.
+# Functions run by step: bash ignores set -e inside them there, so each command returns on failure itself.
+install_uv() {
+    rm -rf "$UV_HOME" && "$PYTHON" -m venv "$UV_HOME" &&
+        "$UV_HOME/bin/python" -m pip install --disable-pip-version-check -c "$CONSTRAINTS" "uv==$UV_VERSION"
+}
 if [[ ! -x $UV_HOME/bin/uv ]]; then
-    rm -rf "$UV_HOME"
-    "$PYTHON" -m venv "$UV_HOME"
-    "$UV_HOME/bin/python" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "uv==$UV_VERSION"
+    step "install uv $UV_VERSION into $UV_HOME (once per machine)" install_uv
 fi
 uv=$UV_HOME/bin/uv
 
@@ -72,32 +103,50 @@ for ((i = 0; i < ${#pip_sources[@]}; i += 2)); do
         *) sources+=("${pip_sources[i]}" "${pip_sources[i + 1]}") ;;
     esac
 done
-install=("$uv" pip install -q --no-progress --python "$VENV/bin/python" "${sources[@]}" "${constraints[@]}")
+install=("$uv" pip install --no-progress --python "$VENV/bin/python" "${sources[@]}" "${constraints[@]}")
 
 if [[ ! -x $VENV/bin/python ]]; then
     # The same interpreter as before (never a uv-managed download); --seed adds pip (pinned below) for the mmcv
     # build and for users.
-    "$uv" venv -q --seed --no-managed-python "${sources[@]}" \
+    step "create $VENV ($("$PYTHON" -V 2>&1))" "$uv" venv --seed --no-managed-python "${sources[@]}" \
         --python "$("$PYTHON" -c 'import sys; print(sys.executable)')" "$VENV"
 fi
 
-if ! ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl >/dev/null 2>&1; then
-    echo "building mmcv $MMCV_VERSION with its compiled ops into $WHEEL_DIR (about 20 min on 2 cores, once)"
-    "${install[@]}" pip setuptools wheel ninja torch torchvision
-    pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
-    build=$(mktemp -d)
-    trap 'rm -rf "$build"' EXIT
+build_mmcv() {
+    local pip=("$VENV/bin/python" -m pip --disable-pip-version-check) build rc=0
+    build=$(mktemp -d) || return
     # --no-build-isolation: mmcv's setup.py imports torch, which must be the venv's.
-    "${pip[@]}" download -q --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build"
-    tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build"
-    "$VENV/bin/python" transfer/compat.py patch-mmcv-source "$build/mmcv-$MMCV_VERSION"
-    mkdir -p "$WHEEL_DIR"
-    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-        "${pip[@]}" wheel -q --no-deps --no-build-isolation -w "$WHEEL_DIR" "$build/mmcv-$MMCV_VERSION"
+    "${install[@]}" pip setuptools wheel ninja torch torchvision &&
+        "${pip[@]}" download --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build" &&
+        tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build" &&
+        "$VENV/bin/python" transfer/compat.py patch-mmcv-source "$build/mmcv-$MMCV_VERSION" &&
+        mkdir -p "$WHEEL_DIR" &&
+        MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+            "${pip[@]}" wheel --no-deps --no-build-isolation -w "$WHEEL_DIR" "$build/mmcv-$MMCV_VERSION" || rc=$?
+    rm -rf "$build"
+    return "$rc"
+}
+mmcv=("$MMCV_DIST==$MMCV_VERSION")
+if [[ $MMCV == full ]]; then
+    if ! ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl >/dev/null 2>&1; then
+        step "build mmcv $MMCV_VERSION with its compiled ops into $WHEEL_DIR (about 20 min on 2 cores, once)" \
+            build_mmcv
+    fi
+    mmcv+=(--find-links "$WHEEL_DIR" --only-binary mmcv)  # the cached wheel only, never the sdist
 fi
 
-# One resolution for the whole stack: mmcv from the cached wheel only (never its sdist), then our package.
-"${install[@]}" --find-links "$WHEEL_DIR" --only-binary mmcv pip setuptools wheel ninja "mmcv==$MMCV_VERSION" \
-    -e ".[mm,dev]"
+# mmcv and mmcv-lite install the same package folder: the other build goes first, so that switching leaves no mix
+# (nor the mmcv/_ext.py written below for mmcv-lite, which is no file of either).
+remove_mmcv() {
+    "$uv" pip uninstall --python "$VENV/bin/python" mmcv mmcv-lite && rm -f "$VENV"/lib/python*/site-packages/mmcv/_ext.py
+}
+step "remove any other mmcv build" remove_mmcv
+# One resolution for the whole stack, then our package.
+step "install the pinned stack ($MMCV_DIST $MMCV_VERSION${FORCE_CUDA:+, CUDA ops}) and this toolkit" \
+    "${install[@]}" pip setuptools wheel ninja "${mmcv[@]}" -e ".[mm,dev]"
+if [[ $MMCV == lite ]]; then  # mmcv's extension module, from torchvision: for every process (transfer/mmcv_ops.py)
+    step "provide mmcv's NMS and RoIAlign from torchvision (mmcv/_ext.py)" \
+        "$VENV/bin/python" -m transfer.mmcv_ops write-shim
+fi
 echo "$want" > $VENV/.stamp
-echo "environment ready in $((SECONDS - t0)) s: $VENV"
+echo "setup: environment ready in $((SECONDS - t0)) s: $VENV (mmcv: $MMCV_DIST; log: $LOG)"
