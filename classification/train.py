@@ -26,6 +26,7 @@ import torch.distributed as dist
 import yaml
 from timm.utils import ModelEmaV3
 
+from lifecycle import progress
 from lifecycle.errors import UserError, cli, writing
 from lifecycle.preemption import EXIT_INTERRUPTED
 from lifecycle.run_lock import RunDirBusy, RunLock
@@ -205,6 +206,9 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
             log.info("epoch %d [%d/%d] loss %.4f lr %.5f | %.1f img/s, data wait %.0f%% | skipped %d, bad images %d",
                      epoch, step + 1, iters_per_epoch, loss_sum.item() / max(n_ok, 1), optimizer.param_groups[0]["lr"],
                      images / elapsed, 100 * data_wait / elapsed, skipped.item(), bad)
+            done, total = global_step + 1, cfg.epochs * iters_per_epoch  # updates; the eta leaves out validation
+            log.info(progress.line("update", done, total, images * d.world_size / elapsed,
+                                   (total - done) * elapsed / (step + 1 - first_step)))
             guard.check(epoch, step + 1)
         if stop.agreed():  # every step: under DDP an asynchronous CPU all-reduce (lifecycle/stop_flag.py)
             return dict(stopped_at=step + 1, reason="signal")

@@ -4,11 +4,16 @@ before it starts, then ``done``, ``stopped by max_steps`` (where told, without a
 after saving a resumable checkpoint), ``failed`` (its error line) or ``blocked`` (an upstream stage is not done; the
 other arms go on). A ``running`` entry whose process is gone (SIGKILL) reads back as ``not finished``. SIGTERM and
 SIGUSR1 are passed on to the running stage (Ctrl-C reaches it from the terminal); the study then stops with 75.
+
+The console gets one line when a stage starts and one when it ends (its time and headline metric), and while it runs
+its newest progress line (lifecycle/progress.py: rewritten in place on a terminal, else every PROGRESS_EVERY_S); the
+stage's whole output goes to ``stage.log`` in its run dir, and a failing stage's last lines are shown.
 """
 
 from __future__ import annotations
 
 import codecs
+import collections
 import fcntl
 import json
 import os
@@ -24,11 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from classification.artifacts import atomic_write_json
+from lifecycle import progress
 from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS
 from study.plan import REPO, Step, command
 from study.spec import STAGES
 
 _ERROR_LINE = re.compile(r"^(error:|\w+(\.\w+)*(Error|Exception)\b)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+LOG_NAME = "stage.log"  # a stage's whole console output, appended per run, in its run dir (an export's swap keeps it)
+PROGRESS_EVERY_S = 30.0  # without a terminal, a running stage's progress line at most this often
+TAIL_LINES = 15  # of a failing stage's output, shown on the console
+# The one number a stage's end line shows: (file, key in it), the first found.
+HEADLINES = (("summary.json", "top1", "top-1"), ("summary.json", "mAP", "mAP"), ("summary.json", "mIoU", "mIoU"),
+             ("meta.json", "source_top1", "top-1 of the exported weights"))
 STATUS_FILE = "study_status.json"
 DONE, RUNNING, NOT_FINISHED = "done", "running", "not finished"
 MAX_STEPS, INTERRUPTED, FAILED, BLOCKED = "stopped by max_steps", "interrupted", "failed", "blocked"
@@ -116,24 +129,74 @@ def stop_running_stage(signum: int, wait_s: float) -> None:
         record(_Running.work_dir, step.key, state, error=error)
 
 
-def run_stage(step: Step, argv: list[str], work_dir: Path) -> tuple[int, str]:
-    """Run one stage; its stdout passes through, its stderr too, the last error line kept."""
+class _Progress:
+    """The running stage's newest progress line on the console."""
+
+    def __init__(self, label: str):
+        self.label, self.tty, self.last, self.shown = label, sys.stdout.isatty(), -PROGRESS_EVERY_S, False
+
+    def update(self, text: str) -> None:
+        if self.tty:
+            sys.stdout.write(f"\r\x1b[K[study]   {self.label}: {text}")
+            sys.stdout.flush()
+            self.shown = True
+        elif time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            echo(f"  {self.label}: {text}")
+            self.last = time.monotonic()
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stdout.write("\r\x1b[K")
+            sys.stdout.flush()
+
+
+def run_stage(step: Step, argv: list[str], work_dir: Path) -> tuple[int, str, list[str]]:
+    """Run one stage, its output (stdout and stderr) appended to its run dir's LOG_NAME; returns its exit status,
+    its last error line and its last TAIL_LINES lines."""
     paths = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": paths}  # torchrun's signals: lifecycle.torchrun
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env)
-    _Running.proc, _Running.step, _Running.work_dir = proc, step, work_dir
-    decoder, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-    try:
-        while chunk := os.read(proc.stderr.fileno(), 65536):
-            sys.stderr.write(text := decoder.decode(chunk))
-            sys.stderr.flush()
-            tail = (tail + text)[-8192:]
-        lines = [ln.strip()[:300] for ln in re.sub(r"\x1b\[[0-9;]*m", "", tail).replace("\r", "\n").splitlines()]
-        errors = [ln for ln in lines if _ERROR_LINE.match(ln)] or [ln for ln in lines if ln] or [""]
-        return proc.wait(), errors[-1]
-    finally:
-        _Running.proc = _Running.step = None
-        proc.stderr.close()
+    step.dir.mkdir(parents=True, exist_ok=True)
+    with open(step.dir / LOG_NAME, "a", encoding="utf-8") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}: {shlex.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        _Running.proc, _Running.step, _Running.work_dir = proc, step, work_dir
+        decoder, pending, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), "", collections.deque(
+            maxlen=200)
+        shown = _Progress(step.label)
+        try:
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                text = decoder.decode(chunk)
+                log.write(text)
+                log.flush()
+                *lines, pending = re.split(r"\r\n|\r|\n", pending + text)  # \r: progress bars redraw a line
+                for line in lines:
+                    line = _ANSI.sub("", line).strip()
+                    if line:
+                        tail.append(line[:300])
+                        if match := progress.PATTERN.search(line):
+                            shown.update(match[1])
+            rc = proc.wait()
+        finally:
+            shown.clear()
+            _Running.proc = _Running.step = None
+            proc.stdout.close()
+    lines = [*tail, *filter(None, [_ANSI.sub("", pending).strip()[:300]])]
+    errors = [line for line in lines if _ERROR_LINE.match(line)] or lines or [""]
+    return rc, errors[-1], lines[-TAIL_LINES:]
+
+
+def headline(step: Step) -> str:
+    """The stage's headline metric from the file that marks it done, e.g. ``top-1 54.00``; "" when there is none."""
+    for name, key, label in HEADLINES:
+        try:
+            data = json.loads((step.dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        value = (data.get("metrics") or {}).get(key) if name == "summary.json" else data.get(key)
+        if isinstance(value, (int, float)):
+            return f"{label} {value:.2f}"
+    return ""
 
 
 def outcome(step: Step, rc: int | None, error: str) -> tuple[str, str | None]:
@@ -165,13 +228,18 @@ def run_steps(steps: list[Step], work_dir: Path, gpus: int, nodes: int = 1, rank
                 echo(f"{step.label}: blocked: {why}")
             continue
         argv = command(step, gpus, nodes, master, job_id)
-        note(work_dir, step.key, RUNNING, command=shlex.join(argv))
-        echo(f"{step.label}: {shlex.join(argv)}")
+        note(work_dir, step.key, RUNNING, command=shlex.join(argv))  # the command: in study_status.json and the log
+        echo(f"{step.label}: started; its output: {step.dir / LOG_NAME}")
         t0 = time.perf_counter()
-        state, error = outcome(step, *run_stage(step, argv, work_dir))
+        rc, error, last_lines = run_stage(step, argv, work_dir)
+        state, error = outcome(step, rc, error)
         seconds = round(time.perf_counter() - t0, 1)
         note(work_dir, step.key, state, seconds=seconds, error=error)
-        echo(f"{step.label}: {state} in {seconds:.1f}s" + (f": {error}" if error else ""))
+        metric = headline(step) if state == DONE else ""
+        echo(f"{step.label}: {state} in {seconds:.1f}s" + (f": {metric}" if metric else "")
+             + (f": {error}" if error else ""))
+        if state == FAILED:
+            print("\n".join(f"    {line}" for line in last_lines), flush=True)
         if state != DONE:
             not_done[step.key] = state
         if state == INTERRUPTED or _Running.signum is not None:

@@ -113,7 +113,10 @@ def test_rerun_of_a_finished_study_changes_nothing(done, work, capfd):
     assert run(done[0], work) == 0
     assert {e["status"] for e in status(work).values()} == {"done"}
     assert outputs(work) == before  # bytes and mtimes
-    assert capfd.readouterr().out.count("already complete") == 2  # each trainer's own answer
+    out = capfd.readouterr().out  # one line per stage start and end; each stage's own output is in its stage.log
+    assert out.count(": started; its output: ") == len(before) and "progress:" not in out
+    runs = {p: p.read_text().split("\n=== ") for p in work.glob("*/seed0/cls/stage.log")}
+    assert len(runs) == 2 and all(len(r) == 2 and "already complete" in r[1] for r in runs.values())  # the trainer's
 
 
 def test_comment_or_runtime_key_change_resumes_a_stopped_run_and_real_key_change_is_refused(tiny_data, tmp_path):
@@ -181,6 +184,16 @@ def test_failed_arm_blocks_its_students_and_the_study_goes_on(tiny_data, tmp_pat
     assert not (stage_dir(work, "bad_student", "classification")).exists()
     out = capsys.readouterr().out
     assert "failed" in out and "blocked" in out  # the closing status table
+    # The console: a start and an end line per stage (with its headline metric), the newest progress line while it
+    # runs, and a failing stage's last lines; each stage's whole output in its run dir's stage.log.
+    assert re.search(r"\[study\] b_standard seed0 classification: done in [\d.]+s: top-1 \d+\.\d\d\n", out)
+    assert re.search(r"\[study\]   b_standard seed0 classification: update \d+/\d+, [\d.]+ img/s, eta \d:\d\d:\d\d",
+                     out)
+    assert re.search(r"\[study\] b_standard seed0 export: done in [\d.]+s: top-1 of the exported weights \d+", out)
+    shown = [line for line in out.splitlines() if line.startswith("    ")]
+    assert 0 < len(shown) <= 15 and "nope" in shown[-1]
+    assert "nope" in (stage_dir(work, "bad", "classification") / "stage.log").read_text()
+    assert "summary:" in (stage_dir(work, "b_standard", "classification") / "stage.log").read_text()
 
 
 def test_dry_run_prints_the_commands_and_creates_nothing(done, work, tmp_path, monkeypatch, capsys):

@@ -1,16 +1,22 @@
-"""mmengine hook: fail the run unless the backbone holds exactly the exported weights after initialisation.
+"""mmengine hooks of the downstream stages.
 
+``VerifyBackboneHook``: fail the run unless the backbone holds exactly the exported weights after initialisation.
 mmengine loads ``init_cfg=dict(type='Pretrained')`` with strict=False and only logs what it skipped; this hook
 turns a partial load into an error. Imported through the generated config's ``custom_imports``, so the check
 also runs under MMDetection's / MMSegmentation's own ``tools/train.py``.
+
+``ProgressHook``: the toolkit's one progress line (lifecycle/progress.py) at mmengine's logging interval, for training
+and the final test. Registered by our stage command (transfer/runner.py), not in the config: it changes no result.
 """
 
 from __future__ import annotations
 
+from mmengine.dist import get_world_size
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
+from lifecycle import progress
 from transfer import compat
 
 compat.apply()  # importing this module from a config also brings the compatibility fixes
@@ -36,3 +42,32 @@ class VerifyBackboneHook(Hook):
         where = f" ({record['shared_head_tensors']} of them, layer4, in roi_head.shared_head)" \
             if "shared_head_tensors" in record else ""
         runner.logger.info(f"VerifyBackboneHook: every backbone tensor equals the export {self.export}{where}")
+
+
+class ProgressHook(Hook):
+    """Print ``progress: iter N/TOTAL, X img/s, eta`` (and ``test N/TOTAL``) on the main process every ``interval``
+    iterations and at the last one; images per second over every process, since this process started the phase."""
+
+    priority = "LOWEST"
+
+    def __init__(self, interval: int = 50):
+        self.interval = max(1, int(interval))
+        self.rate = progress.Rate()
+
+    def before_train(self, runner) -> None:
+        self.rate.start()
+
+    def before_test(self, runner) -> None:
+        self.rate.start()
+
+    def _tick(self, runner, phase: str, done: int, total: int, data_batch) -> None:
+        inputs = data_batch.get("inputs", ()) if isinstance(data_batch, dict) else ()
+        self.rate.add(1, len(inputs) * get_world_size())
+        if runner.rank == 0 and (done % self.interval == 0 or done == total):
+            print(self.rate.line(phase, done, total), flush=True)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self._tick(runner, "iter", runner.iter + 1, runner.max_iters, data_batch)  # runner.iter: before this one
+
+    def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self._tick(runner, "test", batch_idx + 1, len(runner.test_dataloader), data_batch)

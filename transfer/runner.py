@@ -369,10 +369,10 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     compat.apply()
     from mmengine.runner import Runner
 
-    import transfer.hooks  # noqa: F401 - registers VerifyBackboneHook (the dumped config imports it itself)
     import transfer.metrics  # noqa: F401 - registers the per-class metrics
     import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
     from classification.export import load_export
+    from transfer.hooks import ProgressHook  # and registers VerifyBackboneHook (the dumped config imports it too)
 
     work_dir = Path(args.work_dir)
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -406,6 +406,7 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     runner = Runner.from_cfg(cfg)
+    runner.register_hook(ProgressHook(interval=cfg.get("default_hooks", {}).get("logger", {}).get("interval", 50)))
     try:
         runner.train()
         mm_metrics = runner.test()
