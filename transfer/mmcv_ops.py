@@ -60,10 +60,11 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset:
     if offset:
         boxes = torch.cat([boxes[:, :2], boxes[:, 2:] + offset], dim=1)
     # mmcv visits the boxes in the order of scores.sort(0, descending=True), torch's default (not stable) sort, on
-    # CPU and CUDA; torchvision sorts stably. Handing torchvision the boxes in mmcv's order (which its stable sort
-    # keeps) makes equal scores break the same way, so the same boxes are kept.
+    # CPU and CUDA; torchvision sorts its own way. It gets the boxes in mmcv's order with distinct decreasing
+    # stand-in scores (exact in float32 up to 2**24 boxes), so equal scores break as in mmcv: the same boxes kept.
     order = scores.sort(0, descending=True)[1]
-    return order[torch.ops.torchvision.nms(boxes[order], scores[order], float(iou_threshold))]
+    rank = torch.arange(len(order), 0, -1, dtype=boxes.dtype, device=boxes.device)
+    return order[torch.ops.torchvision.nms(boxes[order], rank, float(iou_threshold))]
 
 
 def _roi_align_args(pool_mode: int, aligned_height: int, aligned_width: int, spatial_scale: float,
