@@ -189,11 +189,27 @@ def test_failed_arm_blocks_its_students_and_the_study_goes_on(tiny_data, tmp_pat
     assert re.search(r"\[study\] b_standard seed0 classification: done in [\d.]+s: top-1 \d+\.\d\d\n", out)
     assert re.search(r"\[study\]   b_standard seed0 classification: update \d+/\d+, [\d.]+ img/s, eta \d:\d\d:\d\d",
                      out)
-    assert re.search(r"\[study\] b_standard seed0 export: done in [\d.]+s: top-1 of the exported weights \d+", out)
     shown = [line for line in out.splitlines() if line.startswith("    ")]
     assert 0 < len(shown) <= 15 and "nope" in shown[-1]
     assert "nope" in (stage_dir(work, "bad", "classification") / "stage.log").read_text()
     assert "summary:" in (stage_dir(work, "b_standard", "classification") / "stage.log").read_text()
+
+
+def test_each_stage_ends_with_its_headline_metric(tmp_path):
+    from study.plan import Step
+    from study.run import headline
+
+    def step(stage: str, name: str, data: dict) -> Step:
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / name).write_text(json.dumps(data))
+        return Step("arm", 0, stage, tmp_path / stage, (), False)
+
+    assert headline(step("cls", "summary.json", {"metrics": {"top1": 50.0, "top5": 90.0}})) == "top-1 50.00"
+    assert headline(step("export", "meta.json", {"source_top1": 54.0})) == "top-1 of the exported weights 54.00"
+    assert headline(step("det", "summary.json", {"metrics": {"mAP": 4.1158}})) == "mAP 4.12"
+    assert headline(step("seg", "summary.json", {"metrics": {"aAcc": 63.4, "mIoU": 21.31}})) == "mIoU 21.31"
+    assert headline(step("published", "meta.json", {"source_top1": None})) == ""  # no top-1 known: nothing shown
+    assert headline(Step("arm", 0, "detection", tmp_path / "missing", (), False)) == ""
 
 
 def test_dry_run_prints_the_commands_and_creates_nothing(done, work, tmp_path, monkeypatch, capsys):
