@@ -55,8 +55,9 @@ REAL_FILES = {"imagenet": 1_281_167 + 50_000, "voc": 2 * (5_011 + 4_952 + 11_540
 VOC_REAL = {("VOC2007", "trainval"): 5_011, ("VOC2007", "test"): 4_952, ("VOC2012", "trainval"): 11_540}
 ADE_REAL = {"training": 20_210, "validation": 2_000}
 IMAGENET_CLASSES = 1000
-# (ImageNet images per class, VOC/ADE20K fraction of the real count) per size.
-SIZES = {"full": ([5, 20, 50], [0.05, 0.25, 1.0]), "quick": ([1, 10], [0.02, 0.1])}
+# (ImageNet images per class, VOC/ADE20K fraction of the real count) per size. At least 2 per class: the recipe's
+# global batch (1,024) must fit in one epoch of the smallest tree.
+SIZES = {"full": ([5, 20, 50], [0.05, 0.25, 1.0]), "quick": ([2, 10], [0.02, 0.1])}
 CLS_RECIPE = REPO / "configs/classification/r50d_cosine_ls_mixup.yaml"  # Table 6 "+ mixup": batch 128, 4 workers
 DET_CONFIG = REPO / "configs/detection/faster-rcnn_r50_fpn_voc0712.py"
 SEG_CONFIG = REPO / "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"

@@ -9,7 +9,7 @@ iterations on the generated VOC / ADE20K trees (``medium`` scale: the recipes re
 Validation and checkpoints are off, the lr constant (the schedule does not change the speed). Images/s is measured
 after ``--warmup`` iterations, between two CUDA synchronisations; peak memory is torch's max allocated / reserved.
 
-    python tools/bench_transfer.py --out bench_transfer.json     # on a GPU (about 4 minutes with the defaults)
+    python tools/bench_transfer.py --out bench_transfer.json     # on a GPU
     python tools/bench_transfer.py --smoke                       # anywhere: the demo recipes, 3 iterations on CPU
 """
 
