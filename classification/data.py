@@ -8,7 +8,9 @@ same images as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 import random
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from torchvision.transforms import functional as TF
 from datakit.files import DECODE_ERRORS, ImageModeError, class_folders, class_mismatch, image_files, load_rgb
 from datakit.synthetic import synthetic_problem
 from lifecycle.errors import UserError
+from lifecycle.stop_flag import shield_child
 
 from .config import Config
 
@@ -316,7 +319,11 @@ def collate(batch):
     return torch.stack(xs), torch.tensor(ys), len(batch) - len(good)
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(worker_id: int, owner: int) -> None:
+    # Under spawn and forkserver (Python 3.14's default) no fork hook runs in the worker: shield it here from the
+    # stop signals a scheduler sends to every process (lifecycle/stop_flag.py); ``owner``, the training process,
+    # may still end it with SIGTERM.
+    shield_child(owner)
     # numpy/random in workers are not used by our transforms, but seed them so third-party ones are repeatable.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -342,7 +349,8 @@ def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool):
                         f"({cfg.global_batch}); lower global_batch")
     sampler = EpochSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed,
                            device_batch=cfg.device_batch, accumulation=cfg.accumulation(world_size))
-    common = dict(num_workers=cfg.workers, pin_memory=pin_memory, collate_fn=collate, worker_init_fn=_worker_init,
+    common = dict(num_workers=cfg.workers, pin_memory=pin_memory, collate_fn=collate,
+                  worker_init_fn=functools.partial(_worker_init, owner=os.getpid()),
                   persistent_workers=cfg.persistent_workers and cfg.workers > 0)
     train = DataLoader(train_set, batch_size=cfg.device_batch, sampler=sampler, drop_last=True, **common)
     # Evaluation: each rank takes every world_size-th image, no padding, so the reduced counts are exact.

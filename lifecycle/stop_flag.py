@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 
 from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS
 
@@ -29,24 +31,91 @@ class Preempted(SystemExit):
 
 
 _active = 0  # StopFlags installed in this process
+_shielded_pid = 0  # the process shield_child() last ran in
+SECOND_SIGINT_S = 2.0  # a SIGINT this long after the first one is a second Ctrl-C (sooner: the same stop, delivered
+# twice, e.g. by the scheduler to every process and again by torchrun forwarding it)
 
 
-def _in_forked_child() -> None:
-    """A process forked while a StopFlag is installed (DataLoader workers, multiprocessing pools) must not inherit its
-    handlers: a pool's terminate() stops its workers with SIGTERM, which the flag would swallow (the pool then waits
-    forever), and the flag of a child is read by nobody. SIGTERM gets its default action back; SIGUSR1 and SIGINT
-    (sent to every process of a Slurm step or of the terminal's process group) are ignored, so that the workers keep
-    serving batches until the parent has saved, and the parent stops them itself."""
+def shield_child(owner: int | None = None) -> None:
+    """Make this child process (a DataLoader worker, a pool worker) outlive the stop signals its parent handles.
+
+    A scheduler signals every process of the job (Slurm: the whole step's cgroup) and Ctrl-C the terminal's whole
+    process group, so the children receive the stop signal too. They must keep serving until the parent has saved,
+    and the parent stops them itself: SIGUSR1 and SIGINT are ignored. SIGTERM is also how an owner ends its
+    children (``Pool.terminate()``, ``DataLoader`` at shutdown). In a child forked with one thread (the fork hook
+    below) it is blocked and taken by a thread that reads the sender (``sigwaitinfo``): only a SIGTERM from the
+    parent or from ``owner`` ends the process, as SIGTERM's default action does. A child started by spawn or a
+    fork server already runs other threads when its init function is called (torch's), and a signal blocked in one
+    thread reaches another: there SIGTERM is ignored, and the owner ends the worker through DataLoader's own
+    shutdown (a sentinel on its queue; the worker also exits when its parent is gone). Idempotent per process."""
+    global _shielded_pid
+    if _shielded_pid == os.getpid():
+        return
+    _shielded_pid = os.getpid()
+    try:
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    except ValueError:  # not the main thread (a fork from a thread): the handlers cannot change here
+        return
+    if os.path.isdir("/proc/self/task") and len(os.listdir("/proc/self/task")) == 1:  # Linux; elsewhere SIGTERM stays ignored
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
+        senders = {os.getppid(), owner or os.getppid()}
+        threading.Thread(target=_sigterm_from, args=(senders,), name="stop-shield", daemon=True).start()
+
+
+def _sigterm_from(senders: set[int]) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid in senders:  # the owner stops its child: die of SIGTERM, as without the shield
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # this thread only; SIG_DFL kills all
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
+def _before_fork() -> None:
+    # Block SIGTERM across the fork, so that a child is never killed between the fork and its shield (a stop
+    # signal to the whole group in that window): it stays pending in the parent and is delivered after.
+    if _active:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _after_fork_in_parent() -> None:
+    if _active:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _after_fork_in_child() -> None:
+    """Children forked while a StopFlag is installed (DataLoader workers, multiprocessing pools) are shielded; the
+    flag itself is not theirs (nobody reads a child's flag)."""
     global _active
     if _active:
         _active = 0
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        for sig in SIGNALS:
-            if sig != signal.SIGTERM:
-                signal.signal(sig, signal.SIG_IGN)
+        shield_child()
 
 
-os.register_at_fork(after_in_child=_in_forked_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+
+
+def _start_helpers_shielded() -> None:
+    """multiprocessing starts helper processes on first use: the resource tracker (spawn, fork server) and the fork
+    server (Python 3.14's default start method), which forks the loader workers. A stop signal to the whole group
+    kills them, and the loader then fails to fetch its batches. Started here with the stop signals ignored (an
+    ignored signal stays ignored across exec), they outlive it; both exit when this process does."""
+    import multiprocessing
+    from multiprocessing import forkserver, resource_tracker
+
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method == "fork":
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in SIGNALS}
+    try:
+        resource_tracker.ensure_running()
+        if method == "forkserver":
+            forkserver.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class StopFlag:
@@ -54,7 +123,10 @@ class StopFlag:
 
     def __init__(self):
         global _active
+        if not _active:
+            _start_helpers_shielded()
         self.signum: int | None = None
+        self._at = 0.0  # when the first signal came (time.monotonic)
         self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         _active += 1
         self._group = None
@@ -65,9 +137,11 @@ class StopFlag:
         return self.signum is not None
 
     def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
-        self.signum = signum
+        if self.signum is not None:  # the same stop again (every process got it, and a launcher forwarded it)
+            if signum == self.signum == signal.SIGINT and time.monotonic() - self._at > SECOND_SIGINT_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
+            return
+        self.signum, self._at = signum, time.monotonic()
         log.warning("received %s: saving a checkpoint at the next step boundary, then exiting with %d",
                     signal.Signals(signum).name, EXIT_INTERRUPTED)
 

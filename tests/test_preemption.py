@@ -442,22 +442,57 @@ def test_a_second_writer_on_the_same_run_dir_is_refused(folder, tmp_path):
     RunLock(work).release()  # SIGKILL released it
 
 
-def test_forked_workers_do_not_inherit_the_stop_flag():
-    """DataLoader workers and multiprocessing pools forked under a StopFlag: SIGUSR1 (and SIGINT) leave them serving,
-    SIGTERM stops them as their owners expect (a pool's terminate(); mmdet's VOC metric hung at exit before)."""
-    script = """if True:
-        import multiprocessing as mp, os, signal
-        from lifecycle.stop_flag import StopFlag
+SHIELD_SCRIPT = """if True:
+    import functools, multiprocessing as mp, os, signal, subprocess, sys, time
+    import torch
+    from torch.utils.data import DataLoader
+    from classification.data import _worker_init
+    from lifecycle.stop_flag import StopFlag
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            time.sleep(0.02)
+            return torch.tensor([i, os.getpid()])
+
+    def to_group(*names):  # from another process, as a scheduler or a terminal sends them
+        for name in names:
+            subprocess.run(["kill", "-" + name, "--", f"-{os.getpgid(0)}"], check=True,
+                           start_new_session=True)
+
+    if __name__ == "__main__":
+        method = sys.argv[1]
+        mp.set_start_method(method)  # the default, as forkserver is on Python 3.14
         flag = StopFlag()
-        with mp.get_context("fork").Pool(1) as pool:  # leaving the block: terminate(), SIGTERM to the worker, join
-            pid = pool.apply(os.getpid)
-            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
-            assert pool.apply(signal.getsignal, (signal.SIGUSR1,)) == signal.SIG_IGN
-            os.kill(pid, signal.SIGUSR1)
-            os.kill(pid, signal.SIGINT)
-            assert pool.apply(os.getpid) == pid, "the worker died"
-        assert not flag.set, "the parent's flag was set by its child's signal"
-        print("ok")
-    """
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+        loader = DataLoader(Slow(), batch_size=2, num_workers=2, worker_init_fn=functools.partial(_worker_init, owner=os.getpid()))
+        items, workers = [], set()
+        for n, batch in enumerate(loader):
+            items += batch[:, 0].tolist()
+            workers |= set(batch[:, 1].tolist())
+            if n == 1:
+                to_group("TERM", "USR1", "INT")
+                time.sleep(0.3)
+        assert items == list(range(24)) and len(workers) == 2, (items, workers)
+        assert flag.signum == signal.SIGTERM, flag.signum
+        if method == "fork":  # a pool forked under the flag: the group's SIGTERM leaves it, its terminate() ends it
+            with mp.get_context("fork").Pool(1) as pool:
+                pid = pool.apply(os.getpid)
+                to_group("TERM", "USR1", "INT")
+                time.sleep(0.3)
+                assert pool.apply(os.getpid) == pid, "the pool's worker died"
+        print("ok", flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_loader_workers_and_pools_outlive_a_stop_signal_to_the_whole_group(method, tmp_path):
+    """SIGTERM, SIGUSR1 and SIGINT sent to the whole process group (what Slurm and Ctrl-C do): the loader's workers
+    keep serving every batch under each start method, the parent's flag is set, and a pool forked under the flag
+    survives the group's SIGTERM while its own terminate() still ends it (leaving the ``with`` block)."""
+    script = tmp_path / "shield.py"
+    script.write_text(SHIELD_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), method], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=120, start_new_session=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr[-3000:]
