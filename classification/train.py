@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -32,7 +33,7 @@ from lifecycle.preemption import EXIT_INTERRUPTED
 from lifecycle.run_lock import RunDirBusy, RunLock
 from lifecycle.stop_flag import StopFlag
 
-from .artifacts import atomic_link, atomic_write_bytes, remove_stale_temporaries, write_summary
+from .artifacts import atomic_link, atomic_write_bytes, read_summary, remove_stale_temporaries, write_summary
 from .checkpoint import (
     BEST,
     LAST,
@@ -129,6 +130,25 @@ def grad_sync(task, sync: bool):
     return module.no_sync()
 
 
+@dataclass
+class EpochTally:
+    """An epoch's statistics so far, summed over ranks: saved in last.pth when a run stops inside an epoch (or in its
+    evaluation), so that the resumed epoch reports the whole epoch (loss over all its updates, images/s over all
+    its time), whatever number of processes resumes it."""
+    loss_sum: float = 0.0  # the updates' losses, over ranks
+    passes: float = 0.0  # rank-updates whose loss counted (not skipped)
+    skipped: int = 0  # updates skipped as non-finite (the same on every rank)
+    images: int = 0
+    bad: int = 0
+    data_wait_s: float = 0.0  # rank 0's
+    elapsed_s: float = 0.0
+
+    def stats(self) -> dict:
+        return dict(train_loss=self.loss_sum / max(self.passes, 1), images_per_s=self.images / max(self.elapsed_s,
+                    1e-9), data_wait_share=self.data_wait_s / max(self.elapsed_s, 1e-9), skipped_steps=self.skipped,
+                    bad_images=self.bad)
+
+
 def first_pass_statistics(bns: list[torch.nn.Module], momenta: list, first: bool) -> None:
     """BatchNorm running statistics move once per update, on its first device batch. Under DDP the statistics are
     rank 0's (DDP broadcasts them before every forward), which rank 0 updated from its first chunk; with
@@ -140,19 +160,30 @@ def first_pass_statistics(bns: list[torch.nn.Module], momenta: list, first: bool
 
 def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, ema, cfg: Config, epoch: int,
                     first_step: int, iters_per_epoch: int, d: Dist, device: torch.device, stop: StopFlag,
-                    save_every=None, guard: NonFiniteGuard | None = None) -> dict:
-    """One epoch of updates from ``first_step``; returns its statistics, or ``stopped_at`` (and why) on preemption
-    or at ``max_steps``. Each update takes ``accumulation`` passes of ``device_batch`` images per process (the
-    global batch); runs stop and resume at update boundaries only.
-    ``save_every(epoch, steps_done)`` is called every ``checkpoint_interval`` updates (on every rank). ``guard``
-    carries the non-finite streak from epoch to epoch (a fresh one when None)."""
+                    save_every=None, guard: NonFiniteGuard | None = None, carry: EpochTally | None = None) -> dict:
+    """One epoch of updates from ``first_step``; returns its EpochTally (``tally``), and ``stopped_at`` (and why) on
+    preemption or at ``max_steps``. Each update takes ``accumulation`` passes of ``device_batch`` images per
+    process (the global batch); runs stop and resume at update boundaries only.
+    ``save_every(epoch, steps_done, tally)`` is called every ``checkpoint_interval`` updates (on every rank).
+    ``guard`` carries the non-finite streak from epoch to epoch (a fresh one when None); ``carry`` the tally of the
+    updates before ``first_step`` (from the checkpoint a run resumed from)."""
     task.train()
     autocast = autocast_kwargs(cfg, device)
     accumulation = cfg.accumulation(d.world_size)
-    loss_sum = torch.zeros((), device=device)
-    skipped = torch.zeros((), device=device)  # updates the loss scaler skipped (non-finite gradients)
+    carry = carry or EpochTally()
+    mine = carry if d.main else EpochTally(skipped=carry.skipped)  # sums over ranks: rank 0 carries them
+    loss_sum = torch.tensor(mine.loss_sum, device=device)
+    passes = torch.tensor(mine.passes, device=device)
+    skipped = torch.tensor(float(mine.skipped), device=device)  # updates skipped (non-finite loss or gradients)
     guard = guard or NonFiniteGuard(cfg.max_nonfinite_steps, device)
-    images, bad, data_wait = 0, 0, 0.0
+    images, bad, data_wait = mine.images, mine.bad, mine.data_wait_s
+    images_now = 0  # this process's, since the start or the resume (the logged rate)
+
+    def tally() -> EpochTally:  # a collective: call on every rank
+        loss, counted, n, n_bad = all_reduce(torch.stack([loss_sum, passes, torch.tensor(float(images), device=device),
+                                                          torch.tensor(float(bad), device=device)])).tolist()
+        return EpochTally(loss, counted, int(skipped.item()), int(n), int(n_bad), data_wait,
+                          carry.elapsed_s + time.perf_counter() - t_start)
     batches = iter(loader)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
@@ -160,7 +191,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
     for step in range(first_step, iters_per_epoch):
         global_step = epoch * iters_per_epoch + step
         if cfg.max_steps and global_step >= cfg.max_steps:  # the same step on every rank: no collective needed
-            return dict(stopped_at=step, reason=f"max_steps={cfg.max_steps}")
+            return dict(stopped_at=step, reason=f"max_steps={cfg.max_steps}", tally=tally())
         scheduler.step_update(num_updates=global_step + 1)  # lr of update i is schedule(i + 1), see tricks.py
         optimizer.zero_grad(set_to_none=True)
         loss_update = torch.zeros((), device=device)
@@ -187,6 +218,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
             scaler.scale(loss / accumulation).backward()  # the mean over the global batch, as one big pass
             loss_update += loss.detach().float() / accumulation
             images += len(x)
+            images_now += len(x)
         if accumulation > 1:
             first_pass_statistics(bns, momenta, first=True)
         # Every rank skips the same updates: the gradients are averaged, so one rank's non-finite loss spoils all
@@ -197,42 +229,46 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
             ema.update(model, step=global_step)
 
         loss_sum += torch.where(found_inf > 0, 0.0, loss_update)
+        passes += 1 - found_inf
         skipped += found_inf
         guard.update(found_inf)
         logging_step = (step + 1) % cfg.log_interval == 0 or step + 1 == iters_per_epoch
         if logging_step:  # the only host synchronisation of the step
-            n_ok = step + 1 - first_step - skipped.item()
             elapsed = time.perf_counter() - t_start
             log.info("epoch %d [%d/%d] loss %.4f lr %.5f | %.1f img/s, data wait %.0f%% | skipped %d, bad images %d",
-                     epoch, step + 1, iters_per_epoch, loss_sum.item() / max(n_ok, 1), optimizer.param_groups[0]["lr"],
-                     images / elapsed, 100 * data_wait / elapsed, skipped.item(), bad)
+                     epoch, step + 1, iters_per_epoch, loss_sum.item() / max(passes.item(), 1),
+                     optimizer.param_groups[0]["lr"], images_now / elapsed,
+                     100 * (data_wait - mine.data_wait_s) / elapsed, skipped.item(), bad)
             done, total = global_step + 1, cfg.epochs * iters_per_epoch  # updates; the eta leaves out validation
-            log.info(progress.line("update", done, total, images * d.world_size / elapsed,
+            log.info(progress.line("update", done, total, images_now * d.world_size / elapsed,
                                    (total - done) * elapsed / (step + 1 - first_step)))
             guard.check(epoch, step + 1)
         if stop.agreed():  # every step: under DDP an asynchronous CPU all-reduce (lifecycle/stop_flag.py)
-            return dict(stopped_at=step + 1, reason="signal")
+            return dict(stopped_at=step + 1, reason="signal", tally=tally())
         if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
-            save_every(epoch, step + 1)
-    elapsed = time.perf_counter() - t_start
-    steps = torch.tensor(float(iters_per_epoch - first_step), device=device)
-    loss_sum, n_ok, skipped = all_reduce(torch.stack([loss_sum, steps - skipped, skipped])).tolist()
-    return dict(train_loss=loss_sum / max(n_ok, 1), images_per_s=images * d.world_size / elapsed,
-                data_wait_share=data_wait / elapsed, skipped_steps=int(skipped / d.world_size), bad_images=bad)
+            save_every(epoch, step + 1, tally())
+    return dict(tally=tally())
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, cfg: Config) -> tuple[float, float, int, int]:
+def evaluate(model, loader, device: torch.device, cfg: Config,
+             stop: StopFlag | None = None) -> tuple[float, float, int, int] | None:
     """(top-1 %, top-5 %, images scored, unreadable images skipped) over the whole validation set, reduced over
-    ranks. Stops the run when the model's outputs are not finite (diverged weights or BatchNorm statistics: the
-    top-1 of such a model means nothing)."""
+    ranks; None when ``stop`` was agreed on before the end (a full ImageNet pass takes minutes: a preemption must
+    not wait for it). Stops the run when the model's outputs are not finite (diverged weights or BatchNorm
+    statistics: the top-1 of such a model means nothing)."""
     model.eval()
     if dist.is_initialized():  # every rank evaluates with rank 0's BatchNorm statistics (the ones saved)
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
     counts = torch.zeros(5, device=device)  # correct@1, correct@5, seen, skipped (bad_images=skip), non-finite
     autocast = autocast_kwargs(cfg, device)
-    for x, y, n_bad in loader:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # Every rank polls the stop flag (a collective) as often as the rank with the fewest batches has batches.
+    polls = math.ceil(len(loader.dataset) // world / loader.batch_size) if stop is not None else 0
+    for i, (x, y, n_bad) in enumerate(loader):
+        if i < polls and stop.agreed():
+            return None
         counts[3] += n_bad
         if not len(x):
             continue
@@ -354,6 +390,8 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
         torch.backends.cudnn.benchmark = True
 
     cfg.accumulation(d.world_size)  # refuses a process count that cannot keep the recipe's batch, before any work
+    if complete_without_checkpoint(cfg, run_dir):
+        return 0
     train_loader, val_loader, sampler, classes = build_loaders(cfg, d.rank, d.world_size,
                                                                cfg.pin_memory and device.type == "cuda")
     ipe = sampler.updates  # updates of global_batch images per epoch
@@ -369,7 +407,7 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
                      device=None) if cfg.ema_decay > 0 else None
     mixup = build_mixup(cfg, len(classes))
 
-    epoch, first_step, history, best_top1, wall_before = 0, 0, [], -1.0, 0.0
+    epoch, first_step, history, best_top1, wall_before, carry = 0, 0, [], -1.0, 0.0, None
     last = run_dir / LAST
     if d.main:  # what a save killed mid-write (SIGKILL, power loss) left behind: never a valid file
         for tmp in remove_stale_temporaries(run_dir):
@@ -388,6 +426,7 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
         if ckpt["world_size"] == d.world_size:
             set_rng_state(ckpt["rng"][d.rank])
         epoch, first_step, history, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best_top1"]
+        carry = EpochTally(**ckpt["epoch_tally"]) if ckpt.get("epoch_tally") else None
         wall_before = ckpt["wall_time_s"]
         log.info("resumed from %s at epoch %d, update %d (saved by %d processes, now %d)", last, epoch, first_step,
                  ckpt["world_size"], d.world_size)
@@ -399,8 +438,9 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     if d.world_size > 1:
         task.prepare_distributed(device_ids=[d.local_rank] if device.type == "cuda" else None)
 
-    def save(path: Path, epoch: int, step: int) -> None:
-        """Call on every rank: each rank's RNG state is gathered (mixup draws differ per rank); rank 0 writes."""
+    def save(path: Path, epoch: int, step: int, tally: EpochTally | None = None) -> None:
+        """Call on every rank: each rank's RNG state is gathered (mixup draws differ per rank); rank 0 writes, and
+        no rank returns before it has written (a rank that exits first has torchrun stop the writer)."""
         rngs = [rng_state()]
         if dist.is_initialized():
             rngs = [None] * d.world_size
@@ -411,8 +451,10 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                                 scheduler=scheduler.state_dict(), epoch=epoch, step=step, history=history,
                                 best_top1=best_top1, config=cfg.to_dict(), num_classes=len(classes), classes=classes,
-                                world_size=d.world_size, rng=rngs,
+                                world_size=d.world_size, rng=rngs, epoch_tally=vars(tally) if tally else None,
                                 wall_time_s=wall_before + time.perf_counter() - t0)
+        if dist.is_initialized():
+            dist.barrier()
 
     t0 = time.perf_counter()
     if d.main:
@@ -428,16 +470,25 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, device)  # one streak for the whole run, not one per epoch
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch, skip_updates=first_step)
-        stats = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, mixup, ema, cfg, epoch,
-                                first_step, ipe, d, device, stop, save_every=lambda e, s: save(last, e, s),
-                                guard=guard)
-        if "stopped_at" in stats:
-            save(last, epoch, stats["stopped_at"])
+        out = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, mixup, ema, cfg, epoch,
+                              first_step, ipe, d, device, stop, save_every=lambda e, s, t: save(last, e, s, t),
+                              guard=guard, carry=carry)
+        carry = None
+        if "stopped_at" in out:
+            save(last, epoch, out["stopped_at"], out["tally"])
             log.info("stopped by %s at epoch %d step %d; %s saved, rerun the command to resume",
-                     stats["reason"], epoch, stats["stopped_at"], last)
-            return EXIT_INTERRUPTED if stats["reason"] == "signal" else 0
-        top1, top5, val_images, val_bad = evaluate(model, val_loader, device, cfg)
-        ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, cfg)[:2] if ema else (None, None)
+                     out["reason"], epoch, out["stopped_at"], last)
+            return EXIT_INTERRUPTED if out["reason"] == "signal" else 0
+        stats = out["tally"].stats()
+        scores = evaluate(model, val_loader, device, cfg, stop)
+        ema_scores = evaluate(ema.module, val_loader, device, cfg, stop) if ema and scores else None
+        if scores is None or (ema and ema_scores is None):  # a signal during the evaluation: it is redone on resume
+            save(last, epoch, ipe, out["tally"])
+            log.info("stopped by signal in the evaluation of epoch %d; %s saved, rerun the command to resume",
+                     epoch + 1, last)
+            return EXIT_INTERRUPTED
+        top1, top5, val_images, val_bad = scores
+        ema_top1, ema_top5 = ema_scores[:2] if ema else (None, None)
         if val_bad:  # bad_images=skip: say so, and record it beside the top-1 it changes
             log.warning("epoch %d: %d unreadable validation images skipped (bad_images=skip); top-1 is over the %d "
                         "readable ones", epoch + 1, val_bad, val_images)
@@ -464,6 +515,21 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
             write_run_summary(cfg, run_dir, history, len(classes), d.world_size, ipe,
                               wall_before + time.perf_counter() - t0)
     return 0
+
+
+def complete_without_checkpoint(cfg: Config, run_dir: Path) -> bool:
+    """The run's summary says it finished all its epochs with these settings although last.pth is gone (removed
+    to save space once exported): done, not retrained from scratch. The summary, not the checkpoint, decides."""
+    summary = run_dir / "summary.json"
+    if (run_dir / LAST).exists() or not summary.exists():
+        return False
+    done = read_summary(summary)
+    if done.get("stage") != "classification" or len(done.get("history", [])) < cfg.epochs:
+        return False
+    check_resumable(done, cfg, summary)
+    log.info("%s: already complete (%d epochs, its summary.json; the checkpoints were removed); nothing to do",
+             run_dir, len(done["history"]))
+    return True
 
 
 def write_run_summary(cfg: Config, run_dir: Path, history: list[dict], num_classes: int, world_size: int,

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,20 +33,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_until(cmd, pattern: str, sig: int, env=ENV, timeout=600):
-    """Run ``cmd``; send ``sig`` when a line of its output matches ``pattern`` (its first group: an int). Returns
-    (exit code, output, the int of the matched line or None)."""
+KILL_WAIT_S = 30  # Slurm's default KillWait: SIGKILL this long after the stop signal
+
+
+def run_until(cmd, pattern: str, sig: int, env=ENV, timeout=600, group=True):
+    """Run ``cmd`` in a new process group; send ``sig`` when a line of its output matches ``pattern`` (its first
+    group: an int), to every process of the group as a scheduler or a terminal does (``group=False``: the command's
+    own process only), and SIGKILL the group KILL_WAIT_S later as Slurm does. Returns (exit code, output, the int
+    of the matched line or None)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
                             start_new_session=True)
-    lines, at = [], None
+    lines, at, killer = [], None, None
     try:
         for line in proc.stdout:
             lines.append(line)
             if at is None and (m := re.search(pattern, line)):
                 at = int(m.group(1))
-                proc.send_signal(sig)
+                if sig == signal.SIGKILL or not group:
+                    proc.send_signal(sig)
+                else:
+                    os.killpg(proc.pid, sig)
+                    killer = threading.Timer(KILL_WAIT_S, os.killpg, (proc.pid, signal.SIGKILL))
+                    killer.start()
         return proc.wait(timeout=timeout), "".join(lines), at
     finally:
+        if killer is not None:
+            killer.cancel()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
 
@@ -99,6 +112,35 @@ def test_sigkill_at_random_points_then_rerun_ends_with_the_uninterrupted_weights
     same_weights(tmp_path / "straight" / "last.pth", work / "last.pth")
     assert read_summary(work / "summary.json")["history"][-1]["top1"] == \
         read_summary(tmp_path / "straight" / "summary.json")["history"][-1]["top1"]
+
+
+@pytest.fixture(scope="module")
+def straight_cls(folder, tmp_path_factory) -> Path:
+    """An uninterrupted classification run (CLS, loader workers on): what every stopped and resumed run must equal."""
+    work = tmp_path_factory.mktemp("straight_cls")
+    out = subprocess.run(cls_cmd(folder, work, "workers=2"), cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return work
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_stop_signal_to_the_whole_group_with_loader_workers_saves_and_resumes_bit_equal(folder, straight_cls, sig,
+                                                                                       tmp_path):
+    """The signal reaches every process of the stage, its two loader workers included (Slurm signals the whole
+    job step, Ctrl-C the terminal's group), then SIGKILL after KillWait: exit 75 with the update it came in (or
+    the next) saved; the rerun resumes there and ends bitwise equal to the uninterrupted run."""
+    work = tmp_path / "run"
+    cmd = cls_cmd(folder, work, "workers=2")
+    code, out, at = run_until(cmd, r"epoch 0 \[(2)/4\]", sig)
+    assert code == EXIT_INTERRUPTED and "stopped by signal" in out, out[-3000:]
+    assert "Traceback" not in out and "killed by signal" not in out, out[-3000:]
+    ckpt = torch.load(work / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 0 and at <= ckpt["step"] <= at + 1, out[-3000:]
+    rerun = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"at epoch 0, update {ckpt['step']}" in rerun.stdout
+    same_weights(straight_cls / "last.pth", work / "last.pth")
 
 
 def test_sigusr1_to_a_two_process_torchrun_saves_the_current_update_and_resumes(folder, tmp_path):

@@ -78,22 +78,42 @@ def test_rerun_of_complete_run_does_nothing_and_changed_config_is_refused(folder
     assert "last.pth" in err and "variant" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_signal_saves_the_current_step_and_exits_75(folder, tmp_path, sig):
-    cmd = [sys.executable, "-m", "classification.train", str(REPO / "configs/classification/demo/smoke.yaml"),
-           "--data-root", str(folder), "--work-dir", str(tmp_path / "run"), "--set", *TINY, "epochs=100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    lines, signalled_at = [], None
-    for line in proc.stdout:
-        lines.append(line)
-        if signalled_at is None and (m := re.search(r"epoch 0 \[(\d+)/", line)):
-            signalled_at = int(m.group(1))
-            proc.send_signal(sig)
-    assert proc.wait(timeout=120) == EXIT_INTERRUPTED, "".join(lines)
-    assert any("stopped by signal" in line for line in lines)
-    ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
-    # One process checks the flag after every step: it stops after the step the signal arrived in, or the next.
-    assert ckpt["epoch"] == 0 and signalled_at <= ckpt["step"] <= signalled_at + 1 and ckpt["config"]["epochs"] == 100
+def test_stop_in_the_evaluation_resumes_with_the_whole_epochs_statistics(folder, tmp_path, monkeypatch):
+    """A stop agreed on during the epoch-end evaluation (the fifth poll: four updates, then the first validation
+    batch) saves the epoch's last update and its statistics and exits 75; the resumed run redoes only the
+    evaluation, ends with the same weights and records the same epoch rows (train loss and a real images/s, not the
+    zeros of an epoch with no updates left), as an uninterrupted run."""
+    tricks = ["deterministic=true", "epochs=2", "ema_decay=0.9"]
+    assert run_train(folder, tmp_path / "straight", *tricks) == 0
+    calls = {"n": 0}
+
+    def stop_at_fifth_poll(self):
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    with monkeypatch.context() as m:
+        m.setattr(train.StopFlag, "agreed", stop_at_fifth_poll)
+        assert run_train(folder, tmp_path / "resumed", *tricks) == EXIT_INTERRUPTED
+    partial = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    assert (partial["epoch"], partial["step"]) == (0, 4) and partial["history"] == []
+    assert partial["epoch_tally"]["passes"] == 4 and partial["epoch_tally"]["images"] == 16
+    assert run_train(folder, tmp_path / "resumed", *tricks) == 0
+    a, b = (read_summary(tmp_path / run / "summary.json")["history"] for run in ("straight", "resumed"))
+    for row_a, row_b in zip(a, b, strict=True):
+        assert row_a["top1"] == row_b["top1"] and row_a["ema_top1"] == row_b["ema_top1"]
+        assert row_b["train_loss"] == pytest.approx(row_a["train_loss"], rel=1e-6) and row_b["images_per_s"] > 0
+
+
+def test_a_finished_run_whose_checkpoints_were_removed_is_not_retrained(folder, tmp_path, capsys):
+    assert run_train(folder, tmp_path / "r", "epochs=1") == 0
+    for name in ("last.pth", "best.pth"):
+        (tmp_path / "r" / name).unlink(missing_ok=True)
+    before = (tmp_path / "r" / "summary.json").read_bytes()
+    assert run_train(folder, tmp_path / "r", "epochs=1") == 0
+    assert "already complete" in capsys.readouterr().out
+    assert not (tmp_path / "r" / "last.pth").exists() and (tmp_path / "r" / "summary.json").read_bytes() == before
+    assert run_train(folder, tmp_path / "r", "epochs=2") == 0  # more epochs: trains, from scratch (nothing to resume)
+    assert len(read_summary(tmp_path / "r" / "summary.json")["history"]) == 2
 
 
 def test_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path, capsys):
