@@ -57,7 +57,8 @@ def shield_child(owner: int | None = None) -> None:
             signal.signal(sig, signal.SIG_IGN)
     except ValueError:  # not the main thread (a fork from a thread): the handlers cannot change here
         return
-    if os.path.isdir("/proc/self/task") and len(os.listdir("/proc/self/task")) == 1:  # Linux; elsewhere SIGTERM stays ignored
+    tasks = "/proc/self/task"  # Linux; elsewhere SIGTERM stays ignored
+    if os.path.isdir(tasks) and len(os.listdir(tasks)) == 1:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
         senders = {os.getppid(), owner or os.getppid()}

@@ -508,7 +508,8 @@ SHIELD_SCRIPT = """if True:
         method = sys.argv[1]
         mp.set_start_method(method)  # the default, as forkserver is on Python 3.14
         flag = StopFlag()
-        loader = DataLoader(Slow(), batch_size=2, num_workers=2, worker_init_fn=functools.partial(_worker_init, owner=os.getpid()))
+        loader = DataLoader(Slow(), batch_size=2, num_workers=2,
+                            worker_init_fn=functools.partial(_worker_init, owner=os.getpid()))
         items, workers = [], set()
         for n, batch in enumerate(loader):
             items += batch[:, 0].tolist()
