@@ -19,11 +19,13 @@ import submitit
 from submitit.helpers import DelayedSubmission
 from submitit.slurm.slurm import _make_sbatch_string  # the sbatch text SlurmExecutor writes, for --dry-run
 
+from lifecycle.preemption import STOP_GRACE_S
 from study.plan import Step, command
 from study.run import STATUS_FILE, run_steps, stop_running_stage
 from study.spec import StudySpec
 
-SIGNAL_DELAY_S = 120  # the stages save within one step; a checkpoint of a ResNet-50 takes seconds
+# Slurm's warning before the time limit: the stage's grace to save and exit, then time for submitit to requeue.
+SIGNAL_DELAY_S = STOP_GRACE_S + 30
 
 
 @dataclass
@@ -43,7 +45,7 @@ class ArmJob:  # pickled by submitit, run on every node of the allocation; ``che
         return rc
 
     def checkpoint(self, *args: Any) -> DelayedSubmission:
-        stop_running_stage(signal.SIGUSR1, wait_s=SIGNAL_DELAY_S - 15)
+        stop_running_stage(signal.SIGUSR1, wait_s=STOP_GRACE_S + 15)
         return DelayedSubmission(self)
 
 

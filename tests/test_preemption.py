@@ -143,12 +143,14 @@ def test_stop_signal_to_the_whole_group_with_loader_workers_saves_and_resumes_bi
     same_weights(straight_cls / "last.pth", work / "last.pth")
 
 
-def test_sigusr1_to_a_two_process_torchrun_saves_the_current_update_and_resumes(folder, tmp_path):
-    """tools/train_cls.sh with GPUS=2 (torchrun, gloo on CPU): SIGUSR1 to the launcher reaches both workers (torchrun
-    forwards it only when told to), they agree on the update to stop at, rank 0 saves it, both exit 75; the rerun
-    continues from that update and ends equal to an uninterrupted run."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_to_a_two_process_torchrun_group_saves_the_current_update_and_resumes(folder, tmp_path, sig):
+    """tools/train_cls.sh with GPUS=2 (torchrun, gloo on CPU, two loader workers per rank): the signal reaches the
+    launcher, both ranks and their workers (as from Slurm); torchrun forwards it too (it does so only for the signals
+    it is told to), the ranks agree on the update to stop at, rank 0 saves it, both exit 75 and so does the launcher;
+    the rerun continues from that update and ends equal to an uninterrupted run."""
     env = {**ENV, "GPUS": "2"}
-    sets = ["global_batch=8", "epochs=2", "checkpoint_interval=0"]
+    sets = ["global_batch=8", "epochs=2", "checkpoint_interval=0", "workers=2"]
 
     def cmd(work):
         return ["bash", str(REPO / "tools/train_cls.sh"), str(REPO / "configs/classification/demo/smoke.yaml"),
@@ -158,10 +160,10 @@ def test_sigusr1_to_a_two_process_torchrun_saves_the_current_update_and_resumes(
                               capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stdout + straight.stderr
     work = tmp_path / "stopped"
-    code, out, at = run_until(cmd(work), r"epoch 0 \[(1)/2\]", signal.SIGUSR1,
-                              env={**env, "PET_MASTER_PORT": str(free_port())})
+    code, out, at = run_until(cmd(work), r"epoch 0 \[(1)/2\]", sig, env={**env, "PET_MASTER_PORT": str(free_port())})
     assert at == 1 and "stopped by signal" in out, out
     assert code == EXIT_INTERRUPTED and "every worker saved and exited 75" in out, out
+    assert "Traceback" not in out, out
     ckpt = torch.load(work / "last.pth", weights_only=True)
     # The ranks agree asynchronously (lifecycle/stop_flag.py): the update in progress when the signal came (2), or
     # the one after it (epoch 1's first, after the evaluation).
@@ -172,6 +174,29 @@ def test_sigusr1_to_a_two_process_torchrun_saves_the_current_update_and_resumes(
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from {work / 'last.pth'} at epoch {ckpt['epoch']}, update {ckpt['step']}" in rerun.stdout
     same_weights(tmp_path / "straight" / "last.pth", work / "last.pth")
+
+
+WRITER = """if True:
+    import os, signal, sys, time
+    if os.environ["RANK"] == "0":  # the writer, still saving when the grace ends
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(600)
+    sys.exit(75)  # the other rank stopped at once
+"""
+
+
+def test_torchrun_reports_a_writer_killed_at_the_end_of_the_grace_as_a_failure(tmp_path):
+    """Rank 1 exits 75 at once, rank 0 (the only writer) is still saving when the agent's wait ends and is killed:
+    the launcher exits non-zero, never 75 (no checkpoint was completed)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(WRITER)
+    env = {**ENV, "BOT_STOP_GRACE_S": "3", "PET_MASTER_PORT": str(free_port())}
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "lifecycle.torchrun", "--nproc_per_node=2", str(script)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode not in (0, EXIT_INTERRUPTED), out.stderr[-3000:]
+    assert "rank 0 had not exited 3 s after SIGTERM: killed" in out.stderr, out.stderr[-3000:]
+    assert time.monotonic() - start < 25, "the wait was torch's own 30 s, not the grace"
 
 
 SEG = dict(config="configs/segmentation/demo/fcn_r50-d8_ade20k_demo.py", data="ADEChallengeData2016",
