@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from pathlib import Path
 
 from mmengine.dist import is_main_process
@@ -117,7 +118,12 @@ class PreemptionHook(Hook):
         if self.lock is not None:  # written and done: the rerun (in this process too, in tests) may take over
             self.lock.release()
             self.lock = None
-        raise Preempted(f"stopped by a signal at iteration {runner.iter}; rerun the same command to resume")
+        # Leaving the loop this way skips the loaders' shutdown: at exit multiprocessing ends their workers with
+        # SIGTERM, and torch's SIGCHLD handler would report each as "killed by signal" (a traceback after a clean
+        # stop). Nothing is left for that handler to watch.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        where = f"iteration {iteration}" if iteration is not None else "the test"
+        raise Preempted(f"stopped by a signal at {where}; rerun the same command to resume")
 
     @staticmethod
     def _remove_superseded(runner) -> None:
