@@ -2,6 +2,7 @@
 stage, under torchrun too; SIGKILL at random points loses nothing a rerun cannot redo; mmengine's own tools load
 the checkpoints the runs wrote."""
 
+import contextlib
 import os
 import random
 import re
@@ -36,11 +37,17 @@ def free_port() -> int:
 KILL_WAIT_S = 30  # Slurm's default KillWait: SIGKILL this long after the stop signal
 
 
-def run_until(cmd, pattern: str, sig: int, env=ENV, timeout=600, group=True):
+def signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group ended already
+        os.killpg(pgid, sig)
+
+
+def run_until(cmd, pattern: str, sig: int, env=ENV, timeout=600, group=True, again_after_s=None):
     """Run ``cmd`` in a new process group; send ``sig`` when a line of its output matches ``pattern`` (its first
     group: an int), to every process of the group as a scheduler or a terminal does (``group=False``: the command's
-    own process only), and SIGKILL the group KILL_WAIT_S later as Slurm does. Returns (exit code, output, the int
-    of the matched line or None)."""
+    own process only), again ``again_after_s`` later if given (a launcher passing it on, a second scancel), and
+    SIGKILL the group KILL_WAIT_S later as Slurm does. Returns (exit code, output, the int of the matched line or
+    None)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
                             start_new_session=True)
     lines, at, killer = [], None, None
@@ -52,8 +59,10 @@ def run_until(cmd, pattern: str, sig: int, env=ENV, timeout=600, group=True):
                 if sig == signal.SIGKILL or not group:
                     proc.send_signal(sig)
                 else:
-                    os.killpg(proc.pid, sig)
-                    killer = threading.Timer(KILL_WAIT_S, os.killpg, (proc.pid, signal.SIGKILL))
+                    signal_group(proc.pid, sig)
+                    if again_after_s:
+                        threading.Timer(again_after_s, signal_group, (proc.pid, sig)).start()
+                    killer = threading.Timer(KILL_WAIT_S, signal_group, (proc.pid, signal.SIGKILL))
                     killer.start()
         return proc.wait(timeout=timeout), "".join(lines), at
     finally:
@@ -146,9 +155,9 @@ def test_stop_signal_to_the_whole_group_with_loader_workers_saves_and_resumes_bi
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_to_a_two_process_torchrun_group_saves_the_current_update_and_resumes(folder, tmp_path, sig):
     """tools/train_cls.sh with GPUS=2 (torchrun, gloo on CPU, two loader workers per rank): the signal reaches the
-    launcher, both ranks and their workers (as from Slurm); torchrun forwards it too (it does so only for the signals
-    it is told to), the ranks agree on the update to stop at, rank 0 saves it, both exit 75 and so does the launcher;
-    the rerun continues from that update and ends equal to an uninterrupted run."""
+    launcher, both ranks and their workers (as from Slurm), twice; torchrun forwards it too (it does so only for the
+    signals it is told to), the ranks agree on the update to stop at, rank 0 saves it, both exit 75 and so does the
+    launcher; the rerun continues from that update and ends equal to an uninterrupted run."""
     env = {**ENV, "GPUS": "2"}
     sets = ["global_batch=8", "epochs=2", "checkpoint_interval=0", "workers=2"]
 
@@ -160,7 +169,8 @@ def test_stop_signal_to_a_two_process_torchrun_group_saves_the_current_update_an
                               capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stdout + straight.stderr
     work = tmp_path / "stopped"
-    code, out, at = run_until(cmd(work), r"epoch 0 \[(1)/2\]", sig, env={**env, "PET_MASTER_PORT": str(free_port())})
+    code, out, at = run_until(cmd(work), r"epoch 0 \[(1)/2\]", sig, env={**env, "PET_MASTER_PORT": str(free_port())},
+                              again_after_s=0.5)  # a repeat is the same stop, also while torchrun waits
     assert at == 1 and "stopped by signal" in out, out
     assert code == EXIT_INTERRUPTED and "every worker saved and exited 75" in out, out
     assert "Traceback" not in out, out

@@ -166,6 +166,34 @@ def test_a_study_killed_by_sigkill_shows_its_running_stage_as_not_finished(tiny_
     assert "not finished" in row and f"pid {proc.pid}" in row and "rerun to resume" in row
 
 
+def test_sigterm_to_the_whole_study_saves_its_stage_and_the_rerun_resumes_it(tiny_data, tmp_path):
+    """SIGTERM to every process of a study (the study, its classification stage, the stage's two loader workers), as
+    Slurm's scancel or time limit sends it: the stage saves and exits 75, the study records it as interrupted and
+    exits 75; rerunning the study resumes the stage and finishes it."""
+    arms = {"b_standard": {"classification": RECIPE_B, "set": [*TINY, "workers=2", "epochs=2"]}}
+    study, work = write_study(tmp_path / "study.yaml", tiny_data, arms), tmp_path / "work"
+    cmd = [sys.executable, str(REPO / "tools/study.py"), str(study), "--work-dir", str(work), "--no-report"]
+    log = work / "b_standard/seed0/cls/train.log"
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (log.exists() and "epoch 0 [1/" in log.read_text()):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)  # Slurm's KillWait
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, out
+    entry = status(work)[("b_standard", "classification")]
+    assert entry["status"] == "interrupted" and "exit 75" in entry["error"], entry
+    assert (log.parent / "last.pth").exists() and "Traceback" not in log.read_text()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert status(work)[("b_standard", "classification")]["status"] == "done"
+    assert "resumed from" in log.read_text()
+
+
 def test_failed_arm_blocks_its_students_and_the_study_goes_on(tiny_data, tmp_path, capsys):
     arms = {
         "bad": {"classification": RECIPE_B, "set": [*TINY, f"distill_teacher={tmp_path / 'nope'}"]},
