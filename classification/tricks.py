@@ -107,7 +107,18 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     skipped when the loss is not finite (a finite loss with non-finite gradients, rare without fp16, leaves
     non-finite weights, so the following losses are non-finite and the trainer's streak check stops the run).
     """
+    fused = all(g.get("fused") for g in optimizer.param_groups)  # per group: a resumed state dict sets it
+    # A fused SGD's first step allocates its momenta uninitialised and copies the gradient into them; when the
+    # kernel skips that step (non-finite), they stay garbage for the whole run. So the first fused update is
+    # decided on the host (one sync, once): skipped without calling the kernel.
+    first_fused = fused and not optimizer.state
     if scaler.is_enabled():
+        if first_fused:  # fp16's first steps often overflow (scale 2^16)
+            scaler.unscale_(optimizer)
+            found_inf = sum(scaler._found_inf_per_device(optimizer).values())
+            if found_inf.item():
+                scaler.update()
+                return found_inf
         scaler.step(optimizer)
         # Private but long-stable GradScaler API (torch 2.14 pinned): per-device inf flags, no host sync.
         found = scaler._found_inf_per_device(optimizer)
@@ -115,7 +126,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
         scaler.update()
         return found_inf
     found_inf = (~torch.isfinite(loss)).float()
-    if all(g.get("fused") for g in optimizer.param_groups):  # per group: a resumed state dict sets it
+    if fused and not first_fused:
         # The fused kernels skip the whole update (weights and momenta) when found_inf is set: GradScaler's own
         # mechanism for fused optimizers (torch.optim.SGD.step reads these two attributes), with scale 1.
         optimizer.grad_scale, optimizer.found_inf = None, found_inf

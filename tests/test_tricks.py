@@ -228,3 +228,34 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="'zero_gamma' must be bool"):
         cfg_with(zero_gamma='"yes"')
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_a_first_fused_update_skipped_as_non_finite_leaves_no_momentum_behind(amp):
+    """A fused SGD skipping its very first update in the kernel kept the momenta it had allocated uninitialised;
+    now the first update skipped as non-finite leaves the optimizer untouched, and the next finite update equals a
+    fresh optimizer's first one."""
+    from classification.config import Config
+    from classification.tricks import build_scaler, optimizer_step
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        return model, opt, build_scaler(Config(amp=amp), torch.device("cpu"))
+
+    def update(model, opt, scaler, bad: bool):
+        opt.zero_grad(set_to_none=True)
+        loss = model(torch.ones(2, 4)).square().mean() * (float("inf") if bad else 1.0)
+        scaler.scale(loss).backward()
+        return optimizer_step(opt, scaler, loss.detach()).item()
+
+    model, opt, scaler = setup()
+    assert update(model, opt, scaler, bad=True) == 1.0
+    assert not opt.state  # no momentum buffer was made
+    update(model, opt, scaler, bad=False)
+    fresh_model, fresh_opt, fresh_scaler = setup()
+    update(fresh_model, fresh_opt, fresh_scaler, bad=False)
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["momentum_buffer"], fresh_opt.state[q]["momentum_buffer"])
