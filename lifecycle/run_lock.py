@@ -8,13 +8,17 @@ also on SIGKILL, so a killed run never leaves a stale lock behind.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from lifecycle.errors import UserError
 
 LOCK_NAME = ".lock"
+UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP}  # flock on file systems without locks
+log = logging.getLogger("lifecycle")
 
 
 class RunDirBusy(UserError, RuntimeError):
@@ -33,6 +37,12 @@ class RunLock:
             os.close(self._fd)
             raise RunDirBusy(f"{run_dir}: another process (pid {holder}) is training in this run dir; stop it or "
                              f"wait for it, then rerun (one writer per run dir)") from None
+        except OSError as e:
+            if e.errno not in UNSUPPORTED:
+                raise
+            # Lustre mounted without flock, NFS without lockd: the lock is a guard, not a condition to run.
+            log.warning("%s: this file system does not support locks (%s); one writer per run dir is not enforced "
+                        "here: do not start the same command twice", self.path, errno.errorcode[e.errno])
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"{os.getpid()}\n".encode())
 

@@ -580,3 +580,24 @@ def test_loader_workers_and_pools_outlive_a_stop_signal_to_the_whole_group(metho
     out = subprocess.run([sys.executable, str(script), method], cwd=REPO, env=ENV, capture_output=True, text=True,
                          timeout=120, start_new_session=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK", "EOPNOTSUPP"])
+def test_a_file_system_without_locks_warns_and_runs(code, tmp_path, monkeypatch, caplog):
+    """flock fails with ENOSYS/ENOLCK on Lustre without flock and NFS without lockd: the run goes on, warned that one
+    writer per run dir is not enforced there; any other error still stops it."""
+    import errno
+    import fcntl
+
+    from lifecycle import run_lock
+
+    def no_locks(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = run_lock.RunLock(tmp_path / "run")
+    assert "does not support locks" in caplog.text and errno.errorcode[getattr(errno, code)] in caplog.text
+    lock.release()
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        run_lock.RunLock(tmp_path / "run")
