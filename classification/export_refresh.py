@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,11 @@ def recover(out: Path) -> list[str]:
     return done
 
 
-def export_and_swap(src: str, out: Path, **options: Any) -> dict[str, Any]:
-    """Export into a sibling dir, then rename it over ``out`` (a directory cannot atomically replace a non-empty
-    one: for the microseconds between the two renames ``out`` is absent, and ``recover`` repairs a kill there)."""
+def export_and_swap(src: str, out: Path, check: Callable[[Path], Any] | None = None, **options: Any) -> dict[str, Any]:
+    """Export into a sibling dir, ``check`` it there (it raises when the export is wrong), then rename it over
+    ``out`` (a directory cannot atomically replace a non-empty one: for the microseconds between the two renames
+    ``out`` is absent, and ``recover`` repairs a kill there). Checked before the swap: an export that fails its
+    check never becomes ``out``, whose meta.json would make a rerun call it up to date."""
     from .published import export_source
 
     new, old = out.with_name(f".{out.name}.new-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -94,6 +97,8 @@ def export_and_swap(src: str, out: Path, **options: Any) -> dict[str, Any]:
     try:
         try:
             meta = export_source(src, new, **options)
+            if check is not None:
+                check(new)
         except BaseException as e:
             shutil.rmtree(new, ignore_errors=True)
             if isinstance(e, Preempted):
@@ -121,9 +126,10 @@ def export_and_swap(src: str, out: Path, **options: Any) -> dict[str, Any]:
 
 
 def refresh_export(src: str, out: str | Path, *, checkpoint: str | None = None, weights: str | None = None,
-                   variant: str | None = None) -> tuple[str, dict[str, Any], list[str]]:
+                   variant: str | None = None,
+                   check: Callable[[Path], Any] | None = None) -> tuple[str, dict[str, Any], list[str]]:
     """Make ``out`` an export of ``src``: (what happened: "up to date" | "exported" | "re-exported", its meta, the
-    repairs ``recover`` made)."""
+    repairs ``recover`` made). ``check(dir)`` runs on a new export before it replaces ``out``."""
     out = Path(out)
     repairs = recover(out)
     if out.exists() and not out.is_dir():
@@ -136,4 +142,4 @@ def refresh_export(src: str, out: str | Path, *, checkpoint: str | None = None, 
         return "up to date", meta, repairs
     what = "exported" if meta is None else "re-exported"  # no meta.json: nothing, or an incomplete export
     opts = dict(checkpoint=checkpoint, weights=weights, variant=variant)
-    return what, export_and_swap(src, out, **{k: v for k, v in opts.items() if v is not None}), repairs
+    return what, export_and_swap(src, out, check, **{k: v for k, v in opts.items() if v is not None}), repairs

@@ -395,12 +395,13 @@ def test_sigterm_during_a_reexport_exits_75_and_keeps_the_previous_export(run_di
     before = json_of(out / "meta.json")["sha256"]
     train_further(run_dir)
     proc = subprocess.Popen([sys.executable, str(REPO / "tools/export_backbone.py"), str(run_dir), "--out", str(out)],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".export.new-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # the new export is being written beside the old one
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the export, as a scheduler sends it
+    stdout, stderr = proc.communicate(timeout=KILL_WAIT_S)
     assert proc.returncode == EXIT_INTERRUPTED, stdout + stderr
     assert "export interrupted" in stderr and stderr.count("\n") == 1, stderr
     assert json_of(out / "meta.json")["sha256"] == before != file_sha256(run_dir / "last.pth")
@@ -601,3 +602,23 @@ def test_a_file_system_without_locks_warns_and_runs(code, tmp_path, monkeypatch,
     monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         run_lock.RunLock(tmp_path / "run")
+
+
+def test_an_export_failing_its_check_is_never_swapped_in_so_the_rerun_exports_again(run_dir, tmp_path):
+    """The check runs on the new export before the swap: a failure (or a requeue in the middle of it) leaves no
+    meta.json at ``out`` that a rerun would take for a finished export; the rerun exports and checks again."""
+    from classification.export import ExportError
+    from classification.export_refresh import refresh_export
+
+    out = tmp_path / "export"
+
+    def failing(new: Path):
+        assert (new / "meta.json").exists() and new != out
+        raise ExportError("stage outputs differ")
+
+    with pytest.raises(ExportError, match="stage outputs differ"):
+        refresh_export(str(run_dir), out, check=failing)
+    assert not out.exists() and not list(tmp_path.glob(".export.*"))
+    checked = []
+    assert refresh_export(str(run_dir), out, check=checked.append)[0] == "exported" and len(checked) == 1
+    assert refresh_export(str(run_dir), out, check=checked.append)[0] == "up to date" and len(checked) == 1

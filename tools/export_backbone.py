@@ -9,9 +9,10 @@ weights: timm:NAME (e.g. timm:resnet50d.gluon_in1k), torchvision:WEIGHTS (e.g.
 torchvision:ResNet50_Weights.IMAGENET1K_V1), or a timm / torchvision weights file (.pth, .safetensors; --variant
 when its keys fit more than one variant). Writes DIR/backbone.pth, DIR/backbone.safetensors, DIR/head.safetensors
 and DIR/meta.json (with the sha256 of the source file: a rerun does nothing while it is unchanged and exports
-again, beside the old export and then swapped in, once it changed); then, where mmdet / mmseg are installed,
-loads backbone.pth into both libraries' backbones through mmengine's Pretrained init, checks every tensor, and
-compares their stage outputs with the classifier's.
+again, beside the old export and then swapped in, once it changed). Where mmdet / mmseg are installed, the new
+export is checked before it replaces the old one: backbone.pth is loaded into both libraries' backbones through
+mmengine's Pretrained init, every tensor compared, and their stage outputs compared with the classifier's; an
+export that fails is never written to DIR, so a rerun cannot take it for up to date.
 """
 
 import argparse
@@ -81,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"last.pth), a checkpoint, timm:NAME, torchvision:WEIGHTS or a weights file")
     from classification.export_refresh import refresh_export
 
-    with writing(out):
+    checked: list[str] = []
+    can_check = all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine"))
+    with writing(out):  # the check runs on the new export before it replaces the old one (a failure leaves no export)
         what, meta, repairs = refresh_export(args.src, out, checkpoint=args.checkpoint, weights=args.weights,
-                                             variant=args.variant)
+                                             variant=args.variant,
+                                             check=(lambda new: checked.extend(mm_check(new))) if can_check else None)
     for line in repairs:
         print(line)
     if what == "up to date":  # meta.json records this source and its sha256: nothing to redo
@@ -94,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                   if what == "re-exported" else ""))
     for name in ("backbone.pth", "backbone.safetensors", "head.safetensors", "meta.json"):
         print(f"  wrote {out / name}")
-    if all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine")):
-        for line in mm_check(out):
+    if can_check:
+        for line in checked:
             print(f"  strict check passed: {line}")
     else:
         print("  strict check skipped: mmdet/mmseg not installed (tools/setup_env.sh installs them)")
