@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lifecycle import errors
 from lifecycle.preemption import EXIT_INTERRUPTED
-from study.plan import command, plan
+from study.plan import check_processes, command, plan
 from study.run import STATUS_FILE, echo, passing_signals_on, read_status, run_steps, status_table
 from study.spec import STAGE_DIRS, STAGES, SpecError, check_data, load_spec
 
@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                       ("--partition", str, None, ""), ("--account", str, None, ""),
                                       ("--time", int, 4320, "minutes per allocation (then requeued)")):
         p.add_argument(flag, type=kind, default=default, help=f"slurm: {what or flag[2:]}")
+    p.add_argument("--cpus-per-gpu", type=int, default=8, help="slurm: CPUs per GPU (the loader workers and the main "
+                   "process; a recipe's workers=4 default needs 5-6)")
+    p.add_argument("--mem-per-gpu", type=int, default=64, help="slurm: GB of host memory per GPU")
     p.add_argument("--slurm", nargs="+", default=[], metavar="KEY=VALUE", help="slurm: more sbatch parameters")
     return p.parse_args(argv)
 
@@ -50,7 +53,7 @@ def slurm_executor(spec, steps, args) -> int:
 
     jobs, folder = slurm.arm_jobs(spec, steps, args), args.work_dir / "slurm" / "%j"
     for job in jobs if args.dry_run else []:
-        after = "afterok:" + ":".join(f"<{t}>" for t in job.teachers) if job.teachers else None
+        after = "afterok:" + ":".join(f"<{t}>" for t in job.after) if job.after else None
         print(slurm.submission_text(job, slurm.sbatch_parameters(job, args, after), folder) + "\n")
     if args.dry_run:
         return 0
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (gpus := os.environ.get("GPUS", "").strip() or "0").isdigit():
         raise SpecError(f"GPUS={gpus!r}: expected the number of GPUs per machine (an integer), or leave it unset")
     steps = plan(spec, args.work_dir, stages, arms)
+    if args.executor == "slurm":  # a count no recipe can run is refused here, not after the job queued and started
+        check_processes(spec, steps, args.gpus_per_node, args.nodes)
+    else:
+        check_processes(spec, steps, int(gpus))
     if args.dry_run and args.executor == "local":  # the commands; each stage logs its protocol line when it runs
         print("\n".join(shlex.join(command(step, int(gpus))) for step in steps), flush=True)
         return 0

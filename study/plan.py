@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from study.spec import STAGE_DIRS, STAGES, TEACHER_REF, Arm, StudySpec
+from study.spec import STAGE_DIRS, STAGES, TEACHER_REF, Arm, SpecError, StudySpec
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUTS = {**dict.fromkeys(STAGES, "summary.json"), "export": "meta.json"}  # what marks a stage done
@@ -78,6 +78,21 @@ def _step(spec: StudySpec, work_dir: Path, arm: Arm, seed: int, stage: str) -> S
             *(["--allow-synthetic"] if spec.allow_synthetic else []),
             *(["--cfg-options", *section.cfg_options] if section.cfg_options else [])]
     return Step(arm.name, seed, stage, here, tuple(argv), True, ((arm.name, seed, "export"),) if arm.pretrained else ())
+
+
+def check_processes(spec: StudySpec, steps: list[Step], gpus: int, nodes: int = 1) -> None:
+    """Refuse, before anything runs or queues, a GPU and node count on which a classification recipe of the plan
+    cannot keep its global batch (global_batch / device_batch passes per update, split over the processes)."""
+    from classification.config import ConfigError, load_config
+
+    processes = max(gpus, 1) * nodes
+    for arm in dict.fromkeys(s.arm for s in steps if s.stage == "classification"):
+        recipe = spec.arms[arm].classification
+        try:
+            load_config(recipe, [i for i in spec.arms[arm].set if not TEACHER_REF.search(i)]).accumulation(processes)
+        except ConfigError as e:
+            raise SpecError(f"{spec.path}: arm {arm} ({recipe}) cannot run on {nodes} node(s) x {max(gpus, 1)} "
+                            f"GPU(s) = {processes} processes: {e}") from None
 
 
 def command(step: Step, gpus: int, nodes: int = 1, master: str = "$MASTER_ADDR", job_id: str = "0") -> list[str]:

@@ -1,12 +1,16 @@
-"""The Slurm executor through submitit: one job per arm and seed running that arm's stages in order (study/run.py)
-on its allocation, the arms in parallel. Before its end the job gets SIGUSR1 (the stop contract's signal, sent by
-Slurm to every process of the job): the running stage saves and exits 75, and submitit, listening to SIGUSR1 too,
-calls ``ArmJob.checkpoint`` and requeues the job, whose stages then find themselves done or resume. A student
-whose ``set`` names a teacher's run (``{cls:ARM}``) waits for the teacher's job (``--dependency=afterok``).
+"""The Slurm executor through submitit: per arm and seed, one job for its ImageNet part (classification, export) and
+one for its transfer part (detection, segmentation), each running its stages in order (study/run.py) on its
+allocation, the arms in parallel. A job waits (``--dependency=afterok``) only for the jobs holding the stages it
+reads: the transfer job for its arm's export, a student's classification (``{cls:ARM}`` in its ``set``) for its
+teacher's classification, not for the teacher's transfer. A job whose dependency failed is cancelled by Slurm
+(``kill-on-invalid-dep``), not left pending. Before its end the job gets SIGUSR1 (the stop contract's signal,
+sent by Slurm to every process of the job): the running stage saves and exits 75, and submitit, listening to
+SIGUSR1 too, calls ``ArmJob.checkpoint`` and requeues the job, whose stages then find themselves done or resume.
 """
 
 from __future__ import annotations
 
+import graphlib
 import os
 import shlex
 import signal
@@ -35,7 +39,7 @@ class ArmJob:  # pickled by submitit, run on every node of the allocation; ``che
     work_dir: Path
     gpus_per_node: int
     nodes: int = 1
-    teachers: list[str] = field(default_factory=list)  # names of the jobs it waits for
+    after: list[str] = field(default_factory=list)  # names of the jobs it waits for
 
     def __call__(self) -> int:
         env = submitit.JobEnvironment()
@@ -49,25 +53,39 @@ class ArmJob:  # pickled by submitit, run on every node of the allocation; ``che
         return DelayedSubmission(self)
 
 
+PARTS = {"classification": "imagenet", "export": "imagenet", "detection": "transfer", "segmentation": "transfer"}
+
+
 def arm_jobs(spec: StudySpec, steps: list[Step], args) -> list[ArmJob]:
-    """The plan's steps grouped by arm and seed, in plan order (teachers first)."""
+    """The plan's steps grouped by arm, seed and part (PARTS), each job after the jobs it waits for."""
     jobs: dict[str, ArmJob] = {}
+    holder: dict[tuple, str] = {}  # step key -> the job that runs it
     for step in steps:
-        teachers = [f"{t}.seed{step.seed}" for t in spec.arms[step.arm].teachers]
-        jobs.setdefault(name := f"{step.arm}.seed{step.seed}",
-                        ArmJob(name, [], args.work_dir, args.gpus_per_node, args.nodes, teachers)).steps.append(step)
-    return list(jobs.values())
+        name = f"{step.arm}.seed{step.seed}.{PARTS[step.stage]}"
+        jobs.setdefault(name, ArmJob(name, [], args.work_dir, args.gpus_per_node, args.nodes)).steps.append(step)
+        holder[step.key] = name
+    for job in jobs.values():
+        job.after = sorted({holder[need] for step in job.steps for need in step.needs
+                            if need in holder and holder[need] != job.name})
+    order = graphlib.TopologicalSorter({name: job.after for name, job in jobs.items()}).static_order()
+    return [jobs[name] for name in order]
 
 
 def sbatch_parameters(job: ArmJob, args, dependency: str | None = None) -> dict[str, Any]:
     """The sbatch parameters of a job, in the names of submitit's SlurmExecutor.update_parameters."""
     extra = dict(item.split("=", 1) for item in args.slurm)
+    # CPUs and memory for the whole node's processes (one task per node): without them a job gets the cluster's
+    # default, often one CPU, and the loader workers of 8 GPUs share it. --slurm cpus_per_task=/mem= replace them.
+    gpus = max(job.gpus_per_node, 1)
+    resources = {k: v for k, v in (("cpus_per_task", args.cpus_per_gpu * gpus),
+                                   ("mem", f"{args.mem_per_gpu * gpus}G")) if k not in extra}
     return dict(job_name=f"study.{job.name}", nodes=job.nodes, ntasks_per_node=1, gpus_per_node=job.gpus_per_node,
-                time=args.time, signal_delay_s=SIGNAL_DELAY_S, **{k: v for k, v in (
+                time=args.time, signal_delay_s=SIGNAL_DELAY_S, **resources, **{k: v for k, v in (
                     ("partition", args.partition), ("account", args.account)) if v},
                 setup=["export SUBMITIT_PREEMPT_SIGNAL=USR1"],  # submitit's handler on the stop contract's signal
                 additional_parameters={"signal": f"USR1@{SIGNAL_DELAY_S}", "requeue": True,
-                                       **({"dependency": dependency} if dependency else {}), **extra})
+                                       **({"dependency": dependency, "kill_on_invalid_dep": "yes"}
+                                          if dependency else {}), **extra})
 
 
 def submission_text(job: ArmJob, params: dict[str, Any], folder: Path) -> str:
@@ -80,14 +98,15 @@ def submission_text(job: ArmJob, params: dict[str, Any], folder: Path) -> str:
 
 
 def submit(jobs: list[ArmJob], args, folder: Path, executor_factory=None) -> dict[str, submitit.Job]:
-    """Submit every job (teachers' first, their students with afterok on them); return name -> submitit job.
+    """Submit every job (in ``jobs`` order: the jobs each waits for first, with afterok on them); return name ->
+    submitit job.
     ``executor_factory(folder)`` makes the submitit executor (default SlurmExecutor; tests pass LocalExecutor)."""
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"  # inherited by the jobs (sbatch exports the environment)
     submitted: dict[str, submitit.Job] = {}
     for job in jobs:
         executor = (executor_factory or submitit.SlurmExecutor)(folder)
         if isinstance(executor, submitit.SlurmExecutor):
-            after = [submitted[t].job_id for t in job.teachers if t in submitted]
+            after = [submitted[t].job_id for t in job.after]
             executor.update_parameters(**sbatch_parameters(job, args, "afterok:" + ":".join(after) if after else None))
         submitted[job.name] = executor.submit(job)
     return submitted

@@ -367,30 +367,53 @@ def sbatch(text: str) -> dict[str, str]:
                 if line.startswith("#SBATCH --"))
 
 
-def test_paper_study_on_slurm_dry_run_prints_one_job_per_arm(tmp_path, capsys):
-    """--executor slurm --dry-run: the sbatch file submitit would write for each of the paper's 8 arms, built from
-    the same plan as the local commands; nothing is created and no scheduler is called."""
+def test_paper_study_on_slurm_dry_run_prints_two_jobs_per_arm(tmp_path, capsys):
+    """--executor slurm --dry-run: the sbatch file submitit would write for each of the paper's 8 arms' ImageNet and
+    transfer parts (random init: transfer only), built from the same plan as the local commands, the transfer job
+    after its ImageNet job, CPUs and memory per GPU requested (cpus_per_task given: it wins); nothing is created
+    and no scheduler is called."""
     paper = REPO / "configs/studies/paper.yaml"
     assert cli.main([str(paper), "--work-dir", str(tmp_path / "w"), "--executor", "slurm", "--dry-run", "--nodes",
                      "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "600", "--account", "vision",
                      "--slurm", "qos=high", "cpus_per_task=40"]) == 0
     jobs = capsys.readouterr().out.split("\n# job ")  # each job: its stages' commands, then its sbatch file
     arms = list(yaml.safe_load(paper.read_text())["arms"])
-    assert len(jobs) == len(arms) == 8 and not (tmp_path / "w").exists()
-    for arm, text in zip(arms, jobs):
+    names = [f"{a}.seed0.imagenet" for a in arms if a != "random_init"] + [f"{a}.seed0.transfer" for a in arms]
+    assert len(jobs) == 15 and not (tmp_path / "w").exists()
+    by_name = {}
+    for text in jobs:
         params = sbatch(text)
-        assert params.pop("job-name") == f"study.{arm}.seed0" and params.pop("output").endswith("%j_0_log.out")
-        params.pop("error")
+        name = params.pop("job-name")[len("study."):]
+        by_name[name] = text
+        assert params.pop("output").endswith("%j_0_log.out") and params.pop("error")
+        after = {"dependency": f"'afterok:<{name.replace('transfer', 'imagenet')}>'", "kill-on-invalid-dep": "yes"}
         assert params == {"nodes": "2", "ntasks-per-node": "1", "gpus-per-node": "4", "partition": "gpu",
-                          "time": "600", "account": "vision", "qos": "high", "cpus-per-task": "40",
-                          "signal": "USR1@120", "requeue": "", "open-mode": "append", "wckey": "submitit"}
+                          "time": "600", "account": "vision", "qos": "high", "cpus-per-task": "40", "mem": "256G",
+                          "signal": "USR1@150", "requeue": "", "open-mode": "append", "wckey": "submitit",
+                          **(after if name.endswith("transfer") and not name.startswith("random") else {})}, name
         assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in text and "-m submitit.core._submit" in text
-    # The job's stages, in order: torchrun across both nodes for the training stages, the export on one process.
-    mixup = job_stages(jobs[arms.index("d_mixup")])
+    assert sorted(by_name) == sorted(names)
+    # The jobs' stages, in order: torchrun across both nodes for the training stages, the export on one process.
+    mixup = job_stages(by_name["d_mixup.seed0.imagenet"]) + job_stages(by_name["d_mixup.seed0.transfer"])
     assert [line.split(":")[0] for line in mixup] == [f"d_mixup seed0 {s}" for s in
                                                       ("classification", "export", "detection", "segmentation")]
     assert "--nnodes=2 --rdzv-backend=c10d" in mixup[0] and "--nproc_per_node=4" in mixup[0]
     assert "lifecycle.torchrun" in mixup[0] and "torchrun" not in mixup[1]
+
+
+@pytest.mark.parametrize("executor,counts,processes", [("slurm", ["--nodes", "2"], 16),
+                                                        ("slurm", ["--gpus-per-node", "3"], 3), ("local", [], 6)])
+def test_a_gpu_count_no_recipe_can_run_is_refused_before_anything_queues(executor, counts, processes, tmp_path,
+                                                                          capsys, monkeypatch):
+    """--nodes 2 (16 processes), 3 GPUs per node, GPUS=6 locally: the paper's recipes cannot keep their batch; the
+    dry run and the submission stop with one line naming the arm and the counts that work."""
+    monkeypatch.setenv("GPUS", "6")
+    paper = str(REPO / "configs/studies/paper.yaml")
+    for dry in (["--dry-run"], []):
+        assert cli.main([paper, "--work-dir", str(tmp_path / "w"), "--executor", executor, *counts, *dry]) == 2
+        err = capsys.readouterr().err
+        assert f"= {processes} processes" in err and "run on 1, 2, 4, 8 GPUs" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()
 
 
 def job_stages(text: str) -> list[str]:
@@ -407,12 +430,39 @@ def test_slurm_submission_teacher_first_with_afterok(tiny_data, tmp_path, monkey
     monkeypatch.setattr(submitit.SlurmExecutor, "_make_submission_command",
                         lambda self, path: ["echo", f"Submitted batch job {next(job_ids)}"])
     study = write_study(tmp_path / "study.yaml", tiny_data, ARMS)
-    assert cli.main([str(study), "--work-dir", str(tmp_path / "w"), "--executor", "slurm", "--time", "30"]) == 0
+    assert cli.main([str(study), "--work-dir", str(tmp_path / "w"), "--executor", "slurm", "--time", "30",
+                     "--gpus-per-node", "2"]) == 0  # TINY: a global batch of 4 in passes of 2
     files = sorted((tmp_path / "w" / "slurm").rglob("*_submission.sh"))
     texts = [sbatch(f.read_text()) for f in files]
-    assert sorted(t["job-name"] for t in texts) == ["study.b_standard.seed0", "study.d_student.seed0"]
-    student = next(t for t in texts if t["job-name"] == "study.d_student.seed0")
-    assert student["dependency"] == "afterok:4242" and student["signal"] == "USR1@120"
+    assert sorted(t["job-name"] for t in texts) == ["study.b_standard.seed0.imagenet", "study.d_student.seed0.imagenet"]
+    student = next(t for t in texts if t["job-name"] == "study.d_student.seed0.imagenet")
+    assert student["dependency"] == "afterok:4242" and student["signal"] == "USR1@150"
+
+
+def test_a_student_job_waits_only_for_its_teachers_classification(tiny_data, tmp_path):
+    """With downstream stages, each arm has an ImageNet job and a transfer job: the student's classification waits
+    for the teacher's ImageNet job only (not for the teacher's detection), each transfer job for its own arm's
+    ImageNet job; every job comes after the jobs it waits for."""
+    import argparse
+
+    from study import slurm
+    from study.plan import plan
+    from study.spec import load_spec
+
+    study = write_study(tmp_path / "study.yaml", tiny_data, ARMS)
+    data = yaml.safe_load(study.read_text())
+    data["detection"] = {"config": str(REPO / "configs/detection/demo/faster-rcnn_r50_fpn_voc0712_demo.py")}
+    study.write_text(yaml.safe_dump(data))
+    spec = load_spec(study)
+    args = argparse.Namespace(work_dir=tmp_path / "w", gpus_per_node=1, nodes=1)
+    jobs = slurm.arm_jobs(spec, plan(spec, args.work_dir), args)
+    after = {job.name: job.after for job in jobs}
+    assert after == {"b_standard.seed0.imagenet": [], "d_student.seed0.imagenet": ["b_standard.seed0.imagenet"],
+                     "b_standard.seed0.transfer": ["b_standard.seed0.imagenet"],
+                     "d_student.seed0.transfer": ["d_student.seed0.imagenet"], "random_init.seed0.transfer": []}
+    names = [job.name for job in jobs]
+    assert all(names.index(a) < names.index(name) for name, waits in after.items() for a in waits)
+    assert [s.stage for j in jobs if j.name == "d_student.seed0.transfer" for s in j.steps] == ["detection"]
 
 
 def test_slurm_job_runs_its_arm_through_submitit(tiny_data, tmp_path):
@@ -431,7 +481,7 @@ def test_slurm_job_runs_its_arm_through_submitit(tiny_data, tmp_path):
                               account=None)
     (job,) = slurm.arm_jobs(spec, plan(spec, args.work_dir), args)
     submitted = slurm.submit([job], args, tmp_path / "w" / "slurm" / "%j", executor_factory=submitit.LocalExecutor)
-    assert submitted["b_standard.seed0"].result() == 0
+    assert submitted["b_standard.seed0.imagenet"].result() == 0
     entry = status(tmp_path / "w")[("b_standard", "classification")]
     assert entry["status"] == "done" and entry["pid"] != os.getpid()
 
@@ -448,7 +498,7 @@ def test_preempted_slurm_job_saves_its_stage_and_requeues(tmp_path):
 
     stage = ("-c", "import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); time.sleep(60)")
     step = Step("b_standard", 0, "classification", tmp_path / "b_standard/seed0/cls", stage, False)
-    job = slurm.ArmJob("b_standard.seed0", [step], tmp_path, gpus_per_node=0)
+    job = slurm.ArmJob("b_standard.seed0.imagenet", [step], tmp_path, gpus_per_node=0)
     answers = []
     thread = threading.Thread(target=lambda: answers.append(run.run_steps(job.steps, tmp_path, 0)))
     thread.start()
