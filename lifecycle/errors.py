@@ -25,7 +25,9 @@ import functools
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -238,6 +240,14 @@ def report(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------- the wrapper
 
 
+def quiet_exit_of_loader_workers() -> None:
+    """Leaving on an error (or a stop raised through a loop we do not own) skips the DataLoaders' shutdown: at exit
+    multiprocessing ends their workers with SIGTERM, and torch's SIGCHLD handler reports each as "killed by signal",
+    a traceback after the one line. Nothing is left for that handler to watch."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def cli(main: Callable[..., int]) -> Callable[..., int]:
     """Wrap a tool's ``main(argv=None, ...) -> exit status``: strips ``--debug`` from argv (setting BOT_DEBUG=1),
     and turns any exception into ``error: <one line>`` on stderr and exit status 1, unless debugging (then the
@@ -255,6 +265,7 @@ def cli(main: Callable[..., int]) -> Callable[..., int]:
             if debug_requested():
                 raise
             print(f"error: {report(e)}", file=sys.stderr, flush=True)
+            quiet_exit_of_loader_workers()
             status = getattr(e, "exit_status", EXIT_ERROR) if is_user_error(e) else EXIT_ERROR
             return status if isinstance(status, int) and status > 0 else EXIT_ERROR
 

@@ -127,6 +127,26 @@ def test_rgb_mask_gives_the_checkers_lines(tiny_data, tmp_path):
     assert out.returncode == 1 and str(mask) in out.stderr and "mode 'RGB'" in out.stderr
 
 
+def test_a_mask_value_outside_the_label_space_is_named_not_an_index_error(tiny_data, tmp_path):
+    """A class id above ADE20K's 150 in every training mask (the start's header check cannot see values): the stage
+    stops at its first batch with one line naming a mask and the full check, not "IndexError: Target ... out of
+    bounds" from the loss."""
+    import numpy as np
+    from PIL import Image
+
+    ade = tmp_path / "ADEChallengeData2016"
+    shutil.copytree(tiny_data / "ADEChallengeData2016", ade)
+    masks = sorted((ade / "annotations/training").glob("*.png"))
+    for mask in masks:
+        values = np.array(Image.open(mask))
+        values[:2, :2] = 200
+        Image.fromarray(values).save(mask)
+    out = run_stage("segmentation", "none", ade, tmp_path / "run")
+    assert out.returncode == 1 and "IndexError" not in out.stderr, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert any(str(m) in line for m in masks) and "class ids 199" in line and "--full" in line, line
+
+
 def test_transfer_scripts_resolve_their_source(tiny_export, tmp_path):
     from classification.export import ExportError
     from transfer.source import resolve

@@ -5,6 +5,9 @@ mmengine loads ``init_cfg=dict(type='Pretrained')`` with strict=False and only l
 turns a partial load into an error. Imported through the generated config's ``custom_imports``, so the check
 also runs under MMDetection's / MMSegmentation's own ``tools/train.py``.
 
+``LabelRangeHook``: stop with one line naming the mask when a training batch holds a class id the model has no
+output for; registered by our stage command for segmentation.
+
 ``ProgressHook``: the toolkit's one progress line (lifecycle/progress.py) at mmengine's logging interval, for training
 and the final test. Registered by our stage command (transfer/runner.py), not in the config: it changes no result.
 """
@@ -17,6 +20,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from lifecycle import progress
+from lifecycle.errors import UserError
 from transfer import compat
 
 compat.apply()  # importing this module from a config also brings the compatibility fixes
@@ -42,6 +46,37 @@ class VerifyBackboneHook(Hook):
         where = f" ({record['shared_head_tensors']} of them, layer4, in roi_head.shared_head)" \
             if "shared_head_tensors" in record else ""
         runner.logger.info(f"VerifyBackboneHook: every backbone tensor equals the export {self.export}{where}")
+
+
+class LabelError(UserError, ValueError):
+    pass
+
+
+class LabelRangeHook(Hook):
+    """A mask value outside the label space (a class id >= num_classes that is not the ignore index) makes the
+    cross-entropy fail with "IndexError: Target 150 is out of bounds" on a CPU and a device-side assert on a GPU,
+    naming no file. Checked on the loader's CPU tensors before the batch reaches the model: one max per mask, the
+    detail only when it is out of range."""
+
+    priority = "VERY_HIGH"
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        samples = data_batch.get("data_samples", ()) if isinstance(data_batch, dict) else ()
+        for sample in samples:
+            labels = sample.gt_sem_seg.data if "gt_sem_seg" in sample else None
+            if labels is None or labels.numel() == 0 or int(labels.max()) < self.num_classes:
+                continue
+            bad = labels[(labels >= self.num_classes) & (labels != self.ignore_index)].unique()
+            if bad.numel():
+                shown = ", ".join(str(int(v)) for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+                raise LabelError(
+                    f"{sample.metainfo.get('seg_map_path', 'a training mask')}: class ids {shown} (after the "
+                    f"dataset's label mapping) are outside the model's {self.num_classes} classes (0.."
+                    f"{self.num_classes - 1}, ignore {self.ignore_index}); fix the mask, or list every such mask "
+                    f"with tools/check_data.py ade20k DATA_ROOT --full")
 
 
 class ProgressHook(Hook):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 from pathlib import Path
 
 from mmengine.dist import is_main_process
@@ -23,6 +22,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop
 
 from classification.artifacts import atomic_write_bytes, remove_stale_temporaries
+from lifecycle.errors import quiet_exit_of_loader_workers
 from lifecycle.run_lock import RunLock
 from lifecycle.stop_flag import Preempted, StopFlag
 from transfer import compat
@@ -118,10 +118,7 @@ class PreemptionHook(Hook):
         if self.lock is not None:  # written and done: the rerun (in this process too, in tests) may take over
             self.lock.release()
             self.lock = None
-        # Leaving the loop this way skips the loaders' shutdown: at exit multiprocessing ends their workers with
-        # SIGTERM, and torch's SIGCHLD handler would report each as "killed by signal" (a traceback after a clean
-        # stop). Nothing is left for that handler to watch.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        quiet_exit_of_loader_workers()  # the loop is left without the loaders' shutdown
         where = f"iteration {iteration}" if iteration is not None else "the test"
         raise Preempted(f"stopped by a signal at {where}; rerun the same command to resume")
 

@@ -372,7 +372,9 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     import transfer.metrics  # noqa: F401 - registers the per-class metrics
     import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
     from classification.export import load_export
-    from transfer.hooks import ProgressHook  # and registers VerifyBackboneHook (the dumped config imports it too)
+
+    # transfer.hooks also registers VerifyBackboneHook (the dumped config imports it too)
+    from transfer.hooks import LabelRangeHook, ProgressHook
 
     work_dir = Path(args.work_dir)
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -407,6 +409,8 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     runner = Runner.from_cfg(cfg)
     runner.register_hook(ProgressHook(interval=cfg.get("default_hooks", {}).get("logger", {}).get("interval", 50)))
+    if head := cfg.model.get("decode_head"):  # segmentation: a bad mask is named, not an IndexError
+        runner.register_hook(LabelRangeHook(head.num_classes, head.get("ignore_index", 255)))
     try:
         runner.train()
         mm_metrics = runner.test()
