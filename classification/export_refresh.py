@@ -89,20 +89,14 @@ def export_and_swap(src: str, out: Path, check: Callable[[Path], Any] | None = N
     new, old = out.with_name(f".{out.name}.new-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(new, ignore_errors=True)
     deferred: list[int] = []
-
-    def interrupt(signum, frame):  # the preemption contract: nothing to save mid-export, the old export stays
-        raise Preempted(f"{signal.Signals(signum).name}: export interrupted, {out} unchanged; rerun to export")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}  # refresh_export's interrupt
     try:
         try:
             meta = export_source(src, new, **options)
             if check is not None:
                 check(new)
-        except BaseException as e:
+        except BaseException:
             shutil.rmtree(new, ignore_errors=True)
-            if isinstance(e, Preempted):
-                print(e.message, file=sys.stderr)
             raise
         for sig in SIGNALS:  # the swap is short and must not be cut: a signal now waits until it is done
             signal.signal(sig, lambda signum, frame: deferred.append(signum))
@@ -131,6 +125,22 @@ def refresh_export(src: str, out: str | Path, *, checkpoint: str | None = None, 
     """Make ``out`` an export of ``src``: (what happened: "up to date" | "exported" | "re-exported", its meta, the
     repairs ``recover`` made). ``check(dir)`` runs on a new export before it replaces ``out``."""
     out = Path(out)
+
+    def interrupt(signum, frame):  # the preemption contract: nothing to save mid-export, the old export stays
+        raise Preempted(f"{signal.Signals(signum).name}: export interrupted, {out} unchanged; rerun to export")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in SIGNALS}  # from the start: hashing takes seconds too
+    try:
+        return _refresh(src, out, checkpoint, weights, variant, check)
+    except Preempted as e:
+        print(e.message, file=sys.stderr)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _refresh(src, out: Path, checkpoint, weights, variant, check) -> tuple[str, dict[str, Any], list[str]]:
     repairs = recover(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; give another --out")

@@ -206,6 +206,9 @@ def outcome(step: Step, rc: int | None, error: str) -> tuple[str, str | None]:
         return MAX_STEPS, "no summary.json: rerun without max_steps to finish the run"
     if rc == EXIT_INTERRUPTED:
         return INTERRUPTED, "saved a resumable checkpoint (exit 75); rerun to continue"
+    if rc is not None and -rc in SIGNALS:  # the stop came while it started, before its handlers: it had written
+        # nothing yet, or only whole files (every write is atomic), so the rerun resumes from its last checkpoint
+        return INTERRUPTED, f"stopped by {signal.Signals(-rc).name} while starting; rerun to continue"
     return FAILED, f"exited 0 but wrote no {step.output}" if rc == 0 else error or f"exit code {rc}"
 
 

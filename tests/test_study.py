@@ -194,6 +194,19 @@ def test_sigterm_to_the_whole_study_saves_its_stage_and_the_rerun_resumes_it(tin
     assert "resumed from" in log.read_text()
 
 
+def test_a_stage_killed_by_a_stop_signal_while_starting_counts_as_interrupted(tmp_path):
+    """Before a stage has installed its handlers (Python and torch still importing) a stop signal kills it by its
+    default action; every write being atomic, nothing is lost: interrupted, resumed by the rerun, not failed."""
+    from study.plan import Step
+    from study.run import FAILED, INTERRUPTED, outcome
+
+    step = Step("b_standard", 0, "classification", tmp_path / "cls", ("-c", "pass"), False)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        state, why = outcome(step, -sig, "")
+        assert state == INTERRUPTED and signal.Signals(sig).name in why
+    assert outcome(step, -signal.SIGKILL, "")[0] == FAILED
+
+
 def test_failed_arm_blocks_its_students_and_the_study_goes_on(tiny_data, tmp_path, capsys):
     arms = {
         "bad": {"classification": RECIPE_B, "set": [*TINY, f"distill_teacher={tmp_path / 'nope'}"]},

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"last.pth), a checkpoint, timm:NAME, torchvision:WEIGHTS or a weights file")
     from classification.export_refresh import refresh_export
 
+    print(f"exporting {args.src} -> {out}", flush=True)
     checked: list[str] = []
     can_check = all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine"))
     with writing(out):  # the check runs on the new export before it replaces the old one (a failure leaves no export)
