@@ -7,8 +7,8 @@ torchrun's wait and the study's Slurm warning) and under Slurm's KillWait (30 s 
 Each stage runs its own command with its loader workers on (classification, its export, detection, segmentation)
 and gets the signal at its second logged update (the export 0.5 s into its work): the time is that of finishing
 the update in progress, saving and exiting. The demo's checkpoints are those of a ResNet-50 (190 MB with its
-momenta, 290 MB with EMA, written and fsynced), so the save is of real size; the update in progress is not (a real step takes
-0.1-0.5 s on a GPU, a demo step seconds on a CPU).
+momenta, 290 MB with EMA, written and fsynced), so the save is of real size; the update in progress is not (a real
+step takes 0.1-0.5 s on a GPU, a demo step seconds on a CPU).
 
     python tools/bench_stop.py --data data/demo [--gpus 2] [--out stop.json]
     python tools/bench_stop.py --smoke          # generates the tiny data in a temporary folder
