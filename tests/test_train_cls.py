@@ -23,6 +23,20 @@ def run_train(folder, work, *sets, config="configs/classification/demo/smoke.yam
                        "--set", *TINY, *sets])
 
 
+def stopped_at_poll(n: int, monkeypatch, folder, work, *sets) -> int:
+    """run_train with a stop agreed on at the n-th poll of the stop flag (one per update, then one per validation
+    batch), as a signal would be."""
+    calls = {"n": 0}
+
+    def agreed(self):
+        calls["n"] += 1
+        return calls["n"] == n
+
+    with monkeypatch.context() as m:
+        m.setattr(train.StopFlag, "agreed", agreed)
+        return run_train(folder, work, *sets)
+
+
 def assert_best_and_last(run_dir: Path) -> None:
     """best.pth is the first epoch with the highest top-1; when that is the last epoch, last.pth is the same file
     (written once, hard-linked), and a later save of last.pth (mid-epoch, or a resume) never changes best.pth."""
@@ -38,16 +52,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(folder, tmp_pat
               "warmup_epochs=0.5", "no_bias_decay=true", "zero_gamma=true", "ema_decay=0.9",
               "checkpoint_interval=3"]  # also saves in the middle of epochs, in place
     assert run_train(folder, tmp_path / "straight", *tricks) == 0
-
-    calls = {"n": 0}
-
-    def stop_at_third_step(self):
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    with monkeypatch.context() as m:
-        m.setattr(train.StopFlag, "agreed", stop_at_third_step)
-        assert run_train(folder, tmp_path / "resumed", *tricks) == EXIT_INTERRUPTED
+    assert stopped_at_poll(3, monkeypatch, folder, tmp_path / "resumed", *tricks) == EXIT_INTERRUPTED
     partial = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
     assert (partial["epoch"], partial["step"]) == (0, 3)
     assert not (tmp_path / "resumed" / "summary.json").exists()
@@ -84,15 +89,7 @@ def test_stop_in_the_evaluation_resumes_with_the_whole_epochs_statistics(folder,
     zeros of an epoch with no updates left), as an uninterrupted run."""
     tricks = ["deterministic=true", "epochs=2", "ema_decay=0.9"]
     assert run_train(folder, tmp_path / "straight", *tricks) == 0
-    calls = {"n": 0}
-
-    def stop_at_fifth_poll(self):
-        calls["n"] += 1
-        return calls["n"] == 5
-
-    with monkeypatch.context() as m:
-        m.setattr(train.StopFlag, "agreed", stop_at_fifth_poll)
-        assert run_train(folder, tmp_path / "resumed", *tricks) == EXIT_INTERRUPTED
+    assert stopped_at_poll(5, monkeypatch, folder, tmp_path / "resumed", *tricks) == EXIT_INTERRUPTED
     partial = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
     assert (partial["epoch"], partial["step"]) == (0, 4) and partial["history"] == []
     assert partial["epoch_tally"]["passes"] == 4 and partial["epoch_tally"]["images"] == 16
