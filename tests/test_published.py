@@ -236,7 +236,8 @@ def test_offline_is_one_line_naming_the_cache_variable(monkeypatch, tmp_path, ca
     ]:
         assert cli_main([src, "--out", str(tmp_path / "o")]) == 1
         captured = capsys.readouterr()
-        assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith(f"error: {src}: ")
+        assert captured.out == f"exporting {src} -> {tmp_path / 'o'}\n", captured.out  # then nothing written
+        assert captured.err.count("\n") == 1 and captured.err.startswith(f"error: {src}: ")
         assert f"set {variable} to" in captured.err and fill in captured.err
         assert not (tmp_path / "o").exists()
     assert not list((tmp_path / "torch_home").rglob("*.pth*"))  # no partial download left in the cache
