@@ -503,7 +503,8 @@ def toy_runner(work: Path, signal_at: int | None = None, by_epoch: bool = True):
                   default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1 if by_epoch else 100,
                                                      by_epoch=by_epoch)),
                   custom_hooks=[dict(type="PreemptionHook"), SignalAt()],
-                  resume=True, randomness=dict(seed=0), experiment_name=f"toy_{work.name}_{signal_at}")
+                  resume=True, randomness=dict(seed=0),
+                  experiment_name=f"toy_{work.parent.name}_{work.name}_{signal_at}")  # unique: mmengine keys by it
 
 
 def test_epoch_based_loop_stopped_mid_epoch_resumes_mid_epoch_to_the_same_weights(tmp_path, restore_handlers):
