@@ -55,7 +55,8 @@ def shield_child(owner: int | None = None) -> None:
     try:
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-    except ValueError:  # not the main thread (a fork from a thread): the handlers cannot change here
+    except ValueError:  # not the main thread (a fork from a thread): the handlers cannot change here; SIGTERM is
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # not left blocked from the fork (_before_fork)
         return
     tasks = "/proc/self/task"  # Linux; elsewhere SIGTERM stays ignored
     if os.path.isdir(tasks) and len(os.listdir(tasks)) == 1:
