@@ -1,6 +1,7 @@
 """Detection (Faster R-CNN, VOC) and segmentation (FCN, ADE20K) stages on the tiny generated trees, on CPU."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -54,6 +55,12 @@ def test_stage_trains_tests_and_writes_summary_and_its_config_runs_under_mm_tool
     cfg = (tmp_path / "run" / "config.py").read_text()
     assert str(tiny_export.resolve() / "backbone.pth") in cfg and "SyncBN" not in cfg
     assert summary["config"]["batch"] == summary["config"]["recipe_batch"] and summary["config"]["accumulation"] == 1
+    # The batch BatchNorm sees is part of the protocol (the detector's BN is frozen: norm_eval), the layout is not.
+    bn = "frozen" if stage == "detection" else 4
+    assert (summary["protocol"]["batch"], summary["protocol"]["bn_batch"]) == (summary["config"]["batch"], bn)
+    assert summary["layout"] == dict(processes=1, per_device=summary["config"]["batch"], accumulation=1,
+                                     line=summary["config"]["batch_line"])
+    assert f"{stage}: {summary['config']['batch_line']}, 2 " in out.stdout  # the protocol line, logged first
     json.dumps(summary, allow_nan=False)  # strict JSON: no NaN
 
     # Rerunning the same command finds the run complete.
@@ -269,33 +276,118 @@ def test_random_init_control_trains_every_layer_and_its_bn_statistics(config, ti
     assert decided["control_changes"] == {} and (bool(frozen) == det)
 
 
-def test_downstream_recipes_keep_their_batch_lr_and_schedule_on_any_gpu_count(monkeypatch):
-    """mmseg's FCN 80k recipe is 4 GPUs x 4 images: 1 GPU accumulates 4 passes and counts 4x the iterations
-    (80k updates either way), 8 GPUs take 2 images each, and 3 GPUs cannot hold 16 images evenly."""
+DOWNSTREAM = {"fpn": "configs/detection/faster-rcnn_r50_fpn_voc0712.py",
+              "c4": "configs/detection/faster-rcnn_r50_c4_voc0712.py",
+              "fcn": "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"}
+
+
+@pytest.mark.parametrize("recipe", DOWNSTREAM)
+def test_downstream_recipes_keep_their_batch_bn_batch_lr_and_schedule_on_any_gpu_count(recipe, tiny_export,
+                                                                                        monkeypatch):
+    """Each recipe's 16 images in one pass on 1, 2, 4 and 8 GPUs: the total batch, the batch BatchNorm normalises
+    over (16 under SyncBN wherever BN trains: FCN and the random-init control; frozen in the pretrained detectors),
+    lr and schedule are the same, and so are iteration counts (no accumulation)."""
+    from classification.export import load_export
+
+    config = DOWNSTREAM[recipe]
+    _, meta = load_export(tiny_export)
+    for arm, bn in (("pretrained", "frozen" if recipe != "fcn" else 16), ("control", 16)):
+        plans = {}
+        for world in (1, 2, 4, 8):
+            cfg, decided = configured(config, *((meta, (tiny_export / "backbone.pth").resolve()) if arm ==
+                                                "pretrained" else ()), world=world, monkeypatch=monkeypatch)
+            plans[world] = (decided["per_device"], decided["accumulation"])
+            assert (decided["batch"], decided["bn_batch"] or "frozen", decided["lr"]) == (16, bn, 0.01), (arm, world)
+            assert cfg.optim_wrapper.accumulative_counts == 1 and cfg.train_dataloader.batch_size == 16 // world
+            assert cfg.get("sync_bn") == ("torch" if world > 1 and bn != "frozen" else None), (arm, world)
+            loop = cfg.train_cfg
+            assert loop.get("max_iters", loop.get("max_epochs")) == (80000 if recipe == "fcn" else 4)
+        assert plans == {1: (16, 1), 2: (8, 1), 4: (4, 1), 8: (2, 1)}, arm
+        line = decided["batch_line"]
+        assert line == f"batch 16 = 8 x 2 x 1 accumulation steps, BN {'frozen' if bn == 'frozen' else 'batch 16'}, " \
+                       "lr 0.01"
+
+
+def test_a_stated_memory_limit_accumulates_and_records_the_smaller_bn_batch(monkeypatch):
+    """Above max_images_per_gpu a process takes fewer images and accumulates; iteration counts hold in updates and
+    the BN batch it gives is recorded; 3 GPUs cannot share 16 images; a bad limit is named."""
     from mmengine.optim import build_optim_wrapper
 
     from transfer.runner import StageError
 
-    seg = "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"
-    plans = {}
-    for world in (1, 2, 4, 8):
-        cfg, decided = configured(seg, world=world, monkeypatch=monkeypatch)
-        plans[world] = (decided["per_device"], decided["accumulation"])
-        assert decided["batch"] == decided["recipe_batch"] == 16 and decided["lr"] == 0.01
-        assert cfg.train_cfg.max_iters == 80000 * decided["accumulation"]
-        assert cfg.param_scheduler[0]["end"] == 80000 * decided["accumulation"]
-        assert cfg.optim_wrapper.accumulative_counts == decided["accumulation"]
-    assert plans == {1: (4, 4), 2: (4, 2), 4: (4, 1), 8: (2, 1)}
-    cfg, decided = configured(seg, world=1, monkeypatch=monkeypatch)
-    wrapper = build_optim_wrapper(torch.nn.Linear(2, 2), cfg.optim_wrapper)
-    assert wrapper._accumulative_counts == 4  # mmengine steps the optimizer once per 4 passes
-    assert decided["batch_line"] == "batch 16 = 1 x 4 x 4 accumulation steps, lr 0.01"
+    seg = DOWNSTREAM["fcn"]
+    cfg, decided = configured(seg, world=1, monkeypatch=monkeypatch, max_images_per_gpu=4)
+    assert (decided["per_device"], decided["accumulation"], decided["bn_batch"], decided["batch"]) == (4, 4, 4, 16)
+    assert cfg.train_cfg.max_iters == cfg.param_scheduler[0]["end"] == 4 * 80000
+    assert build_optim_wrapper(torch.nn.Linear(2, 2), cfg.optim_wrapper)._accumulative_counts == 4
+    assert decided["batch_line"] == "batch 16 = 1 x 4 x 4 accumulation steps, BN batch 4, lr 0.01"
+    _, decided = configured(seg, world=2, monkeypatch=monkeypatch, max_images_per_gpu=6)  # 8 each: 4 x 2
+    assert (decided["per_device"], decided["accumulation"], decided["bn_batch"]) == (4, 2, 8)
     with pytest.raises(StageError, match=r"run on 1, 2, 4, 8, 16 GPUs"):
         configured(seg, world=3, monkeypatch=monkeypatch)
+    with pytest.raises(StageError, match=r"max_images_per_gpu=0: expected a positive number of images"):
+        configured(seg, world=1, monkeypatch=monkeypatch, max_images_per_gpu=0)
 
-    det = "configs/detection/faster-rcnn_r50_fpn_voc0712.py"  # 8 x 2, epoch-based: epochs stay, data per update too
-    cfg, decided = configured(det, world=1, monkeypatch=monkeypatch)
-    assert (decided["per_device"], decided["accumulation"]) == (2, 8) and cfg.train_cfg.max_epochs == 4
+
+def test_under_two_processes_every_batchnorm_that_trains_is_synchronised(tmp_path):
+    """The FCN recipe and the random-init Faster R-CNN built by mmengine's Runner under torchrun (2 processes,
+    gloo): every BatchNorm that uses batch statistics is a SyncBatchNorm of the whole group; the pretrained
+    detector's frozen BN is left as it is. On a CPU such a run is refused in one line before it starts."""
+    script = tmp_path / "built.py"
+    script.write_text(f"""
+import argparse, json, os, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch
+from mmengine.runner import Runner
+from transfer import compat
+from transfer.runner import configure
+import transfer.hooks, transfer.metrics, transfer.preemption_hook  # registers our hooks and metrics, as run() does
+from detection.train import STAGE as DET
+from segmentation.train import STAGE as SEG
+compat.apply()
+torch.distributed.init_process_group("gloo")  # as transfer/data_gate.py does on a CPU (mmengine's would pick CUDA)
+from mmengine.registry import MODEL_WRAPPERS
+
+@MODEL_WRAPPERS.register_module()
+class Holder(torch.nn.Module):  # torch's DDP refuses SyncBatchNorm on CPU modules; the conversion comes before it
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+out = {{}}
+for name, config, stage in (("fcn", {DOWNSTREAM['fcn']!r}, SEG), ("fpn", {DOWNSTREAM['fpn']!r}, DET)):
+    from mmengine.config import Config
+    cfg = Config.fromfile(os.path.join({str(REPO)!r}, config))
+    args = argparse.Namespace(config=config, data_root="data", work_dir={str(tmp_path)!r} + "/" + name,
+                              launcher="pytorch", seed=0)
+    decided = configure(cfg, stage, args, None, None)
+    cfg.model_wrapper_cfg = dict(type="Holder")
+    model = Runner.from_cfg(cfg).model.module
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    model.train()
+    out[name] = dict(bn_batch=decided["bn_batch"], trains=sum(m.training for m in bns),
+                     synced=sum(isinstance(m, torch.nn.SyncBatchNorm) for m in bns if m.training),
+                     world=torch.distributed.get_world_size())
+if os.environ["RANK"] == "0":
+    print("RESULT " + json.dumps(out))
+""")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.split("RESULT ")[1].splitlines()[0])
+    assert result["fcn"]["trains"] > 50 and result["fcn"]["synced"] == result["fcn"]["trains"]
+    assert result["fcn"]["bn_batch"] == 16 and result["fcn"]["world"] == 2
+    assert result["fpn"]["trains"] == result["fpn"]["synced"] > 50 and result["fpn"]["bn_batch"] == 16  # control
+
+    if not torch.cuda.is_available():  # the stage itself: SyncBN cannot run on CPU tensors, so it says so first
+        refused = subprocess.run([sys.executable, "-m", "segmentation.train", "--export", "none", "--config",
+                                  str(REPO / DOWNSTREAM["fcn"]), "--data-root", str(tmp_path / "absent"),
+                                  "--work-dir", str(tmp_path / "run")], env={**os.environ, "WORLD_SIZE": "2"},
+                                 capture_output=True, text=True, cwd=REPO, timeout=300)
+        last = refused.stderr.splitlines()[-1]  # after the libraries' import warnings
+        assert refused.returncode == 1 and last.startswith("error: "), refused.stderr[-2000:]
+        assert last.endswith("SyncBN) needs GPUs; on a CPU, run this stage on one process (GPUS=1)")
+        assert not (tmp_path / "run").exists()
 
 
 def test_downstream_runs_keep_two_interval_checkpoints_unless_their_config_says(monkeypatch):
@@ -330,14 +422,41 @@ def test_paper_recipes_refuse_generated_data_unless_allowed(tiny_data, tmp_path,
     assert stock.returncode == 1 and "SYNTHETIC.json" in stock.stderr and "--allow-synthetic" in stock.stderr
 
 
+def test_out_of_gpu_memory_names_the_limit_and_a_lower_one_starts_again(tiny_data, tiny_export, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A run that runs out of GPU memory at its first step stops in one line naming max_images_per_gpu; rerun with
+    a lower limit (another split), it starts again, as it left no checkpoint to mix with."""
+    from mmengine.runner import Runner
+
+    from detection.train import main as det_main
+
+    s = STAGES["detection"]
+    argv = ["--export", str(tiny_export), "--config", str(REPO / s["config"]), "--data-root",
+            str(tiny_data / s["data"]), "--work-dir", str(tmp_path / "run"), "--cfg-options", *s["short"]]
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(Runner, "train", out_of_memory)
+        assert det_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of GPU memory with 2 images per GPU; set max_images_per_gpu lower" in err
+    assert (tmp_path / "run" / "config.py").exists() and not list((tmp_path / "run").glob("*.pth"))
+    assert det_main([*argv, "max_images_per_gpu=1"]) == 0
+    assert read_summary(tmp_path / "run" / "summary.json")["layout"]["accumulation"] == 2
+
+
 def test_a_downstream_run_resumes_only_on_its_own_split(tmp_path, monkeypatch):
-    """mmengine counts passes: a run started on 1 GPU (accumulation 4) cannot continue on 4 GPUs."""
+    """mmengine counts passes: a run started on 1 GPU with accumulation 4 (4 images per GPU at most) cannot
+    continue on 4 GPUs."""
     from transfer.runner import StageError, refuse_another_split
 
     seg = "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"
-    one, _ = configured(seg, world=1, monkeypatch=monkeypatch)
+    one, _ = configured(seg, world=1, monkeypatch=monkeypatch, max_images_per_gpu=4)
     one.dump(str(tmp_path / "config.py"))
-    refuse_another_split(tmp_path / "config.py", configured(seg, world=1, monkeypatch=monkeypatch)[0])
+    refuse_another_split(tmp_path / "config.py", configured(seg, world=1, monkeypatch=monkeypatch,
+                                                            max_images_per_gpu=4)[0])
     with pytest.raises(StageError, match="accumulation 4 .now 4 and 1.; resume it on the GPU count"):
         refuse_another_split(tmp_path / "config.py", configured(seg, world=4, monkeypatch=monkeypatch)[0])
 

@@ -63,32 +63,87 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# The config key stating how many training images fit on one GPU (the recipe's own default, measured with
+# tools/bench_transfer.py --images-per-gpu; lower it for smaller GPUs). Only above it does the batch plan accumulate
+# gradients.
+MEMORY_LIMIT_KEY = "max_images_per_gpu"
+
+
 @dataclass(frozen=True)
 class BatchPlan:
-    """How ``processes`` keep the recipe's batch: ``processes x per_device x accumulation = recipe_batch``."""
+    """How ``processes`` train on the recipe's batch (``processes x per_device x accumulation = recipe_batch``) and
+    how many images each BatchNorm normalises over: all of one pass's under SyncBN, one process's under BN."""
 
     recipe_batch: int  # auto_scale_lr.base_batch_size: the total batch the recipe's lr and schedule were tuned for
-    recipe_per_device: int  # the recipe's train_dataloader.batch_size
     processes: int
     per_device: int
     accumulation: int  # passes per optimizer update (mmengine optim_wrapper.accumulative_counts)
+    bn: str  # "SyncBN" (more than one process), "BN" (one process) or "frozen" (no BatchNorm uses batch statistics)
+
+    @property
+    def bn_batch(self) -> int | None:
+        if self.bn == "frozen":
+            return None
+        return self.per_device * (self.processes if self.bn == "SyncBN" else 1)
 
     def line(self, lr: float) -> str:
+        bn = "BN frozen" if self.bn_batch is None else f"BN batch {self.bn_batch}"
         return (f"batch {self.recipe_batch} = {self.processes} x {self.per_device} x {self.accumulation} "
-                f"accumulation steps, lr {lr:g}")
+                f"accumulation steps, {bn}, lr {lr:g}")
 
 
-def plan_batch(recipe_batch: int, recipe_per_device: int, processes: int, source: str) -> BatchPlan:
-    """Keep the recipe's total batch on any process count that divides it: the recipe's images per process (or the
-    largest divisor below it, when more processes share the batch) and gradient accumulation for the rest. The lr
-    and schedule then stay the recipe's, in optimizer updates."""
+def process_counts(recipe_batch: int) -> list[int]:
+    """The process counts that can share the recipe's batch evenly."""
+    return [n for n in range(1, recipe_batch + 1) if recipe_batch % n == 0]
+
+
+def plan_batch(recipe_batch: int, processes: int, trains_bn: bool, limit: int | None, source: str) -> BatchPlan:
+    """The recipe's batch in one pass over ``processes`` (each takes ``recipe_batch / processes`` images, SyncBN over
+    all of them), so that BatchNorm sees the recipe's batch too. Only where that is more than ``limit`` images per
+    GPU does a process take fewer (the largest divisor within it) and accumulate gradients for the rest; its BN
+    batch is then smaller, and the plan says so. The lr and schedule stay the recipe's, in optimizer updates."""
     if recipe_batch % processes:
-        ok = [n for n in range(1, recipe_batch + 1) if recipe_batch % n == 0]
         raise StageError(f"{source}: the recipe's batch of {recipe_batch} images cannot be split over {processes} "
-                         f"processes; run on {', '.join(map(str, ok))} GPUs")
+                         f"processes; run on {', '.join(map(str, process_counts(recipe_batch)))} GPUs")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise StageError(f"{source}: {MEMORY_LIMIT_KEY}={limit!r}: expected a positive number of images (or None: "
+                         f"no limit)")
     share = recipe_batch // processes
-    per_device = max(p for p in range(1, min(recipe_per_device, share) + 1) if share % p == 0)
-    return BatchPlan(recipe_batch, recipe_per_device, processes, per_device, share // per_device)
+    per_device = share if limit is None or share <= limit else max(p for p in range(1, limit + 1) if share % p == 0)
+    bn = "frozen" if not trains_bn else "SyncBN" if processes > 1 else "BN"
+    return BatchPlan(recipe_batch, processes, per_device, share // per_device, bn)
+
+
+_TRAINS_BN: dict[str, bool] = {}
+
+
+def trains_batchnorm(cfg) -> bool:
+    """Whether some BatchNorm of the model normalises over its training batch (not frozen by ``norm_eval``): then
+    the batch it sees is part of the protocol. The model's own ``train()`` decides (class defaults differ:
+    mmdet's ResNet freezes BN unless told, mmseg's does not), so the model is built, on the meta device (no memory,
+    no weights: 2-4 s for these recipes), once per model config."""
+    key = f"{cfg.get('default_scope')}:{cfg.model!r}"
+    if key not in _TRAINS_BN:
+        import warnings
+
+        import torch
+        from mmengine.registry import MODELS, init_default_scope
+
+        from transfer import compat
+
+        compat.apply()
+        init_default_scope(cfg.get("default_scope"))
+        with warnings.catch_warnings():  # the libraries' deprecation notes while importing and building: not ours
+            warnings.simplefilter("ignore")
+            try:
+                with torch.device("meta"):
+                    model = MODELS.build(cfg.model)
+            except (NotImplementedError, RuntimeError):  # a constructor computing on its tensors: build it for real
+                model = MODELS.build(cfg.model)
+        model.train()
+        _TRAINS_BN[key] = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                              for m in model.modules())
+    return _TRAINS_BN[key]
 
 
 def _scale_iterations(cfg, factor: int) -> dict[str, Any]:
@@ -118,11 +173,12 @@ def _scale_iterations(cfg, factor: int) -> dict[str, Any]:
     return changed
 
 
-def _train_from_scratch(cfg, distributed: bool) -> dict[str, list]:
+def _train_from_scratch(cfg) -> dict[str, list]:
     """The random-init control arm trains every layer and its BatchNorm statistics (no frozen stages, BN in train
-    mode with trainable affine, SyncBN under DDP), the standard for detectors without pretraining (He, Girshick,
-    Dollar, "Rethinking ImageNet Pre-training", 2019). The stock recipes freeze the stem and stage 1 and keep BN
-    statistics fixed, which is right for pretrained weights and a handicap for random ones. Returns what changed."""
+    mode with trainable affine; SyncBN under DDP, as every arm that trains BN: ``keep_recipe_batch``), the standard
+    for detectors without pretraining (He, Girshick, Dollar, "Rethinking ImageNet Pre-training", 2019). The stock
+    recipes freeze the stem and stage 1 and keep BN statistics fixed, which is right for pretrained weights and a
+    handicap for random ones. Returns what changed."""
     changed = {}
 
     def put(node: dict, key: str, value: Any, where: str) -> None:
@@ -138,10 +194,7 @@ def _train_from_scratch(cfg, distributed: bool) -> dict[str, list]:
         if "frozen_stages" in node:  # absent: the class default, -1 (nothing frozen)
             put(node, "frozen_stages", -1, where)
         put(node, "norm_eval", False, where)
-        norm = dict(node.get("norm_cfg") or dict(type="BN"), requires_grad=True)
-        if distributed and norm["type"] == "BN":
-            norm["type"] = "SyncBN"  # statistics over the whole batch, not the 2-4 images of one GPU
-        put(node, "norm_cfg", norm, where)
+        put(node, "norm_cfg", dict(node.get("norm_cfg") or dict(type="BN"), requires_grad=True), where)
     return changed
 
 
@@ -164,7 +217,7 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
                             dict(type="VerifyBackboneHook", export=str(export_ckpt.parent))]
     else:
         backbone.init_cfg = None  # the random-initialisation control arm
-        control_changes = _train_from_scratch(cfg, distributed=world_size() > 1)
+        control_changes = _train_from_scratch(cfg)
     # Save and exit 75 on SIGTERM / SIGUSR1 / SIGINT (lifecycle/preemption.py), in every arm and under the
     # libraries' own tools/train.py too.
     cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="PreemptionHook")]
@@ -178,9 +231,6 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
     if "pretrained" in cfg.model:
         cfg.model.pretrained = None  # the stock configs point it at a URL (no network; and it would win)
 
-    if world_size() == 1:  # SyncBN needs a process group; one process computes the same statistics with BN
-        for key in cfg.keys():  # the model's norm layers and the configs' top-level norm_cfg variables
-            walk(cfg[key], lambda d: d.__setitem__("type", "BN") if d.get("type") == "SyncBN" else None)
     data_root = str(Path(args.data_root).resolve())
     for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
         walk(cfg.get(loader), lambda d: d.__setitem__("data_root", data_root) if "data_root" in d else None)
@@ -203,21 +253,29 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
 
 
 def keep_recipe_batch(cfg, processes: int, source: str) -> dict[str, Any]:
-    """The published recipe's batch, lr and schedule on ``processes``, through gradient accumulation (see
-    ``plan_batch``); edits ``cfg`` and returns the record for the summary."""
+    """The published recipe's batch, BN batch, lr and schedule on ``processes`` (see ``plan_batch``); edits ``cfg``
+    and returns the record for the summary."""
     scale = cfg.get("auto_scale_lr")
     if not scale or "base_batch_size" not in scale:
         raise StageError(f"{source}: no auto_scale_lr.base_batch_size; add the batch the lr was tuned for")
-    plan = plan_batch(scale["base_batch_size"], cfg.train_dataloader.batch_size, processes, source)
+    if processes == 1:  # SyncBN needs a process group; one process computes the same statistics with BN
+        for key in cfg.keys():  # the model's norm layers and the configs' top-level norm_cfg variables
+            walk(cfg[key], lambda d: d.__setitem__("type", "BN") if d.get("type") == "SyncBN" else None)
+    plan = plan_batch(scale["base_batch_size"], processes, trains_batchnorm(cfg), cfg.get(MEMORY_LIMIT_KEY), source)
+    if plan.bn == "SyncBN":  # every BatchNorm that uses batch statistics sees the whole pass (mmengine converts them)
+        cfg.sync_bn = "torch"
+    recipe_per_device = cfg.train_dataloader.batch_size
     cfg.train_dataloader.batch_size = plan.per_device
     cfg.optim_wrapper.accumulative_counts = plan.accumulation
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=plan.recipe_batch)  # never rescale: the batch is kept
     schedule = _scale_iterations(cfg, plan.accumulation) if plan.accumulation > 1 else {}
     lr = cfg.optim_wrapper.optimizer.lr
     return dict(recipe_batch=plan.recipe_batch, batch=plan.per_device * processes * plan.accumulation,
-                processes=processes, recipe_per_device=plan.recipe_per_device, per_device=plan.per_device,
-                accumulation=plan.accumulation, lr=lr, batch_line=plan.line(lr),
-                policy="the recipe's batch, lr and schedule kept (gradient accumulation; iteration counts in updates)",
+                bn_batch=plan.bn_batch, processes=processes, recipe_per_device=recipe_per_device,
+                per_device=plan.per_device, accumulation=plan.accumulation,
+                max_images_per_gpu=cfg.get(MEMORY_LIMIT_KEY), lr=lr, batch_line=plan.line(lr),
+                policy="the recipe's batch, lr and schedule kept, and BatchNorm's batch unless more images than "
+                       f"{MEMORY_LIMIT_KEY} (gradient accumulation; iteration counts in updates)",
                 schedule_changes=schedule)
 
 
@@ -240,7 +298,8 @@ def refuse_another_split(previous: Path, cfg) -> None:
 # Config keys a rerun may change: where things are (data, work dir, the export's folder: its tensors are compared by
 # export_state_sha256) and how the run is launched, loaded and logged. Any other key is the experiment.
 RUNTIME_KEYS = {"work_dir", "launcher", "resume", "load_from", "data_root", "num_workers", "persistent_workers",
-                "pin_memory", "checkpoint", "export", "logger", "log_processor", "visualizer", "env_cfg"}
+                "pin_memory", "checkpoint", "export", "logger", "log_processor", "visualizer", "env_cfg",
+                MEMORY_LIMIT_KEY}
 
 
 def _experiment(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -328,12 +387,19 @@ def merge_cfg_options(cfg, options: dict[str, Any]) -> None:
     cfg.merge_from_dict(options)
 
 
-def describe_recipe(config: str | Path, cfg_options: dict | None, processes: int) -> str:
-    """The batch line and schedule a stage would run with on ``processes`` (the study's dry run prints it)."""
-
+def describe_recipe(config: str | Path, cfg_options: dict | None, processes: int, pretrained: bool = True) -> str:
+    """The batch line and schedule a stage would run with on ``processes``, for a pretrained arm or the
+    random-init control (which trains BatchNorm); the study's dry run prints it."""
     cfg = load_mm_config(config)
     merge_cfg_options(cfg, cfg_options or {})
-    decided = keep_recipe_batch(cfg, processes, str(config))
+    if not pretrained:
+        cfg.model.backbone.init_cfg = None
+        _train_from_scratch(cfg)
+    return protocol_line(cfg, keep_recipe_batch(cfg, processes, str(config)))
+
+
+def protocol_line(cfg, decided: dict[str, Any]) -> str:
+    """The batch line, the schedule's length in optimizer updates and its lr schedulers: what a stage logs first."""
     loop = cfg.train_cfg
     length = (f"{loop.max_iters // decided['accumulation']} updates" if loop.get("type") == "IterBasedTrainLoop"
               else f"{loop.get('max_epochs')} epochs")
@@ -386,7 +452,17 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     cfg = load_mm_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
     decided = configure(cfg, stage, args, meta, export_ckpt)
-    refuse_changed_inputs(work_dir / "config.py", cfg)  # before "complete": a finished run with other inputs too
+    import torch
+
+    if cfg.get("sync_bn") and not torch.cuda.is_available():  # torch's SyncBatchNorm runs on GPUs only
+        raise StageError(f"{args.config}: BatchNorm synchronised over {world_size()} processes (SyncBN) needs GPUs; "
+                         f"on a CPU, run this stage on one process (GPUS=1)")
+    if main_process:
+        print(f"{stage.name}: {protocol_line(cfg, decided)}", flush=True)
+    # Before "complete": a finished run with other inputs is refused too. An attempt that stopped before its first
+    # checkpoint (out of GPU memory at its first step, say) left nothing to mix with: it starts again as configured.
+    if (work_dir / "summary.json").exists() or any(work_dir.glob("*.pth")):
+        refuse_changed_inputs(work_dir / "config.py", cfg)
     if (work_dir / "summary.json").exists():
         print(f"{work_dir / 'summary.json'} exists: this run is complete (delete it to evaluate again)")
         return 0
@@ -417,13 +493,21 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     except Preempted as e:
         print(f"{stage.name}: {e.message}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except torch.OutOfMemoryError as e:
+        raise StageError(f"{args.config}: out of GPU memory with {decided['per_device']} images per GPU; set "
+                         f"{MEMORY_LIMIT_KEY} lower (--cfg-options {MEMORY_LIMIT_KEY}=N or the study's cfg_options; "
+                         f"tools/bench_transfer.py --images-per-gpu measures what fits)") from e
     if main_process:
         metrics, protocol = stage.summarize(mm_metrics, cfg)
+        # The batch is part of what makes arms comparable; how it is laid out on processes is not (config below).
+        protocol.update(batch=decided["batch"], bn_batch=decided["bn_batch"] or "frozen", lr=decided["lr"])
         arm = args.arm or ((meta.get("arm") or meta.get("name")) if meta else "random_init")
         write_summary(work_dir / "summary.json", stage=stage.name, arm=arm, seed=args.seed, metrics=metrics,
                       protocol=protocol, config=dict(config_file=str(args.config), **decided,
                                                      cfg_options=dict(args.cfg_options)),
                       backbone=meta and {k: v for k, v in meta.items() if k != "config"},
+                      layout={k: decided[k] for k in ("processes", "per_device", "accumulation")}
+                      | dict(line=decided["batch_line"]),
                       wall_time_s=time.perf_counter() - t0)
         print(f"{stage.name}: {work_dir / 'summary.json'}: " + ", ".join(
             f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))

@@ -23,3 +23,9 @@ test_cfg = dict(type='TestLoop')
 param_scheduler = [dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[3], gamma=0.1)]
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0001))
 auto_scale_lr = dict(enable=False, base_batch_size=16)  # lr 0.01 is for 8 GPUs x 2 images
+# The stage takes the 16 images in one pass on any GPU count, up to this many per GPU (above it: gradient
+# accumulation). Stage 4 runs on each image's 512 sampled RoIs, so an image costs 3.4 GiB in training (fp32;
+# tools/bench_transfer.py --images-per-gpu 1,2, peak resident memory on a CPU: 4.6 and 8.1 GiB) and 16 take about
+# 56 GiB: an 80 GB GPU. For 40 GB ones set 8 (the pretrained arms' BN is frozen, so only the control's BN batch
+# changes, and the summary records it).
+max_images_per_gpu = 16
