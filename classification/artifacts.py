@@ -11,7 +11,10 @@ summary.json (schema_version 1), shared by the classification, detection and seg
                                     #   classification: top1, top5, ema_top1, ema_top5 (ema_* None without EMA)
                                     #   detection: mAP, per_class_AP {class: AP}
                                     #   segmentation: mIoU, aAcc, mAcc, per_class_IoU {class: IoU}
-      "protocol": {...},            # what makes numbers comparable: dataset, image size, schedule, eval mode
+      "protocol": {...},            # what makes numbers comparable: dataset, image size, schedule, eval mode,
+                                    #   total batch and the batch BatchNorm normalises over (bn_batch)
+      "layout": {...},              # how this run laid the batch out: processes, per_device, accumulation, line
+                                    #   (not compared across arms: the same protocol on any GPU count)
       "config": {...},              # the resolved config of the run
       "backbone": {...} | null,     # detection/segmentation: the export's meta.json (null: random init)
       "history": [...],             # per-epoch rows, e.g. {"epoch", "lr", "train_loss", "top1"}
@@ -159,6 +162,7 @@ def write_summary(
     backbone: dict[str, Any] | None = None,
     history: list[dict[str, Any]] | None = None,
     lr_schedule: list[list[float]] | None = None,
+    layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -169,6 +173,7 @@ def write_summary(
         "seed": int(seed),
         "metrics": metrics,
         "protocol": protocol,
+        "layout": layout,
         "config": config,
         "backbone": backbone,
         "history": history or [],

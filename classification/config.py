@@ -104,13 +104,17 @@ class Config:
             return self.base_lr * self.global_batch / 256
         return self.base_lr
 
+    def process_counts(self) -> list[int]:
+        """The process counts that keep the global and per-device batch: those dividing the passes per update."""
+        passes = self.global_batch // self.device_batch
+        return [n for n in range(1, passes + 1) if passes % n == 0]
+
     def accumulation(self, world_size: int) -> int:
         """Forward/backward passes per update on each process; refuses a process count that cannot keep the
         recipe's global and per-device batch."""
         per_pass = world_size * self.device_batch
         if self.global_batch % per_pass:
-            passes = self.global_batch // self.device_batch
-            ok = [n for n in range(1, passes + 1) if passes % n == 0]
+            ok = self.process_counts()
             raise ConfigError(
                 f"global_batch {self.global_batch} is not a multiple of {world_size} processes x device_batch "
                 f"{self.device_batch}; run on {', '.join(map(str, ok))} GPU{'s' * (len(ok) > 1)}, or change "
@@ -120,7 +124,8 @@ class Config:
     def batch_line(self, world_size: int) -> str:
         """The protocol in one line, as the first log line and the study's dry run print it."""
         return (f"global batch {self.global_batch} = {world_size} x {self.device_batch} x "
-                f"{self.accumulation(world_size)} accumulation steps, peak lr {self.peak_lr:g}")
+                f"{self.accumulation(world_size)} accumulation steps, BN batch {self.device_batch}, "
+                f"peak lr {self.peak_lr:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -546,10 +546,10 @@ def write_run_summary(cfg: Config, run_dir: Path, history: list[dict], num_class
                      images_per_s=sum(r["images_per_s"] for r in history) / len(history)),
         protocol=dict(dataset=str(Path(cfg.data_root).resolve().name), num_classes=num_classes,
                       image_size=cfg.image_size, epochs=cfg.epochs, global_batch=cfg.global_batch,
-                      device_batch=cfg.device_batch, processes=world_size,
-                      accumulation=cfg.accumulation(world_size), peak_lr=cfg.peak_lr,
-                      batch=cfg.batch_line(world_size),
+                      bn_batch=cfg.device_batch, peak_lr=cfg.peak_lr,  # BatchNorm per process (the paper's)
                       eval=f"resize {round(cfg.image_size * cfg.eval_resize)}, center crop {cfg.image_size}"),
+        layout=dict(processes=world_size, per_device=cfg.device_batch, accumulation=cfg.accumulation(world_size),
+                    line=cfg.batch_line(world_size)),
         config=cfg.to_dict(), wall_time_s=wall, history=history,
         lr_schedule=[[i / ipe, lr_at(cfg, ipe, i)] for i in points],
     )

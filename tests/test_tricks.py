@@ -69,11 +69,11 @@ def test_linear_scaling_rule_numbers():
 
 
 @pytest.mark.parametrize("recipe,world,line", [
-    ("r50b_standard.yaml", 1, "global batch 256 = 1 x 32 x 8 accumulation steps, peak lr 0.1"),
-    ("r50b_standard.yaml", 2, "global batch 256 = 2 x 32 x 4 accumulation steps, peak lr 0.1"),
-    ("r50b_standard.yaml", 8, "global batch 256 = 8 x 32 x 1 accumulation steps, peak lr 0.1"),
-    ("r50d_cosine_ls_mixup.yaml", 1, "global batch 1024 = 1 x 128 x 8 accumulation steps, peak lr 0.4"),
-    ("r50d_cosine_ls_mixup.yaml", 4, "global batch 1024 = 4 x 128 x 2 accumulation steps, peak lr 0.4"),
+    ("r50b_standard.yaml", 1, "global batch 256 = 1 x 32 x 8 accumulation steps, BN batch 32, peak lr 0.1"),
+    ("r50b_standard.yaml", 2, "global batch 256 = 2 x 32 x 4 accumulation steps, BN batch 32, peak lr 0.1"),
+    ("r50b_standard.yaml", 8, "global batch 256 = 8 x 32 x 1 accumulation steps, BN batch 32, peak lr 0.1"),
+    ("r50d_cosine_ls_mixup.yaml", 1, "global batch 1024 = 1 x 128 x 8 accumulation steps, BN batch 128, peak lr 0.4"),
+    ("r50d_cosine_ls_mixup.yaml", 4, "global batch 1024 = 4 x 128 x 2 accumulation steps, BN batch 128, peak lr 0.4"),
 ])
 def test_paper_recipes_keep_their_global_batch_and_lr_on_any_gpu_count(recipe, world, line):
     cfg = load_config(REPO / "configs/classification" / recipe)
