@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lifecycle import errors
 from lifecycle.preemption import EXIT_INTERRUPTED
-from study.plan import check_processes, command, plan
+from study.plan import command, plan, stage_protocols
 from study.run import STATUS_FILE, echo, passing_signals_on, read_status, run_steps, status_table
 from study.spec import STAGE_DIRS, STAGES, SpecError, check_data, load_spec
 
@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", type=Path, help="study file (configs/studies/demo.yaml, paper.yaml, published.yaml)")
     p.add_argument("--work-dir", type=Path, help="WORK_DIR/<arm>/seed<S>/<stage> (default: work_dirs/<study name>)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands (local) or jobs (slurm), run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each stage's protocol, then the commands (local) or jobs (slurm); run nothing")
     p.add_argument("--status", action="store_true", help="print each stage's last answer, run nothing")
     p.add_argument("--only", choices=list(STAGE_DIRS.values()), help="one stage for every arm (its inputs must exist)")
     p.add_argument("--arms", help="comma-separated arms to run (default: all; the teachers they name run too)")
@@ -84,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (gpus := os.environ.get("GPUS", "").strip() or "0").isdigit():
         raise SpecError(f"GPUS={gpus!r}: expected the number of GPUs per machine (an integer), or leave it unset")
     steps = plan(spec, args.work_dir, stages, arms)
-    if args.executor == "slurm":  # a count no recipe can run is refused here, not after the job queued and started
-        check_processes(spec, steps, args.gpus_per_node, args.nodes)
-    else:
-        check_processes(spec, steps, int(gpus))
+    # A count some stage cannot run is refused here, not after a job queued and trained for days; the dry run also
+    # prints each stage's protocol (on one process the downstream recipes always fit: not built for a real run).
+    layout = (args.gpus_per_node, args.nodes) if args.executor == "slurm" else (int(gpus), 1)
+    protocols = stage_protocols(spec, steps, *layout, downstream=args.dry_run)
+    if args.dry_run:
+        print(f"# protocol on {layout[1]} node(s) x {max(layout[0], 1)} GPU(s), as each stage logs it first:\n"
+              + "\n".join(f"#   {line}" for line in protocols), flush=True)
     if args.dry_run and args.executor == "local":  # the commands; each stage logs its protocol line when it runs
         print("\n".join(shlex.join(command(step, int(gpus))) for step in steps), flush=True)
         return 0

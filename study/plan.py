@@ -80,19 +80,58 @@ def _step(spec: StudySpec, work_dir: Path, arm: Arm, seed: int, stage: str) -> S
     return Step(arm.name, seed, stage, here, tuple(argv), True, ((arm.name, seed, "export"),) if arm.pretrained else ())
 
 
-def check_processes(spec: StudySpec, steps: list[Step], gpus: int, nodes: int = 1) -> None:
-    """Refuse, before anything runs or queues, a GPU and node count on which a classification recipe of the plan
-    cannot keep its global batch (global_batch / device_batch passes per update, split over the processes)."""
+def stage_protocols(spec: StudySpec, steps: list[Step], gpus: int, nodes: int = 1, downstream: bool = True
+                    ) -> list[str]:
+    """Each training stage's protocol on ``nodes x gpus`` processes, the line the stage logs first (batch, BN
+    batch, lr; detection and segmentation once for the pretrained arms and once for the random-init control, which
+    trains BatchNorm). Refuses, before anything runs or queues, a count on which some stage cannot keep its recipe's
+    batch, naming the counts on which the whole study can run. ``downstream=False`` skips the detection and
+    segmentation lines (building their models takes seconds) where one process is certain to fit them."""
     from classification.config import ConfigError, load_config
+    from transfer.runner import StageError, describe_recipe, load_mm_config, merge_cfg_options, process_counts
 
-    processes = max(gpus, 1) * nodes
+    processes, lines, problems, counts = max(gpus, 1) * nodes, [], [], None
     for arm in dict.fromkeys(s.arm for s in steps if s.stage == "classification"):
         recipe = spec.arms[arm].classification
+        cfg = load_config(recipe, [i for i in spec.arms[arm].set if not TEACHER_REF.search(i)])
+        counts = set(cfg.process_counts()) if counts is None else counts & set(cfg.process_counts())
         try:
-            load_config(recipe, [i for i in spec.arms[arm].set if not TEACHER_REF.search(i)]).accumulation(processes)
+            lines.append(f"{arm} classification: {cfg.batch_line(processes)}")
         except ConfigError as e:
-            raise SpecError(f"{spec.path}: arm {arm} ({recipe}) cannot run on {nodes} node(s) x {max(gpus, 1)} "
-                            f"GPU(s) = {processes} processes: {e}") from None
+            problems.append(f"arm {arm} ({recipe}): {e}")
+    for stage in ("detection", "segmentation") if downstream or processes > 1 else ():
+        arms = [spec.arms[a] for a in dict.fromkeys(s.arm for s in steps if s.stage == stage)]
+        if not arms:
+            continue
+        section = getattr(spec, stage)
+        options = cfg_options(section.cfg_options)
+        for pretrained in dict.fromkeys(a.pretrained for a in arms):
+            who = "pretrained arms" if pretrained else ", ".join(a.name for a in arms if not a.pretrained)
+            try:
+                lines.append(f"{stage} ({who}): {describe_recipe(section.config, options, processes, pretrained)}")
+            except StageError as e:
+                problems.append(str(e))
+        mm = load_mm_config(section.config)
+        merge_cfg_options(mm, options)
+        ok = set(process_counts(mm.auto_scale_lr.base_batch_size))
+        counts = ok if counts is None else counts & ok
+    if problems:
+        works = ", ".join(map(str, sorted(counts or ()))) or "no common number of"
+        more = f" (and {len(problems) - 1} more stage(s))" if len(problems) > 1 else ""
+        raise SpecError(f"{spec.path}: cannot run on {nodes} node(s) x {max(gpus, 1)} GPU(s) = {processes} processes: "
+                        f"{problems[0]}{more}; the whole study runs on {works} processes (nodes x GPUs per node)")
+    return lines
+
+
+def cfg_options(items: tuple[str, ...] | list[str]) -> dict:
+    """A study section's ``cfg_options`` (KEY=VALUE strings) as the stage's --cfg-options reads them."""
+    import argparse
+
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    return parser.parse_args(["--cfg-options", *items] if items else []).cfg_options
 
 
 def command(step: Step, gpus: int, nodes: int = 1, master: str = "$MASTER_ADDR", job_id: str = "0") -> list[str]:

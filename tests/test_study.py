@@ -257,14 +257,17 @@ def test_dry_run_prints_the_commands_and_creates_nothing(done, work, tmp_path, m
     fresh = tmp_path / "fresh"
     monkeypatch.setenv("GPUS", "2")
     assert cli.main([str(done[0]), "--work-dir", str(fresh), "--dry-run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if not line.startswith("#")]  # the commands, after the protocol lines
+    assert out[0] == "# protocol on 1 node(s) x 2 GPU(s), as each stage logs it first:" and out[1].startswith("#   ")
     assert len(lines) == sum(len(arm_stages(a)) for a in ARMS.values()) and not fresh.exists()
     first = shlex.split(lines[0])
     assert first[:4] == [sys.executable, "-m", "lifecycle.torchrun", "--nproc_per_node=2"]
     assert first[4:7] == ["-m", "classification.train", RECIPE_B] and "--work-dir" in first
     monkeypatch.delenv("GPUS")
     assert cli.main([str(done[0]), "--work-dir", str(work), "--dry-run"]) == 0  # a finished study: the same
-    assert [shlex.split(x)[0] for x in capsys.readouterr().out.splitlines()] == [sys.executable] * len(lines)
+    assert [shlex.split(x)[0] for x in capsys.readouterr().out.splitlines() if not x.startswith("#")] == \
+        [sys.executable] * len(lines)
 
 
 def test_only_a_stage_needs_its_upstream_outputs(tiny_data, tmp_path, capsys):
@@ -275,7 +278,7 @@ def test_only_a_stage_needs_its_upstream_outputs(tiny_data, tmp_path, capsys):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     assert cli.main([str(path), "--work-dir", str(tmp_path / "w"), "--only", "det", "--dry-run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     (control,) = [line for line in lines if "--arm random_init" in line]
     assert len(lines) == 3 and shlex.split(control)[3:5] == ["--export", "none"]  # random_init needs no export
     assert control.endswith("--cfg-options train_cfg.max_epochs=1")
@@ -353,26 +356,44 @@ def test_paper_study_refuses_generated_data_before_any_stage(tiny_data, tmp_path
     assert not (tmp_path / "w").exists()
 
 
-def test_paper_recipes_keep_their_protocol_on_1_2_and_8_gpus():
-    """Each training stage of the paper study states its batch, lr and schedule, the same on any GPU count with the
-    accumulation that gets there (the line each stage logs first and records in its summary)."""
-    from classification.config import load_config
-    from transfer.runner import describe_recipe
-
-    spec = yaml.safe_load((REPO / "configs/studies/paper.yaml").read_text())
+def test_paper_recipes_keep_their_protocol_on_1_2_and_8_gpus(capsys, monkeypatch):
+    """The dry run prints each training stage's protocol on the GPU count given (the line each stage logs first and
+    records in its summary): the same total batch, BN batch, lr and schedule on 1, 2 and 8 GPUs, for the pretrained
+    arms and the random-init control alike, with the layout that gets there."""
+    paper = REPO / "configs/studies/paper.yaml"
     seen = {}
     for gpus in (1, 2, 8):
-        lines = {arm: load_config(REPO / a["classification"]).batch_line(gpus)
-                 for arm, a in spec["arms"].items() if a["classification"]}
-        lines.update({stage: describe_recipe(REPO / spec[stage]["config"], {}, gpus)
-                      for stage in ("detection", "segmentation")})
-        seen[gpus] = lines
-    assert seen[1]["b_standard"].startswith("global batch 256 = 1 x 32 x 8 accumulation steps, peak lr 0.1")
-    assert seen[8]["d_mixup"].startswith("global batch 1024 = 8 x 128 x 1 accumulation steps, peak lr 0.4")
-    assert seen[1]["segmentation"].startswith("batch 16 = 1 x 4 x 4 accumulation steps, lr 0.01")
+        monkeypatch.setenv("GPUS", str(gpus))
+        assert cli.main([str(paper), "--dry-run"]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#   ")]
+        seen[gpus] = dict(line[4:].split(": ", 1) for line in lines)
+    assert seen[1]["b_standard classification"].startswith(
+        "global batch 256 = 1 x 32 x 8 accumulation steps, BN batch 32, peak lr 0.1")
+    assert seen[8]["d_mixup classification"].startswith(
+        "global batch 1024 = 8 x 128 x 1 accumulation steps, BN batch 128, peak lr 0.4")
+    assert seen[1]["segmentation (pretrained arms)"] == \
+        "batch 16 = 1 x 16 x 1 accumulation steps, BN batch 16, lr 0.01, 80000 updates, PolyLR"
+    assert seen[8]["detection (pretrained arms)"] == \
+        "batch 16 = 8 x 2 x 1 accumulation steps, BN frozen, lr 0.01, 4 epochs, MultiStepLR"
+    assert seen[2]["detection (random_init)"] == \
+        "batch 16 = 2 x 8 x 1 accumulation steps, BN batch 16, lr 0.01, 4 epochs, MultiStepLR"
     same = {g: {k: re.sub(r" = \d+ x \d+ x \d+ accumulation steps", "", v) for k, v in p.items()}
             for g, p in seen.items()}
-    assert same[1] == same[2] == same[8] and len(same[1]) == 9
+    assert same[1] == same[2] == same[8] and len(same[1]) == 11
+
+
+def test_a_gpu_count_some_stage_cannot_run_is_refused_before_anything_queues(tmp_path, capsys):
+    """16 processes (2 nodes x 8 GPUs) cannot keep the classification recipes' 8 passes per update: the Slurm
+    submission and the dry run refuse it in one line naming the counts on which the whole study runs; nothing is
+    written."""
+    paper = REPO / "configs/studies/paper.yaml"
+    for executor in (["--executor", "slurm", "--dry-run"], ["--executor", "slurm"]):
+        assert cli.main([str(paper), "--work-dir", str(tmp_path / "w"), *executor, "--nodes", "2",
+                         "--gpus-per-node", "8"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot run on 2 node(s) x 8 GPU(s) = 16 processes: arm b_standard" in err
+        assert err.rstrip().endswith("the whole study runs on 1, 2, 4, 8 processes (nodes x GPUs per node)")
+    assert not (tmp_path / "w").exists()
 
 
 def sbatch(text: str) -> dict[str, str]:
