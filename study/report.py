@@ -58,8 +58,10 @@ def _paper(table: str, arm: str, fld: str, marks: set[str], gain: bool = False) 
     return DASH if v is None else (fmt_diff(v) if gain else f"{v:.2f}") + (" †" if why else "")
 
 
-def describe_protocol(results: Results, stage: str) -> str:
-    """One line: the protocol every run of this stage shares, then each key on which runs disagree."""
+def describe_protocol(results: Results, stage: str) -> tuple[str, bool]:
+    """One line: the protocol every run of this stage shares (dataset, schedule, total and BatchNorm batch, ...),
+    then each key on which runs disagree; and whether any does. How a run laid its batch out on processes
+    (summary.json's ``layout``) is not compared: the protocol is the same on any GPU count."""
     def flat(d: Any, prefix: str = "") -> dict[str, str]:
         if not isinstance(d, dict) or not d:
             return {prefix: v if isinstance(v := d, str) else json.dumps(v, separators=(", ", ": "))} if prefix else {}
@@ -68,13 +70,13 @@ def describe_protocol(results: Results, stage: str) -> str:
     flats = [(r, flat(r.summary.get("protocol"))) for r in runs]
     keys = list(dict.fromkeys(k for _, f in flats for k in f))
     if not keys:
-        return f"Protocol ({stage}): not recorded in the summaries."
+        return f"Protocol ({stage}): not recorded in the summaries.", False
     common = [k for k in keys if len({f.get(k) for _, f in flats}) == 1]
     text = f"Protocol ({stage}): " + (", ".join(f"{k}={flats[0][1][k]}" for k in common) or "nothing shared")
     differ = [f"{k}: " + "; ".join(f"{v} ({', '.join(f'{r.arm} seed {r.seed}' for r, f in flats if f.get(k) == v)})"
                                    for v in dict.fromkeys(f.get(k) for _, f in flats)) for k in keys if k not in common]
     return text + (". **Arms disagree in protocol** — " + " | ".join(differ) + "." if differ else
-                   "; the same for every arm.")
+                   "; the same for every arm."), bool(differ)
 
 
 def finding(results: Results, table: str, stage: str, metric: str, label: str, reference: str) -> str | None:
@@ -113,11 +115,13 @@ def paper_table(results: Results, key: str, title: str, stage: str, metrics: tup
     notes = [f"Top-1 and its data: {data}." + (f" {paper.TABLE6_NOTE}" if stage == "classification" else
              " It is that of the exported weights (the export's meta.json): a trained arm's final-epoch raw weights "
              "unless exported otherwise, a published arm's as its library states it.")]
-    notes += [f"† paper cell {m}." for m in sorted(marks)] + [describe_protocol(results, stage)]
+    protocol, differs = describe_protocol(results, stage)
+    notes += [f"† paper cell {m}." for m in sorted(marks)] + [protocol]
     for reference in dict.fromkeys([ref, paper.RANDOM_INIT]):
         notes += [f for m, label in metrics if reference in results.arms and m != "top5"
                   and (f := finding(results, key, stage, m, label, reference))]
-    return "\n\n".join([f"## {title}", markdown_table(header, rows), *notes])
+    mark = " (arms differ in protocol: see below)" if differs else ""
+    return "\n\n".join([f"## {title}{mark}", markdown_table(header, rows), *notes])
 
 
 def missing_stages(results: Results) -> list[str]:

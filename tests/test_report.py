@@ -191,6 +191,34 @@ def test_protocol_lines(report):
             "eval=mAP@0.5; the same for every arm.") in md
 
 
+def test_the_protocol_check_compares_the_bn_batch_not_the_layout(tmp_path):
+    """Every detection run records its total and BN batch: the same BN batch with different process layouts is one
+    protocol; one arm whose BN batch is smaller (a memory limit) marks the table and is named."""
+    study = tmp_path / "study"
+    shutil.copytree(FIXTURE, study)
+    runs = sorted(study.glob("*/seed*/det/summary.json"))
+    for i, path in enumerate(runs):
+        summary = json.loads(path.read_text())
+        summary["protocol"].update(batch=16, bn_batch=16)
+        summary["layout"] = dict(processes=[1, 8][i % 2], per_device=[16, 2][i % 2], accumulation=1)
+        path.write_text(json.dumps(summary))
+    assert main([str(study), "--out", str(tmp_path / "same")]) == 0
+    md = (tmp_path / "same" / "REPORT.md").read_text()
+    (line,) = [line for line in md.splitlines() if line.startswith("Protocol (detection)")]
+    assert "batch=16, bn_batch=16" in line and line.endswith("; the same for every arm.") and "layout" not in line
+    (title,) = [line for line in md.splitlines() if line.startswith("## Table 8")]
+    assert "arms differ" not in title
+    mixup = study / "d_mixup/seed0/det/summary.json"
+    summary = json.loads(mixup.read_text())
+    summary["protocol"]["bn_batch"] = 4
+    mixup.write_text(json.dumps(summary))
+    assert main([str(study), "--out", str(tmp_path / "differ")]) == 0
+    md = (tmp_path / "differ" / "REPORT.md").read_text()
+    (title,) = [line for line in md.splitlines() if line.startswith("## Table 8")]
+    assert title.endswith("(arms differ in protocol: see below)")
+    assert "**Arms disagree in protocol** — bn_batch: 16 (" in md and "; 4 (d_mixup seed 0)." in md
+
+
 def test_missing_not_done_provenance(report):
     _, md, tables = report
     assert "## Missing\n\n- x_custom seed 0: detection, segmentation\n" in md
