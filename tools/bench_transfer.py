@@ -7,10 +7,15 @@ one process (the random-init arm; the recipe's per-GPU batch and its accumulatio
 iterations on the generated VOC / ADE20K trees (``medium`` scale: the recipes resize every image to their own scale,
 1000x600 and 2048x512 crops of 512, so the GPU work is that of the real sets; the JPEG decode is of smaller files).
 Validation and checkpoints are off, the lr constant (the schedule does not change the speed). Images/s is measured
-after ``--warmup`` iterations, between two CUDA synchronisations; peak memory is torch's max allocated / reserved.
+after ``--warmup`` iterations, between two CUDA synchronisations; peak memory is torch's max allocated / reserved
+(on a CPU: the process's peak resident memory, which holds the same activations plus the libraries).
+
+``--images-per-gpu 4,8,16`` trains each recipe with that many images per pass instead (one row each), to find
+the ``max_images_per_gpu`` that fits a GPU: the row's ``per_image_gib`` is the memory one more image costs.
 
     python tools/bench_transfer.py --out bench_transfer.json     # on a GPU
     python tools/bench_transfer.py --smoke                       # anywhere: the demo recipes, 3 iterations on CPU
+    python tools/bench_transfer.py --recipes fcn --images-per-gpu 4,8,16 --iters 20   # what fits on this GPU
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ SMOKE = {
 }
 
 
-def bench(name: str, data: Path, work: Path, args, device: str) -> dict:
+def bench(name: str, data: Path, work: Path, args, device: str, images: int | None = None) -> dict:
     import importlib
 
     import torch
@@ -58,6 +63,9 @@ def bench(name: str, data: Path, work: Path, args, device: str) -> dict:
     ns = argparse.Namespace(config=config, data_root=str(data / data_dir), work_dir=str(work), launcher="none",
                             seed=0)
     decided = configure(cfg, stage, ns, None, None)
+    if images is not None:  # one pass of this many images per update, whatever the recipe's plan
+        cfg.train_dataloader.batch_size, cfg.optim_wrapper.accumulative_counts = images, 1
+        decided.update(per_device=images, accumulation=1)
     walk(cfg.train_dataloader, lambda d: d.__setitem__("bbox_min_size", 4) if "bbox_min_size" in d else None)
     iters = args.warmup + args.iters
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=10**9)
@@ -109,7 +117,23 @@ def bench(name: str, data: Path, work: Path, args, device: str) -> dict:
     if device == "cuda":
         row.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                    peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
+    else:  # ru_maxrss: KiB on Linux; the peak of the process so far (one recipe and size per process is exact)
+        import resource
+
+        row.update(peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
     return row
+
+
+def per_image(rows: list[dict]) -> None:
+    """The memory one more image costs, from the smallest and largest size measured of each recipe."""
+    key = "peak_reserved_gib" if "peak_reserved_gib" in rows[0] else "peak_rss_gib"
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["per_gpu_batch"])
+        lo, hi = mine[0], mine[-1]
+        if hi["per_gpu_batch"] > lo["per_gpu_batch"]:
+            slope = (hi[key] - lo[key]) / (hi["per_gpu_batch"] - lo["per_gpu_batch"])
+            for r in mine:
+                r["per_image_gib"] = round(slope, 3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
     p.add_argument("--data", type=Path, help="generated data root (default: generate --scale into a temp dir)")
     p.add_argument("--scale", default="medium", help="tools/make_data.py scale when generating (default medium)")
+    p.add_argument("--images-per-gpu", default="",
+                   help="comma-separated images per pass to measure each recipe at (default: the recipe's plan on "
+                        "one process)")
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     p.add_argument("--smoke", action="store_true",
                    help="the CPU demo's recipes on tiny data, 3 iterations after 1, fp32: checks the script")
@@ -146,13 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
             if name not in RECIPES and not args.smoke:
                 p.error(f"--recipes: unknown {name!r} (choose from {', '.join(RECIPES)})")
-            rows.append(bench(name, data, Path(tmp) / name.replace(" ", "_"), args, device))
-            print(json.dumps(rows[-1]), flush=True)
+            for images in [int(n) for n in args.images_per_gpu.split(",") if n.strip()] or [None]:
+                rows.append(bench(name, data, Path(tmp) / f"{name.replace(' ', '_')}_{images}", args, device,
+                                  images))
+                print(json.dumps(rows[-1]), flush=True)
+    per_image(rows)
     env = dict(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu", torch=torch.__version__,
                cpu_cores=os.cpu_count(), mmcv_build=mmcv_ops.mmcv_build())
     print(f"bench_transfer: {env}")
     for r in rows:
-        memory = f", peak {r['peak_allocated_gib']} GiB allocated" if "peak_allocated_gib" in r else ""
+        memory = (f", peak {r['peak_allocated_gib']} GiB allocated, {r['peak_reserved_gib']} GiB reserved"
+                  if "peak_allocated_gib" in r else f", peak resident {r['peak_rss_gib']} GiB")
+        memory += f" ({r['per_image_gib']} GiB per image)" if "per_image_gib" in r else ""
         print(f"  {r['recipe']}: {r['img_s']} img/s ({r['per_gpu_batch']} images/iteration, {r['amp']}){memory}")
     if args.out:
         args.out.write_text(json.dumps(dict(env=env, rows=rows), indent=1) + "\n")
