@@ -433,6 +433,7 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     from transfer.data_gate import check_data_once
 
     compat.apply()
+    import torch
     from mmengine.runner import Runner
 
     import transfer.metrics  # noqa: F401 - registers the per-class metrics
@@ -452,8 +453,6 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     cfg = load_mm_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
     decided = configure(cfg, stage, args, meta, export_ckpt)
-    import torch
-
     if cfg.get("sync_bn") and not torch.cuda.is_available():  # torch's SyncBatchNorm runs on GPUs only
         raise StageError(f"{args.config}: BatchNorm synchronised over {world_size()} processes (SyncBN) needs GPUs; "
                          f"on a CPU, run this stage on one process (GPUS=1)")
