@@ -53,7 +53,7 @@ class Config:
     crop_min_area: float = 0.08  # RandomResizedCrop keeps 8-100 % of the image area
     color_jitter: float = 0.4  # brightness/contrast/saturation factors drawn from [1-x, 1+x] (GluonCV)
     pca_lighting: float = 0.1  # AlexNet-style PCA lighting noise, alpha ~ N(0, x)
-    decode: str = "pil"  # training JPEG decode: "pil"; "simplejpeg": to the crop, DCT-scaled (README: Performance)
+    decode: str = "pil"  # training JPEG decode: "pil"; "simplejpeg": to the crop, DCT-scaled (docs/performance.md)
     workers: int = 4  # data loader processes per GPU
     pin_memory: bool = True
     persistent_workers: bool = True

@@ -5,7 +5,7 @@ or refuses changed inputs in one line ('inputs changed: KEYS; use another --work
     python tools/study.py configs/studies/demo.yaml --work-dir work_dirs/demo [--dry-run] [--status]
     GPUS=8 python tools/study.py configs/studies/paper.yaml --work-dir work_dirs/paper --only cls --arms d_cosine
     python tools/study.py configs/studies/paper.yaml --work-dir work_dirs/paper --executor slurm \\
-        --partition gpu --time 4320 --gpus-per-node 8 [--nodes 2] [--account A] [--slurm qos=high ...] [--dry-run]
+        --partition gpu --time 4320 --gpus-per-node 4 [--nodes 2] [--account A] [--slurm qos=high ...] [--dry-run]
 """
 
 from __future__ import annotations

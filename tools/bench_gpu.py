@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU figures for the README: ResNet-50-D training images/s at 224 px, our step beside timm's, and the JPEG path.
+"""GPU figures (docs/performance.md): ResNet-50-D training images/s at 224 px, our step beside timm's, the JPEG path.
 
 One short run (about 5 minutes on one GPU without --no-compile; compile warm-up is most of it), results as JSON:
 

@@ -21,7 +21,7 @@ real file, but the bytes come from one page-cached inode: these are CPU costs wi
 a cold network file system (where a header read costs a round trip and a full decode reads the whole file).
 
 Run from a checkout of any version: against one without datakit/check_cache.py it measures the old stage-start
-check (a full decode, on every rank, at every start), which is how the README's before/after tables were made.
+check (a full decode, on every rank, at every start), which is how the before/after tables of docs/scale.md were made.
 """
 
 from __future__ import annotations
