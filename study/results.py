@@ -43,11 +43,16 @@ class Stat:
 
 
 @dataclass(frozen=True)
-class Difference:  # the mean of an arm's per-seed differences to the reference, its 95 % t-interval (one seed: None)
+class Difference:
+    """The mean of an arm's per-seed differences to the reference and its 95 % t-interval; None without a spread
+    to measure: one seed, or differences identical across seeds (``identical``), whose spread is unknown, not zero
+    (two seeds agreeing to the last digit say nothing of a third)."""
+
     mean: float
     low: float | None
     high: float | None
     n: int
+    identical: bool = False
 
     @property
     def direction(self) -> str | None:  # only when the interval excludes zero
@@ -69,7 +74,9 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> Difference | 
     if len(d) < 2:
         return Difference(d[0], None, None, 1) if d else None
     mean, sem = statistics.mean(d), stats.sem(d)
-    low, high = (mean, mean) if sem == 0 else stats.t.interval(CONFIDENCE, len(d) - 1, loc=mean, scale=sem)
+    if sem == 0:
+        return Difference(mean, None, None, len(d), identical=True)
+    low, high = stats.t.interval(CONFIDENCE, len(d) - 1, loc=mean, scale=sem)
     return Difference(mean, float(low), float(high), len(d))
 
 

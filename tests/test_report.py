@@ -154,7 +154,8 @@ def test_paired_intervals_over_three_seeds_match_hand_computed_values(three_seed
     sem = statistics.stdev([1.2, -1.5, 2.0]) / 3 ** 0.5
     assert (m.low, m.high) == pytest.approx((0.56667 - T_975_2 * sem, 0.56667 + T_975_2 * sem), abs=1e-4)
     assert m.low < 0 < m.high and m.direction is None
-    assert paired_difference({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5}).direction == "higher"  # no spread: [+0.5, +0.5]
+    same = paired_difference({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})  # +0.5 twice: the spread is unknown, not zero
+    assert same.identical and same.low is None and same.direction is None
 
     assert main([str(three_seeds), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "REPORT.md").read_text()
