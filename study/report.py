@@ -16,6 +16,7 @@ from classification.artifacts import STAGES, SummaryError, atomic_write_bytes
 from study import paper
 from study.results import Difference, Results, ResultsError, Stat, load_results, stat
 from study.run import DONE, STATUS_FILE
+from study.transfer_stats import MIN_ARMS, correlation, transfer_ratio
 
 DASH = "—"
 # key, title, stage, (metric, label) pairs, in the paper's table
@@ -36,7 +37,9 @@ def fmt_stat(s: Stat | None) -> str:
 
 def fmt_diff(d: Difference | float | None) -> str:
     if isinstance(d, Difference):
-        return fmt_diff(d.mean) + (" (1 seed)" if d.n == 1 else f" [{fmt_diff(d.low)}, {fmt_diff(d.high)}]")
+        if d.low is None:
+            return fmt_diff(d.mean) + (" (1 seed)" if d.n == 1 else f" ({d.n} seeds, identical: spread unknown)")
+        return fmt_diff(d.mean) + f" [{fmt_diff(d.low)}, {fmt_diff(d.high)}]"
     return DASH if d is None else f"{round(d, 2) + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0
 
 
@@ -86,8 +89,10 @@ def finding(results: Results, table: str, stage: str, metric: str, label: str, r
     for arm, d in ((a, results.difference(a, stage, metric, reference)) for a in results.arms if a != reference):
         if d is None:
             continue
-        verdict = (f"{fmt_diff(d)} over {d.n} seeds: " + (d.direction or "the interval includes zero, no direction")
-                   if d.n > 1 else f"{fmt_diff(d.mean)}, one seed: no interval, no direction")
+        verdict = (f"{fmt_diff(d.mean)}, one seed: no interval, no direction" if d.n == 1 else
+                   f"{fmt_diff(d.mean)} over {d.n} seeds, identical in each: spread unknown, no interval, no direction"
+                   if d.identical else f"{fmt_diff(d)} over {d.n} seeds: "
+                   + (d.direction or "the interval includes zero, no direction"))
         pg = paper.gain(table, arm, metric) if reference == paper.B_STANDARD else None
         parts.append(f"{paper.display_name(arm)} {verdict}" + (f" (paper {fmt_diff(pg)})" if pg is not None else ""))
     return (f"**Finding ({label} vs {paper.display_name(reference)}, 95 % t-interval over paired seeds):** "
@@ -122,6 +127,106 @@ def paper_table(results: Results, key: str, title: str, stage: str, metrics: tup
                   and (f := finding(results, key, stage, m, label, reference))]
     mark = " (arms differ in protocol: see below)" if differs else ""
     return "\n\n".join([f"## {title}{mark}", markdown_table(header, rows), *notes])
+
+
+# The downstream metrics whose transfer the report measures: (stage, metric, label, the paper's table).
+TRANSFER_METRICS = (("detection", "mAP", "VOC mAP", "table8"), ("segmentation", "aAcc", "ADE pixel acc", "table9"),
+                    ("segmentation", "mIoU", "ADE mIoU", "table9"))
+
+
+def transfer_points(results: Results, stage: str, metric: str) -> dict[str, list[tuple[float, float]]]:
+    """arm -> its (top-1 of the exported weights, downstream metric) pairs, one per seed that has both."""
+    out = {}
+    for arm in results.arms:
+        top1, values = results.backbone_top1(arm), results.values(arm, stage, metric)
+        if pairs := [(top1[s], values[s]) for s in sorted(top1.keys() & values.keys())]:
+            out[arm] = pairs
+    return out
+
+
+def paper_points(results: Results, table: str, metric: str) -> dict[str, list[tuple[float, float]]]:
+    """The paper's own (top-1, metric) for the arms this study shares with its table."""
+    return {a: [(paper.value(table, a, "top1"), paper.value(table, a, metric))] for a in results.arms
+            if None not in (paper.value(table, a, "top1"), paper.value(table, a, metric))}
+
+
+def _coef(value: float | None, ci: tuple[float, float] | None) -> str:
+    if value is None:
+        return "undefined (constant)"
+    return f"{value:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval)")
+
+
+def correlation_section(results: Results) -> str | None:
+    """Across arms: does the exported weights' top-1 predict each downstream metric? Ours and the paper's own."""
+    rows, few = [], []
+    for stage, metric, label, table in TRANSFER_METRICS:
+        points = transfer_points(results, stage, metric)
+        if not points:
+            continue
+        c, theirs = correlation(points), correlation(paper_points(results, table, metric))
+        if c is None:
+            few.append(f"{label}: {len(points)} arm{'s' * (len(points) != 1)} with a top-1 and a {label}")
+            continue
+        rows.append([label, str(c.n), _coef(c.spearman, c.spearman_ci), _coef(c.pearson, c.pearson_ci),
+                     *((str(theirs.n), _coef(theirs.spearman, theirs.spearman_ci),
+                        _coef(theirs.pearson, theirs.pearson_ci)) if theirs else (DASH, DASH, DASH))])
+    if not rows and not few:
+        return None
+    text = ["## Does a better ImageNet backbone transfer better?",
+            "Across arms (random init has no top-1 and is not among them): Spearman's rho and Pearson's r between "
+            "the exported weights' top-1 and each downstream metric, each arm at its mean over seeds, with a 95 % "
+            "bootstrap interval (arms resampled, and each arm's seeds where it has several). The paper's columns "
+            "use its own Table 8 / 9 numbers for the arms this study shares with it. Kornblith, Shlens and Le "
+            "(CVPR 2019) measured r = 0.96 fine-tuned over 16 ImageNet networks."]
+    if rows:
+        text.append(markdown_table(["metric", "arms", "Spearman rho (ours)", "Pearson r (ours)", "arms (paper)",
+                                    "Spearman rho (paper)", "Pearson r (paper)"], rows))
+    if few:
+        text.append(f"Not shown (a correlation needs at least {MIN_ARMS} arms; two points always lie on a line): "
+                    + "; ".join(few) + ".")
+    return "\n\n".join(text)
+
+
+def ratio_section(results: Results) -> str | None:
+    """Per arm: how much of its top-1 difference to the reference shows downstream, and in which direction."""
+    ref, tables = results.reference, []
+    if ref == paper.RANDOM_INIT:
+        return None  # random init has no top-1 to divide by
+    for stage, metric, label, table in TRANSFER_METRICS:
+        rows, hurt, paper_hurt = [], [], []
+        for arm in results.arms:
+            r = transfer_ratio(results.backbone_top1(arm), results.backbone_top1(ref),
+                               results.values(arm, stage, metric), results.values(ref, stage, metric))
+            if arm == ref or r is None:
+                continue
+            pt, pm = paper.gain(table, arm, "top1"), paper.gain(table, arm, metric)
+            if pt is not None and pm is not None and pt > 0 > pm:
+                paper_hurt.append(f"{paper.display_name(arm)} (top-1 {fmt_diff(pt)}, {label} {fmt_diff(pm)})")
+            same = {True: "yes", False: "no", None: DASH}[r.same_direction]
+            rows.append([arm_label(arm), fmt_diff(r.top1), fmt_diff(r.downstream),
+                         DASH if r.ratio is None else f"{r.ratio:+.2f}" + (
+                             f" [{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]" if r.ci else f" ({r.n} seed{'s' * (r.n > 1)}: "
+                             "no interval)"), same, str(r.n),
+                         fmt_diff(pt), fmt_diff(pm), DASH if not pt or pm is None else f"{pm / pt:+.2f}"])
+            if r.hurts:
+                d = results.difference(arm, stage, metric, ref)
+                sure = d is not None and d.direction == "lower"
+                hurt.append(f"{paper.display_name(arm)} (top-1 {fmt_diff(r.top1)}, {label} {fmt_diff(r.downstream)}"
+                            + ("" if sure else ", its interval includes zero or is unknown: no direction") + ")")
+        if rows:
+            tables.append(f"**{label}**\n\n" + markdown_table(
+                ["arm", "top-1 diff", f"{label} diff", "transfer ratio [95 %]", "same direction", "seeds",
+                 "paper top-1 gain", f"paper {label} gain", "paper ratio"], rows)
+                + (f"\n\nTop-1 up, {label} down (hurts transfer), ours: " + "; ".join(hurt) + "." if hurt else "")
+                + (f"\n\nTop-1 up, {label} down (hurts transfer), in the paper: " + "; ".join(paper_hurt) + "."
+                   if paper_hurt else ""))
+    if not tables:
+        return None
+    return "\n\n".join([f"## Transfer ratio against {paper.display_name(ref)}",
+                         "Each arm's downstream difference to the reference over its top-1 difference (paired seeds; "
+                         "95 % bootstrap interval over seeds where there are several): 1 means a point of top-1 "
+                         "brings a point downstream, 0 that none of it transfers, below 0 that the metric moved the "
+                         "other way. The paper's ratio uses its gains over its own B-standard row.", *tables])
 
 
 def missing_stages(results: Results) -> list[str]:
@@ -215,7 +320,8 @@ def write_report(results: Results, out: Path) -> str:
           "Numbers are percentages; with several seeds a cell reads mean ± sample std (n−1) over n seeds, `—` marks "
           "a missing cell. Ours are differences to this study's reference arm over the seeds both ran, with a 95 % "
           "t-interval in brackets; the paper's gains are its rows against its own B-standard row. The paper's "
-          "protocols differ from ours, so compare differences, not absolutes.", *tables, *absent, "## Plots"]
+          "protocols differ from ours, so compare differences, not absolutes.", *tables, *absent,
+          *filter(None, [correlation_section(results), ratio_section(results)]), "## Plots"]
     md += [f"![{n[:-4]}]({n})" if why is None else f"- `{n}` skipped: {why}." for n, why in written.items()]
     missing = missing_stages(results)
     md += ["## Missing", "\n".join(f"- {m}" for m in missing) or "None: every arm and seed has every stage."]
