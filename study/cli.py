@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     # prints each stage's protocol (on one process the downstream recipes always fit: not built for a real run).
     layout = (args.gpus_per_node, args.nodes) if args.executor == "slurm" else (int(gpus), 1)
     protocols = stage_protocols(spec, steps, *layout, downstream=args.dry_run)
-    if args.dry_run:
+    if args.dry_run and protocols:
         print(f"# protocol on {layout[1]} node(s) x {max(layout[0], 1)} GPU(s), as each stage logs it first:\n"
               + "\n".join(f"#   {line}" for line in protocols), flush=True)
     if args.dry_run and args.executor == "local":  # the commands; each stage logs its protocol line when it runs
