@@ -167,7 +167,8 @@ def test_shipped_configs_call_only_the_provided_ops(config, tiny_data, monkeypat
     det = "detection" in config
     cfg = Config.fromfile(REPO / config)
     data_root = tiny_data / ("VOCdevkit" if det else "ADEChallengeData2016")
-    args = argparse.Namespace(config=config, data_root=str(data_root), work_dir="w", launcher="none", seed=0)
+    args = argparse.Namespace(config=config, data_root=str(data_root), work_dir="w", launcher="none",
+                              frozen_backbone=False, seed=0)
     configure(cfg, DET if det else SEG, args, None, None)  # the random-init arm: every layer trains
     walk(cfg.model, lambda d: d.__setitem__("type", "BN") if d.get("type") == "SyncBN" else None)
     walk(cfg.train_dataloader, lambda d: d.__setitem__("bbox_min_size", 4) if "bbox_min_size" in d else None)

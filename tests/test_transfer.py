@@ -192,7 +192,7 @@ def test_c4_detector_holds_the_export_in_backbone_and_shared_head(tiny_data, tin
     compat.apply()
     cfg = Config.fromfile(REPO / "configs/detection/faster-rcnn_r50_c4_voc0712.py")
     args = argparse.Namespace(config="c4", data_root=tiny_data / "VOCdevkit", work_dir=tmp_path, launcher="none",
-                              seed=0, allow_synthetic=True)
+                              frozen_backbone=False, seed=0, allow_synthetic=True)
     state, meta = load_export(tiny_export)
     configure(cfg, STAGE, args, meta, (tiny_export / "backbone.pth").resolve())
     assert "transfer.shared_head" in cfg.custom_imports["imports"]  # registers AvgDownResLayer in a run
@@ -213,7 +213,7 @@ def test_c4_detector_holds_the_export_in_backbone_and_shared_head(tiny_data, tin
     assert torch.isfinite(sum(v for k, v in losses.items() if "loss" in k))
 
 
-def configured(config: str, meta=None, export=None, world: int = 1, monkeypatch=None, **options):
+def configured(config: str, meta=None, export=None, world: int = 1, monkeypatch=None, frozen=False, **options):
     """An installed-config-based recipe after our stage's configure(), as a run on ``world`` processes would see it."""
     import argparse
 
@@ -226,7 +226,8 @@ def configured(config: str, meta=None, export=None, world: int = 1, monkeypatch=
     monkeypatch.setenv("WORLD_SIZE", str(world))
     cfg = Config.fromfile(REPO / config)
     cfg.merge_from_dict(options)
-    args = argparse.Namespace(config=config, data_root="data", work_dir="w", launcher="none", seed=0)
+    args = argparse.Namespace(config=config, data_root="data", work_dir="w", launcher="none", frozen_backbone=frozen,
+                              seed=0)
     decided = configure(cfg, DET if "detection" in config else SEG, args, meta, export)
     return cfg, decided
 
@@ -274,6 +275,53 @@ def test_random_init_control_trains_every_layer_and_its_bn_statistics(config, ti
     pretrained.train()
     frozen = [p for part in parts(pretrained) for p in part.parameters() if not p.requires_grad]
     assert decided["control_changes"] == {} and (bool(frozen) == det)
+
+
+@pytest.mark.parametrize("config", ["configs/detection/faster-rcnn_r50_fpn_voc0712.py",
+                                    "configs/detection/faster-rcnn_r50_c4_voc0712.py",
+                                    "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"])
+def test_frozen_backbone_mode_freezes_every_backbone_stage_and_its_bn_and_trains_the_head(config, tiny_export,
+                                                                                          monkeypatch):
+    """Fixed-feature transfer (--frozen-backbone): built and put in train mode, no backbone parameter takes a gradient
+    and every backbone BatchNorm keeps its statistics; a C4 detector's stage 4 (the RoI head's shared head) gets an
+    lr and weight decay of 0 and BN in eval mode; the heads train as in the recipe. The protocol line says so."""
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS as SEG_MODELS
+
+    from classification.export import load_export
+    from transfer import compat
+    from transfer.runner import protocol_line
+
+    compat.apply()
+    det = "detection" in config
+    init_default_scope("mmdet" if det else "mmseg")
+    _, meta = load_export(tiny_export)
+    cfg, decided = configured(config, meta, (tiny_export / "backbone.pth").resolve(), monkeypatch=monkeypatch,
+                              frozen=True)
+    model = (DET_MODELS if det else SEG_MODELS).build(cfg.model)
+    model.train()
+    bn = torch.nn.modules.batchnorm._BatchNorm
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(not m.training for m in model.backbone.modules() if isinstance(m, bn))
+    head = model.roi_head.bbox_head if det else model.decode_head
+    assert all(p.requires_grad for p in head.parameters()) and any(True for _ in head.parameters())
+    if det:
+        assert all(p.requires_grad for p in model.rpn_head.parameters())
+    else:  # FCN's head trains its BN: the BN batch still matters
+        assert any(m.training for m in model.decode_head.modules() if isinstance(m, bn)) and decided["bn_batch"] == 16
+    if "c4" in config:
+        shared = {id(p) for p in model.roi_head.shared_head.parameters()}
+        groups = build_optim_wrapper(model, cfg.optim_wrapper).optimizer.param_groups
+        frozen = [g for g in groups if any(id(p) in shared for p in g["params"])]
+        assert frozen and all(g["lr"] == 0 and g["weight_decay"] == 0 for g in frozen)
+        assert all(not m.training for m in model.roi_head.shared_head.modules() if isinstance(m, bn))
+        assert any(g["lr"] > 0 for g in groups)
+    stages = cfg.model.backbone.get("num_stages", 4)  # 3 for C4: its stage 4 is the shared head
+    assert decided["backbone_mode"] == "frozen" and decided["frozen_changes"]["model.backbone.frozen_stages"][1] == \
+        stages == (3 if "c4" in config else 4)
+    assert protocol_line(cfg, decided).endswith(", backbone frozen")
 
 
 DOWNSTREAM = {"fpn": "configs/detection/faster-rcnn_r50_fpn_voc0712.py",
@@ -359,7 +407,7 @@ for name, config, stage in (("fcn", {DOWNSTREAM['fcn']!r}, SEG), ("fpn", {DOWNST
     from mmengine.config import Config
     cfg = Config.fromfile(os.path.join({str(REPO)!r}, config))
     args = argparse.Namespace(config=config, data_root="data", work_dir={str(tmp_path)!r} + "/" + name,
-                              launcher="pytorch", seed=0)
+                              launcher="pytorch", seed=0, frozen_backbone=False)
     decided = configure(cfg, stage, args, None, None)
     cfg.model_wrapper_cfg = dict(type="Holder")
     model = Runner.from_cfg(cfg).model.module

@@ -61,7 +61,7 @@ def bench(name: str, data: Path, work: Path, args, device: str, images: int | No
     stage = importlib.import_module(f"{stage_module}.train").STAGE
     cfg = Config.fromfile(str(REPO / config))
     ns = argparse.Namespace(config=config, data_root=str(data / data_dir), work_dir=str(work), launcher="none",
-                            seed=0)
+                            frozen_backbone=False, seed=0)
     decided = configure(cfg, stage, ns, None, None)
     if images is not None:  # one pass of this many images per update, whatever the recipe's plan
         cfg.train_dataloader.batch_size, cfg.optim_wrapper.accumulative_counts = images, 1

@@ -198,6 +198,33 @@ def _train_from_scratch(cfg) -> dict[str, list]:
     return changed
 
 
+def _freeze_backbone(cfg) -> dict[str, list]:
+    """Fixed-feature transfer: every backbone stage and its BatchNorm frozen (no gradient, statistics fixed: the
+    libraries' own ``frozen_stages`` over all stages and ``norm_eval``), the rest of the recipe unchanged. A C4
+    detector's stage 4 runs in the RoI head (``shared_head``): it keeps its weights through an lr and weight decay
+    multiplier of 0 (mmdet's ResLayer has no frozen_stages) and its BN in eval mode (``norm_eval``, its default).
+    Returns what changed, as the control arm's changes are recorded."""
+    changed = {}
+
+    def put(node: dict, key: str, value: Any, where: str) -> None:
+        if node.get(key) != value:
+            changed[f"{where}.{key}"] = [node.get(key), value]
+            node[key] = value
+
+    backbone = cfg.model.backbone
+    put(backbone, "frozen_stages", backbone.get("num_stages", 4), "model.backbone")
+    put(backbone, "norm_eval", True, "model.backbone")
+    put(backbone, "norm_cfg", dict(backbone.get("norm_cfg") or dict(type="BN"), requires_grad=False), "model.backbone")
+    if (shared_head := cfg.model.get("roi_head", {}).get("shared_head")) is not None:
+        put(shared_head, "norm_eval", True, "model.roi_head.shared_head")
+        if "paramwise_cfg" not in cfg.optim_wrapper:
+            cfg.optim_wrapper.paramwise_cfg = {}
+        paramwise = cfg.optim_wrapper.paramwise_cfg  # (ConfigDict.setdefault returns a copy)
+        keys = dict(paramwise.get("custom_keys") or {}, **{"roi_head.shared_head": dict(lr_mult=0.0, decay_mult=0.0)})
+        put(paramwise, "custom_keys", keys, "optim_wrapper.paramwise_cfg")
+    return changed
+
+
 def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, export_ckpt: Path | None) -> dict:
     """Edit the loaded mmengine config in place for our backbone and data; return what was decided."""
     backbone = cfg.model.backbone
@@ -216,8 +243,9 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
         cfg.custom_hooks = [*cfg.get("custom_hooks", []),
                             dict(type="VerifyBackboneHook", export=str(export_ckpt.parent))]
     else:
-        backbone.init_cfg = None  # the random-initialisation control arm
-        control_changes = _train_from_scratch(cfg)
+        backbone.init_cfg = None  # the random-initialisation control arm (frozen: the random-features baseline)
+        control_changes = {} if args.frozen_backbone else _train_from_scratch(cfg)
+    frozen_changes = _freeze_backbone(cfg) if args.frozen_backbone else {}
     # Save and exit 75 on SIGTERM / SIGUSR1 / SIGINT (lifecycle/preemption.py), in every arm and under the
     # libraries' own tools/train.py too.
     cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type="PreemptionHook")]
@@ -249,7 +277,8 @@ def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, ex
     cfg.randomness = dict(seed=args.seed, deterministic=False)
     # The export's identity is its tensors, not its folder: recorded so that a rerun can tell another export.
     cfg.export_state_sha256 = meta["state_sha256"] if meta is not None else None
-    return dict(decided, control_changes=control_changes)
+    return dict(decided, control_changes=control_changes, frozen_changes=frozen_changes,
+                backbone_mode="frozen" if args.frozen_backbone else "fine-tuned")
 
 
 def keep_recipe_batch(cfg, processes: int, source: str) -> dict[str, Any]:
@@ -387,15 +416,21 @@ def merge_cfg_options(cfg, options: dict[str, Any]) -> None:
     cfg.merge_from_dict(options)
 
 
-def describe_recipe(config: str | Path, cfg_options: dict | None, processes: int, pretrained: bool = True) -> str:
+def describe_recipe(config: str | Path, cfg_options: dict | None, processes: int, pretrained: bool = True,
+                    frozen: bool = False) -> str:
     """The batch line and schedule a stage would run with on ``processes``, for a pretrained arm or the
-    random-init control (which trains BatchNorm); the study's dry run prints it."""
+    random-init control (which trains BatchNorm unless frozen), fine-tuned or frozen; the study's dry run prints
+    it."""
     cfg = load_mm_config(config)
     merge_cfg_options(cfg, cfg_options or {})
     if not pretrained:
         cfg.model.backbone.init_cfg = None
-        _train_from_scratch(cfg)
-    return protocol_line(cfg, keep_recipe_batch(cfg, processes, str(config)))
+        if not frozen:
+            _train_from_scratch(cfg)
+    if frozen:
+        _freeze_backbone(cfg)
+    decided = keep_recipe_batch(cfg, processes, str(config))
+    return protocol_line(cfg, dict(decided, backbone_mode="frozen" if frozen else "fine-tuned"))
 
 
 def protocol_line(cfg, decided: dict[str, Any]) -> str:
@@ -405,7 +440,8 @@ def protocol_line(cfg, decided: dict[str, Any]) -> str:
               else f"{loop.get('max_epochs')} epochs")
     scheds = cfg.get("param_scheduler") or []
     names = "+".join(s["type"] for s in ([scheds] if isinstance(scheds, dict) else scheds))
-    return f"{decided['batch_line']}, {length}, {names or 'constant lr'}"
+    mode = ", backbone frozen" if decided.get("backbone_mode") == "frozen" else ""
+    return f"{decided['batch_line']}, {length}, {names or 'constant lr'}{mode}"
 
 
 def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
@@ -420,6 +456,9 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arm", default=None,
                    help="study arm name for the summary (default: the export's, or 'random_init')")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frozen-backbone", action="store_true",
+                   help="fixed-feature transfer: every backbone stage and its BatchNorm frozen, the rest of the recipe "
+                        "as it is")
     p.add_argument("--allow-synthetic", action="store_true",
                    help="accept data generated by tools/make_data.py (the demo configs allow it themselves)")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
@@ -499,7 +538,8 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     if main_process:
         metrics, protocol = stage.summarize(mm_metrics, cfg)
         # The batch is part of what makes arms comparable; how it is laid out on processes is not (config below).
-        protocol.update(batch=decided["batch"], bn_batch=decided["bn_batch"] or "frozen", lr=decided["lr"])
+        protocol.update(batch=decided["batch"], bn_batch=decided["bn_batch"] or "frozen", lr=decided["lr"],
+                        backbone=decided["backbone_mode"])
         arm = args.arm or ((meta.get("arm") or meta.get("name")) if meta else "random_init")
         write_summary(work_dir / "summary.json", stage=stage.name, arm=arm, seed=args.seed, metrics=metrics,
                       protocol=protocol, config=dict(config_file=str(args.config), **decided,
