@@ -17,6 +17,7 @@ MODULES = {"classification": "classification.train", "detection": "detection.tra
            "segmentation": "segmentation.train"}
 EXPORT_TOOL = "tools/export_backbone.py"
 RDZV_PORT = 29500
+FROZEN = " (frozen)"  # a stage's name in study_status.json when its backbone is frozen; its run dir ends "_frozen"
 
 
 @dataclass(frozen=True)
@@ -28,15 +29,17 @@ class Step:
     argv: tuple[str, ...]  # after the launcher: ("-m", "classification.train", ...) or (EXPORT_TOOL, ...)
     distributed: bool  # runs under torchrun on several GPUs
     needs: tuple[tuple[str, int, str], ...] = ()  # the steps whose outputs it reads
+    frozen: bool = False  # detection / segmentation with the backbone frozen (fixed-feature transfer)
 
-    key = property(lambda self: (self.arm, self.seed, self.stage))
-    label = property(lambda self: f"{self.arm} seed{self.seed} {self.stage}")
+    # A frozen-backbone run is its own entry in study_status.json: "detection (frozen)", in its own run dir.
+    key = property(lambda self: (self.arm, self.seed, self.stage + FROZEN * self.frozen))
+    label = property(lambda self: f"{self.arm} seed{self.seed} {self.key[2]}")
     output = property(lambda self: self.dir / OUTPUTS[self.stage])
     inputs = property(lambda self: [stage_dir(self.dir.parents[2], *n) / OUTPUTS[n[2]] for n in self.needs])
 
 
-def stage_dir(work_dir: Path, arm: str, seed: int, stage: str) -> Path:
-    return work_dir / arm / f"seed{seed}" / STAGE_DIRS[stage]
+def stage_dir(work_dir: Path, arm: str, seed: int, stage: str, frozen: bool = False) -> Path:
+    return work_dir / arm / f"seed{seed}" / (STAGE_DIRS[stage] + "_frozen" * frozen)
 
 
 def plan(spec: StudySpec, work_dir: Path, stages: tuple[str, ...] = STAGES, arms: list[str] | None = None
@@ -72,12 +75,15 @@ def _step(spec: StudySpec, work_dir: Path, arm: Arm, seed: int, stage: str) -> S
         return Step(arm.name, seed, stage, here, (tool, path(cls), "--out", path(here)), False,
                     ((arm.name, seed, "classification"),))
     section, export = getattr(spec, stage), stage_dir(work_dir, arm.name, seed, "export")
+    frozen = spec.frozen(arm, stage)
+    here = stage_dir(work_dir, arm.name, seed, stage, frozen)
     argv = ["-m", MODULES[stage], "--export", path(export) if arm.pretrained else "none", "--config",
             path(section.config), "--data-root", path(spec.data["voc" if stage == "detection" else "ade20k"]),
             "--work-dir", path(here), "--arm", arm.name, "--seed", str(seed),
-            *(["--allow-synthetic"] if spec.allow_synthetic else []),
+            *(["--allow-synthetic"] if spec.allow_synthetic else []), *(["--frozen-backbone"] if frozen else []),
             *(["--cfg-options", *section.cfg_options] if section.cfg_options else [])]
-    return Step(arm.name, seed, stage, here, tuple(argv), True, ((arm.name, seed, "export"),) if arm.pretrained else ())
+    return Step(arm.name, seed, stage, here, tuple(argv), True, ((arm.name, seed, "export"),) if arm.pretrained else (),
+                frozen)
 
 
 def stage_protocols(spec: StudySpec, steps: list[Step], gpus: int, nodes: int = 1, downstream: bool = True
@@ -105,10 +111,12 @@ def stage_protocols(spec: StudySpec, steps: list[Step], gpus: int, nodes: int = 
             continue
         section = getattr(spec, stage)
         options = cfg_options(section.cfg_options)
-        for pretrained in dict.fromkeys(a.pretrained for a in arms):
-            who = "pretrained arms" if pretrained else ", ".join(a.name for a in arms if not a.pretrained)
+        for pretrained, frozen in dict.fromkeys((a.pretrained, spec.frozen(a, stage)) for a in arms):
+            who = ("pretrained arms" if pretrained else ", ".join(a.name for a in arms if not a.pretrained)) + (
+                ", frozen" if frozen else "")
             try:
-                lines.append(f"{stage} ({who}): {describe_recipe(section.config, options, processes, pretrained)}")
+                lines.append(f"{stage} ({who}): "
+                             f"{describe_recipe(section.config, options, processes, pretrained, frozen)}")
             except StageError as e:
                 problems.append(str(e))
         mm = load_mm_config(section.config)

@@ -31,7 +31,7 @@ from typing import Any
 from classification.artifacts import atomic_write_json
 from lifecycle import progress
 from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS
-from study.plan import REPO, Step, command
+from study.plan import FROZEN, REPO, Step, command
 from study.spec import STAGES
 
 _ERROR_LINE = re.compile(r"^(error:|\w+(\.\w+)*(Error|Exception)\b)")
@@ -78,7 +78,8 @@ def read_status(work_dir: Path) -> list[dict[str, Any]]:
         if e.get("status") == RUNNING and e.get("host") == socket.gethostname() and not Path(
                 f"/proc/{e.get('pid')}").exists():  # Linux: the process is gone
             e.update(status=NOT_FINISHED, error=f"its study process (pid {e.get('pid')}) is gone; rerun to resume")
-    return sorted(entries, key=lambda e: (str(e.get("arm")), str(e.get("seed")), STAGES.index(e.get("stage"))))
+    return sorted(entries, key=lambda e: (str(e.get("arm")), str(e.get("seed")),
+                                          STAGES.index(str(e.get("stage")).removesuffix(FROZEN))))
 
 
 def status_table(entries: list[dict[str, Any]]) -> str:

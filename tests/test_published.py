@@ -378,7 +378,7 @@ def test_published_study_arms_resolve_to_variants_and_normalisations(monkeypatch
 def test_published_study_dry_runs(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(REPO)
     assert cli.main(["configs/studies/published.yaml", "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     # export + detection + segmentation per published arm; the control runs the last two.
     assert len(lines) == 3 * len(PUBLISHED_ARMS) + 2
     exports = [ln for ln in lines if "tools/export_backbone.py" in ln]
@@ -387,6 +387,39 @@ def test_published_study_dry_runs(monkeypatch, tmp_path, capsys):
     gluon_d = [ln for ln in lines if "detection.train" in ln and "gluon_d" in ln]
     assert len(gluon_d) == 1 and f"--export {tmp_path / 'w' / 'gluon_d' / 'seed0' / 'export'}" in gluon_d[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_the_frozen_variant_dry_runs_beside_the_fine_tuned_study_sharing_its_exports(monkeypatch, tmp_path, capsys):
+    """published_frozen.yaml: the same backbones with fixed features, into the same work dir: the same export dirs,
+    the downstream runs in det_frozen/ and seg_frozen/ with --frozen-backbone, the protocol lines saying so; an arm's
+    own frozen_backbone wins over its section's, and a non-boolean is refused naming the key."""
+    monkeypatch.chdir(REPO)
+    work = tmp_path / "w"
+    runs = {}
+    for study in ("published", "published_frozen"):
+        assert cli.main([f"configs/studies/{study}.yaml", "--work-dir", str(work), "--dry-run"]) == 0
+        runs[study] = capsys.readouterr().out.splitlines()
+    fine = [ln for ln in runs["published"] if "detection.train" in ln and "--arm gluon_d " in ln]
+    frozen = [ln for ln in runs["published_frozen"] if "detection.train" in ln and "--arm gluon_d " in ln]
+    assert len(fine) == len(frozen) == 1 and "--frozen-backbone" in frozen[0] and "--frozen-backbone" not in fine[0]
+    assert f"--work-dir {work / 'gluon_d' / 'seed0' / 'det_frozen'}" in frozen[0]
+    assert f"--export {work / 'gluon_d' / 'seed0' / 'export'}" in frozen[0]  # the fine-tuned study's export
+    exports = {study: [ln for ln in lines if "export_backbone.py" in ln] for study, lines in runs.items()}
+    assert exports["published"] == exports["published_frozen"]
+    protocol = [ln for ln in runs["published_frozen"] if ln.startswith("#   segmentation (pretrained arms, frozen)")]
+    assert len(protocol) == 1 and protocol[0].endswith(", backbone frozen")
+    assert not work.exists()
+
+    study = yaml.safe_load((REPO / "configs/studies/published_frozen.yaml").read_text())
+    study["arms"]["gluon_d"]["frozen_backbone"] = False
+    (path := tmp_path / "mixed.yaml").write_text(yaml.safe_dump(study))
+    assert cli.main([str(path), "--work-dir", str(work), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{work / 'gluon_d' / 'seed0' / 'det'} " in out and f"{work / 'gluon_c' / 'seed0' / 'det_frozen'} " in out
+    study["segmentation"]["frozen_backbone"] = "yes"
+    path.write_text(yaml.safe_dump(study))
+    assert cli.main([str(path), "--work-dir", str(work), "--dry-run"]) == 2
+    assert "segmentation.frozen_backbone: expected true or false, got 'yes'" in capsys.readouterr().err
 
 
 def test_study_with_a_bad_backbone_gives_one_line(tmp_path, capsys):
