@@ -14,7 +14,7 @@ from typing import Any
 
 from classification.artifacts import STAGES, SummaryError, atomic_write_bytes
 from study import paper
-from study.results import Difference, Results, ResultsError, Stat, load_results, stat
+from study.results import FINE_TUNED, Difference, Results, ResultsError, Stat, load_results, stat
 from study.run import DONE, STATUS_FILE
 from study.transfer_stats import MIN_ARMS, correlation, transfer_ratio
 
@@ -27,7 +27,7 @@ TABLES = (("table6", "Table 6 — classification (ResNet-50-D training refinemen
            (("aAcc", "ADE pixel acc"), ("mIoU", "ADE mIoU"))))
 CSV_METRICS = {"classification": ("top1", "top5", "ema_top1", "ema_top5"), "detection": ("mAP",),
                "segmentation": ("mIoU", "aAcc", "mAcc")}  # results.csv: (stage, metric) -> its paper table's field
-CSV_FIELDS = ("arm", "stage", "metric", "mean", "std", "n", "seeds", "reference", "difference", "ci95_low",
+CSV_FIELDS = ("arm", "stage", "backbone", "metric", "mean", "std", "n", "seeds", "reference", "difference", "ci95_low",
               "ci95_high", "paired_seeds", "paper", "paper_gain", "paper_note")
 
 
@@ -129,6 +129,7 @@ def paper_table(results: Results, key: str, title: str, stage: str, metrics: tup
     return "\n\n".join([f"## {title}{mark}", markdown_table(header, rows), *notes])
 
 
+MODE_TITLE = {FINE_TUNED: "", "frozen": " — backbone frozen (fixed features)"}
 # The downstream metrics whose transfer the report measures: (stage, metric, label, the paper's table).
 TRANSFER_METRICS = (("detection", "mAP", "VOC mAP", "table8"), ("segmentation", "aAcc", "ADE pixel acc", "table9"),
                     ("segmentation", "mIoU", "ADE mIoU", "table9"))
@@ -156,14 +157,15 @@ def _coef(value: float | None, ci: tuple[float, float] | None) -> str:
     return f"{value:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval)")
 
 
-def correlation_section(results: Results) -> str | None:
+def correlation_section(results: Results, mode: str = FINE_TUNED) -> str | None:
     """Across arms: does the exported weights' top-1 predict each downstream metric? Ours and the paper's own."""
     rows, few = [], []
     for stage, metric, label, table in TRANSFER_METRICS:
         points = transfer_points(results, stage, metric)
         if not points:
             continue
-        c, theirs = correlation(points), correlation(paper_points(results, table, metric))
+        # The paper's numbers are of fine-tuned backbones: beside ours only in that mode.
+        c, theirs = correlation(points), mode == FINE_TUNED and correlation(paper_points(results, table, metric))
         if c is None:
             few.append(f"{label}: {len(points)} arm{'s' * (len(points) != 1)} with a top-1 and a {label}")
             continue
@@ -172,7 +174,7 @@ def correlation_section(results: Results) -> str | None:
                         _coef(theirs.pearson, theirs.pearson_ci)) if theirs else (DASH, DASH, DASH))])
     if not rows and not few:
         return None
-    text = ["## Does a better ImageNet backbone transfer better?",
+    text = ["## Does a better ImageNet backbone transfer better?" + MODE_TITLE[mode],
             "Across arms (random init has no top-1 and is not among them): Spearman's rho and Pearson's r between "
             "the exported weights' top-1 and each downstream metric, each arm at its mean over seeds, with a 95 % "
             "bootstrap interval (arms resampled, and each arm's seeds where it has several). The paper's columns "
@@ -187,7 +189,7 @@ def correlation_section(results: Results) -> str | None:
     return "\n\n".join(text)
 
 
-def ratio_section(results: Results) -> str | None:
+def ratio_section(results: Results, mode: str = FINE_TUNED) -> str | None:
     """Per arm: how much of its top-1 difference to the reference shows downstream, and in which direction."""
     ref, tables = results.reference, []
     if ref == paper.RANDOM_INIT:
@@ -199,7 +201,8 @@ def ratio_section(results: Results) -> str | None:
                                results.values(arm, stage, metric), results.values(ref, stage, metric))
             if arm == ref or r is None:
                 continue
-            pt, pm = paper.gain(table, arm, "top1"), paper.gain(table, arm, metric)
+            fine = mode == FINE_TUNED  # the paper's numbers are of fine-tuned backbones
+            pt, pm = (paper.gain(table, arm, "top1"), paper.gain(table, arm, metric)) if fine else (None, None)
             if pt is not None and pm is not None and pt > 0 > pm:
                 paper_hurt.append(f"{paper.display_name(arm)} (top-1 {fmt_diff(pt)}, {label} {fmt_diff(pm)})")
             same = {True: "yes", False: "no", None: DASH}[r.same_direction]
@@ -222,7 +225,7 @@ def ratio_section(results: Results) -> str | None:
                    if paper_hurt else ""))
     if not tables:
         return None
-    return "\n\n".join([f"## Transfer ratio against {paper.display_name(ref)}",
+    return "\n\n".join([f"## Transfer ratio against {paper.display_name(ref)}{MODE_TITLE[mode]}",
                          "Each arm's downstream difference to the reference over its top-1 difference (paired seeds; "
                          "95 % bootstrap interval over seeds where there are several): 1 means a point of top-1 "
                          "brings a point downstream, 0 that none of it transfers, below 0 that the metric moved the "
@@ -255,35 +258,54 @@ def write_file(path: Path, data: bytes) -> None:
 
 
 def transfer_gain(results: Results, path: Path) -> str | None:
-    """Downstream difference to the reference arm against the backbone's top-1, ours filled; the paper's gains over
-    its B-standard hollow beside them, for the paper's arms (matplotlib's object API on the Agg canvas, no pyplot).
-    None when written, else why not. (Each run's training curves: its TensorBoard log, cls/tb/.)"""
+    """One panel per task and backbone mode: each arm's downstream difference to the reference against its backbone's
+    top-1, with error bars (sample std over seeds, both axes), the least-squares line through ours and Spearman's
+    rho in its legend; the paper's gains over its B-standard hollow beside them on the fine-tuned panels (its numbers
+    are fine-tuned). matplotlib's object API on the Agg canvas, no pyplot. None when written, else why not. (Each
+    run's training curves: its TensorBoard log, cls/tb/.)"""
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ref, fig = results.reference, Figure(figsize=(7.0, 4.5), dpi=110)
+    panels = []
+    for mode in results.modes:
+        view = results.in_mode(mode)
+        for stage, metric, table, label, marker, color in (("detection", "mAP", "table8", "VOC mAP", "o", "tab:blue"),
+                                                           ("segmentation", "mIoU", "table9", "ADE mIoU", "s", "C1")):
+            ours = [(arm, t.mean, t.std or 0.0, d.mean, view.stat(arm, stage, metric).std or 0.0)
+                    for arm in view.arms if (t := stat(view.backbone_top1(arm)))
+                    and (d := view.difference(arm, stage, metric, view.reference))]
+            if ours:
+                panels.append((mode, view, stage, metric, table, label, marker, color, ours))
+    if not panels:
+        return f"no arm has both a top-1 and a downstream difference to {results.reference}"
+    fig = Figure(figsize=(6.2 * min(2, len(panels)), 4.4 * ((len(panels) + 1) // 2)), dpi=110)
     FigureCanvasAgg(fig)
-    ax, drawn = fig.subplots(), False
-    for stage, metric, table, label, marker, color in (("detection", "mAP", "table8", "VOC mAP", "o", "tab:blue"),
-                                                       ("segmentation", "mIoU", "table9", "ADE mIoU", "s", "C1")):
-        if not (ours := [(arm, t.mean, d.mean) for arm in results.arms if (t := stat(results.backbone_top1(arm)))
-                         and (d := results.difference(arm, stage, metric, ref))]):
-            continue
-        drawn = True
-        ax.scatter([o[1] for o in ours], [o[2] for o in ours], marker=marker, color=color, label=f"ours: {label}")
-        for arm, x, y in ours:
-            ax.annotate(paper.display_name(arm), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        theirs = [t for a, _, _ in ours if None not in (t := (paper.value(table, a, "top1"), paper.gain(table, a,
-                                                                                                         metric)))]
-        if theirs and ref == paper.B_STANDARD:  # the paper's gains are over its B-standard row
+    axes = list(fig.subplots((len(panels) + 1) // 2, min(2, len(panels)), squeeze=False).flat)
+    for ax, (mode, view, stage, metric, table, label, marker, color, ours) in zip(axes, panels):
+        arms, x, xerr, y, yerr = zip(*ours)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=color, capsize=3,
+                    label="ours (± std over seeds)")
+        for arm, xi, yi in zip(arms, x, y):
+            ax.annotate(paper.display_name(arm), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if len(ours) >= 2 and np.ptp(x) > 0:
+            slope, intercept = np.polyfit(x, y, 1)
+            c = correlation(transfer_points(view, stage, metric))
+            rho = (f"Spearman rho {c.spearman:+.2f} (n={c.n})" if c and c.spearman is not None else
+                   f"n={len(ours)}: no rho (needs {MIN_ARMS} arms)")
+            xs = np.array([min(x), max(x)])
+            ax.plot(xs, slope * xs + intercept, color=color, linewidth=1, linestyle="--", label=f"fit; {rho}")
+        theirs = [t for a in arms if None not in (t := (paper.value(table, a, "top1"), paper.gain(table, a, metric)))]
+        if theirs and mode == FINE_TUNED and view.reference == paper.B_STANDARD:  # its gains are over B-standard
             ax.scatter(*zip(*theirs), marker=marker, facecolors="none", edgecolors=color,
-                       label=f"paper: {label} (ImageNet top-1)")
-    if not drawn:
-        return f"no arm has both a top-1 and a downstream difference to {ref}"
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set(xlabel=f"backbone top-1 (%); ours on {results.classification_data()}",
-           ylabel=f"difference to {paper.display_name(ref)} (points)", title="Transfer: downstream gain vs top-1")
-    ax.legend(fontsize=8)
+                       label="paper (ImageNet top-1, its gain)")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set(xlabel=f"backbone top-1 (%); ours on {view.classification_data()}",
+               ylabel=f"{label}: difference to {paper.display_name(view.reference)}",
+               title=f"{label}, backbone {mode}")
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels):]:  # an odd number of panels leaves one empty
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(buf := io.BytesIO(), format="png")
     write_file(path, buf.getvalue())
@@ -291,18 +313,23 @@ def transfer_gain(results: Results, path: Path) -> str | None:
 
 
 def csv_rows(results: Results) -> list[dict[str, str]]:
-    rows, ref = [], results.reference
-    for arm, stage, metric in ((a, st, m) for a in results.arms for st in STAGES for m in CSV_METRICS[st]):
-        if (s := results.stat(arm, stage, metric)) is not None:
-            d = results.difference(arm, stage, metric, ref) if arm != ref else None
+    """One row per arm, stage, backbone mode (downstream) and metric; differences within the mode."""
+    rows, num = [], lambda x, f=".4f": "" if x is None else format(x, f)  # noqa: E731
+    for i, mode in enumerate(results.modes or [FINE_TUNED]):
+        view = results.in_mode(mode)
+        ref = view.reference
+        for arm, stage, metric in ((a, st, m) for a in view.arms for st in STAGES for m in CSV_METRICS[st]):
+            if (stage == "classification" and i) or (s := view.stat(arm, stage, metric)) is None:
+                continue  # classification rows once
+            d = view.difference(arm, stage, metric, ref) if arm != ref else None
             table = next(t[0] for t in TABLES if t[2] == stage)
             fld = metric if metric in next(iter(paper.TABLES[table].values()))._fields else None  # not mAcc
             p = paper.value(table, arm, fld) if fld else None
             pg = paper.gain(table, arm, fld) if fld and arm != paper.B_STANDARD else None
-            num = lambda x, f=".4f": "" if x is None else format(x, f)  # noqa: E731
-            rows.append(dict(arm=arm, stage=stage, metric=metric, mean=num(s.mean), std=num(s.std), n=str(s.n),
-                             seeds=";".join(map(str, s.seeds)), reference=ref if d else "", paper=num(p, ".2f"),
-                             difference=num(d and d.mean), ci95_low=num(d and d.low), ci95_high=num(d and d.high),
+            rows.append(dict(arm=arm, stage=stage, backbone="" if stage == "classification" else mode, metric=metric,
+                             mean=num(s.mean), std=num(s.std), n=str(s.n), seeds=";".join(map(str, s.seeds)),
+                             reference=ref if d else "", paper=num(p, ".2f"), difference=num(d and d.mean),
+                             ci95_low=num(d and d.low), ci95_high=num(d and d.high),
                              paired_seeds=str(d.n) if d else "", paper_gain=num(pg, ".2f"),
                              paper_note=fld and paper.unverified(table, arm, fld) or ""))
     return rows
@@ -312,7 +339,13 @@ def write_report(results: Results, out: Path) -> str:
     """Write REPORT.md, results.csv and the plots into ``out``; return what to print."""
     out.mkdir(parents=True, exist_ok=True)
     written = {"transfer_gain.png": transfer_gain(results, out / "transfer_gain.png")}
-    tables = [paper_table(results, *t) for t in TABLES if results.select(stage=t[2])]
+    # Every table and statistic compares runs of one backbone mode: fine-tuned, then frozen (Table 6 once).
+    views = {mode: results.in_mode(mode) for mode in results.modes or [FINE_TUNED]}
+    tables = [paper_table(view, key, title + MODE_TITLE[mode], stage, metrics) for mode, view in views.items()
+              for key, title, stage, metrics in TABLES
+              if view.select(stage=stage) and (stage != "classification" or mode == next(iter(views)))]
+    sections = [s for mode, view in views.items()
+                for s in (correlation_section(view, mode), ratio_section(view, mode)) if s]
     absent = [f"{t[1][:7]}: no {t[2]} summaries in this study." for t in TABLES if not results.select(stage=t[2])]
     counts = ", ".join(f"{len(results.select(stage=s))} {s}" for s in STAGES)
     md = ["# Bag of Tricks transfer study", f"Study `{results.root}`: {len(results.runs)} summaries ({counts}); arms: "
@@ -320,8 +353,8 @@ def write_report(results: Results, out: Path) -> str:
           "Numbers are percentages; with several seeds a cell reads mean ± sample std (n−1) over n seeds, `—` marks "
           "a missing cell. Ours are differences to this study's reference arm over the seeds both ran, with a 95 % "
           "t-interval in brackets; the paper's gains are its rows against its own B-standard row. The paper's "
-          "protocols differ from ours, so compare differences, not absolutes.", *tables, *absent,
-          *filter(None, [correlation_section(results), ratio_section(results)]), "## Plots"]
+          "protocols differ from ours, so compare differences, not absolutes.", *tables, *absent, *sections,
+          "## Plots"]
     md += [f"![{n[:-4]}]({n})" if why is None else f"- `{n}` skipped: {why}." for n, why in written.items()]
     missing = missing_stages(results)
     md += ["## Missing", "\n".join(f"- {m}" for m in missing) or "None: every arm and seed has every stage."]
@@ -332,8 +365,8 @@ def write_report(results: Results, out: Path) -> str:
                                                         + [" ".join(str(e.get("error") or DASH).split())[:200]]
                                                         for e in not_done]) if not_done else
                f"`{STATUS_FILE}` lists every stage done ({len(results.status)} entries)."]
-    prov = [[arm_label(r.arm), r.stage, str(r.seed), str((r.summary.get("config") or {}).get("name") or DASH),
-             _backbone(r), f"`{r.path.as_posix()}`"]
+    prov = [[arm_label(r.arm), r.stage + (f" ({r.mode})" if r.mode not in (None, FINE_TUNED) else ""), str(r.seed),
+             str((r.summary.get("config") or {}).get("name") or DASH), _backbone(r), f"`{r.path.as_posix()}`"]
             for r in sorted(results.runs, key=lambda r: (paper.arm_sort_key(r.arm), STAGES.index(r.stage), r.seed))]
     md += ["## Provenance", "Summary paths are relative to the study directory.",
            markdown_table(["arm", "stage", "seed", "config", "backbone", "summary"], prov)]

@@ -19,6 +19,7 @@ from study import paper
 from study.run import STATUS_FILE, read_status
 
 CONFIDENCE = 0.95
+FINE_TUNED, FROZEN = "fine-tuned", "frozen"  # a downstream run's backbone (its summary's protocol.backbone)
 
 
 class ResultsError(UserError, ValueError):
@@ -32,6 +33,11 @@ class Run:
     stage = property(lambda self: self.summary["stage"])
     arm = property(lambda self: self.summary["arm"])
     seed = property(lambda self: self.summary["seed"])
+
+    @property
+    def mode(self) -> str | None:  # downstream: fine-tuned (summaries before the frozen mode: all) or frozen
+        return None if self.stage == "classification" else (self.summary.get("protocol") or {}).get("backbone",
+                                                                                                     FINE_TUNED)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,16 @@ class Results:
     def reference(self) -> str:  # the arm the others are compared with
         return paper.B_STANDARD if paper.B_STANDARD in self.arms else paper.RANDOM_INIT
 
+    @property
+    def modes(self) -> list[str]:
+        """The backbone modes of the downstream runs, fine-tuned first."""
+        return sorted({r.mode for r in self.runs if r.mode}, key=[FINE_TUNED, FROZEN].index)
+
+    def in_mode(self, mode: str) -> Results:
+        """The classification runs and the downstream runs of one backbone mode: every table, finding and statistic
+        compares runs of one mode."""
+        return Results(self.root, [r for r in self.runs if r.mode in (None, mode)], self.status)
+
     def select(self, arm: str | None = None, stage: str | None = None) -> list[Run]:
         return [r for r in self.runs if arm in (None, r.arm) and stage in (None, r.stage)]
 
@@ -151,9 +167,13 @@ def load_results(study_dir: str | Path) -> Results:
                    "has no 'metrics' dict" if not isinstance(s.get("metrics"), dict) else None)
         if problem:
             raise ResultsError(f"{p}: summary {problem}; rerun the stage that writes it")
-        if (key := (s["arm"], s["stage"], s["seed"])) in seen:
+        run = Run(p.relative_to(root), s)
+        if run.mode not in (None, FINE_TUNED, FROZEN):
+            raise ResultsError(f"{p}: protocol.backbone is {run.mode!r}, not {FINE_TUNED!r} or {FROZEN!r}; rerun the "
+                               f"{s['stage']} stage")
+        if (key := (s["arm"], s["stage"], s["seed"], run.mode)) in seen:
             raise ResultsError(f"{p}: second {s['stage']} summary for arm {s['arm']!r} seed {s['seed']} (first: "
                                f"{seen[key]}); remove the one that does not belong")
         seen[key] = p
-        runs.append(Run(p.relative_to(root), s))
+        runs.append(run)
     return Results(root, runs, read_status(root) if (root / STATUS_FILE).exists() else None)

@@ -72,6 +72,28 @@ def test_identical_paired_differences_are_unknown_spread_not_certainty():
     assert d.mean == 1.0 and d.n == 2 and d.identical and (d.low, d.high) == (None, None) and d.direction is None
 
 
+def test_fixed_feature_and_fine_tuned_runs_are_reported_apart(study, tmp_path):
+    """Frozen-backbone runs of the same arms (protocol.backbone "frozen", their own run dirs): Table 8 once per mode,
+    and each mode's correlation from its own runs (here mAP = top-1 - 20: rho and r exactly 1)."""
+    for arm, seeds in ARMS.items():
+        for seed, (top1, _) in seeds.items():
+            write_summary(study / arm / f"seed{seed}" / "det_frozen" / "summary.json", stage="detection", arm=arm,
+                          seed=seed, metrics=dict(mAP=top1 - 20), config={}, wall_time_s=1.0,
+                          protocol=dict(dataset="voc0712", backbone="frozen"))
+    assert main([str(study), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "REPORT.md").read_text()
+    titles = [line for line in md.splitlines() if line.startswith("## Table 8")]
+    assert len(titles) == 2 and titles[1].endswith("— backbone frozen (fixed features)")
+    assert "## Does a better ImageNet backbone transfer better? — backbone frozen (fixed features)" in md
+    fine, frozen = md.split("## Does a better ImageNet backbone transfer better?")[1:]
+    assert f"| VOC mAP | 4 | {RHO:+.2f} [" in fine and "| 3 | +1.00 [+1.00, +1.00] |" in fine  # the paper's 3 arms
+    assert "| VOC mAP | 4 | +1.00 [+1.00, +1.00] | +1.00 [+1.00, +1.00] | — | — | — |" in frozen  # its are fine-tuned
+    assert "| detection (frozen) | 0 |" in md  # provenance names the mode
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert sum(",detection,frozen,mAP," in r for r in rows) == 4 and sum(",detection,fine-tuned,mAP," in r
+                                                                          for r in rows) == 4
+
+
 def test_report_prints_correlation_and_transfer_ratio_tables(study, tmp_path):
     assert main([str(study), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "REPORT.md").read_text()
