@@ -169,6 +169,32 @@ def test_transfer_scripts_resolve_their_source(tiny_export, tmp_path):
     assert usage.returncode == 2 and "SRC" in usage.stdout
 
 
+def test_a_frozen_backbone_run_trains_its_heads_and_leaves_every_backbone_tensor_as_exported(tiny_data, tiny_export,
+                                                                                              tmp_path):
+    """tools/transfer_det.sh --frozen-backbone: after training, every backbone tensor in the checkpoint (weights and
+    BatchNorm statistics) is the export's, the heads moved, and the summary's protocol says frozen."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    s = STAGES["detection"]
+    out = subprocess.run(["bash", str(REPO / "tools/transfer_det.sh"), str(tiny_export), "--frozen-backbone",
+                          "--config", str(REPO / s["config"]), "--data-root", str(tiny_data / s["data"]),
+                          "--work-dir", str(tmp_path / "run"), "--", *s["short"],
+                          "default_hooks.checkpoint.interval=1"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "backbone frozen" in out.stdout
+    summary = read_summary(tmp_path / "run" / "summary.json")
+    assert summary["protocol"]["backbone"] == "frozen" and summary["config"]["frozen_changes"]
+    exported = torch.load(tiny_export / "backbone.pth", map_location="cpu", weights_only=True)
+    exported = exported.get("state_dict", exported)
+    state = torch.load(tmp_path / "run" / "iter_2.pth", map_location="cpu", weights_only=False)["state_dict"]
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    assert backbone and all(torch.equal(v, exported[k]) for k, v in backbone.items() if k in exported)
+    assert sum(k in exported for k in backbone) > 300  # weights, biases and BN statistics alike
+    first = torch.load(tmp_path / "run" / "iter_1.pth", map_location="cpu", weights_only=False)["state_dict"]
+    heads = [k for k in state if k.startswith(("rpn_head.", "roi_head.bbox_head.")) and state[k].is_floating_point()]
+    assert heads and any(not torch.equal(first[k], state[k]) for k in heads)  # the heads trained between iterations
+
+
 def test_c4_detector_holds_the_export_in_backbone_and_shared_head(tiny_data, tiny_export, tmp_path):
     """configs/detection/faster-rcnn_r50_c4_voc0712.py (no FPN, the paper's protocol): stem + stages 1-3 in the
     backbone, stage 4 in roi_head.shared_head (with ResNet-D's avg-pool shortcut), both verified; a step trains."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared body of tools/transfer_det.sh and tools/transfer_seg.sh:
 #   tools/transfer_stage.sh detection|segmentation SRC [--config CFG] [--data-root ROOT] [--work-dir DIR]
-#                           [--variant V] [--allow-synthetic] [--debug] [-- k=v ...]
+#                           [--variant V] [--allow-synthetic] [--frozen-backbone] [--debug] [-- k=v ...]
 # SRC: an export dir, a classification run dir (exported beside it first), published weights (timm:NAME, e.g.
 # timm:resnet50d.gluon_in1k, or torchvision:WEIGHTS), a timm/torchvision weights file (--variant A|B|C|D where its
 # keys fit several variants), or 'none' (random-init control arm). Published weights and files are exported once
@@ -18,7 +18,8 @@ case $stage in
     *) echo "error: unknown stage $stage (detection or segmentation)" >&2; exit 2 ;;
 esac
 name=$(basename "$src")
-work_dir=work_dirs/$stage/${name//:/_}  # timm:resnet50d.gluon_in1k -> timm_resnet50d.gluon_in1k
+work_dir=  # default: work_dirs/$stage/<source>, with _frozen for a frozen backbone (below)
+frozen=
 variant=()
 extra=()
 while [[ $# -gt 0 ]]; do
@@ -28,11 +29,13 @@ while [[ $# -gt 0 ]]; do
         --work-dir) work_dir=$2; shift 2 ;;
         --variant) variant=(--variant "$2"); shift 2 ;;
         --allow-synthetic) extra+=(--allow-synthetic); shift ;;
+        --frozen-backbone) extra+=(--frozen-backbone); frozen=_frozen; shift ;;  # fixed-feature transfer
         --debug) export BOT_DEBUG=1; shift ;;  # tracebacks instead of one-line errors (lifecycle/errors.py)
         --) shift; break ;;
         *) echo "error: unknown option $1 (see the usage at the top of $0)" >&2; exit 2 ;;
     esac
 done
+work_dir=${work_dir:-work_dirs/$stage/${name//:/_}$frozen}  # timm:resnet50d.gluon_in1k -> timm_resnet50d.gluon_in1k
 export_dir=$("$PY" -m transfer.source "$src" "${variant[@]}")
 args=(--export "$export_dir" --config "$config" --data-root "$data_root" --work-dir "$work_dir" "${extra[@]}")
 [[ $# -gt 0 ]] && args+=(--cfg-options "$@")
