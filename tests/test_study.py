@@ -329,7 +329,8 @@ def test_shipped_study_files_dry_run(study_file, tmp_path, capsys):
     """The shipped studies parse and print one command per arm and stage (the data need not exist to plan)."""
     path = REPO / "configs" / "studies" / study_file
     assert cli.main([str(path), "--work-dir", str(tmp_path / "w"), "--dry-run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if not line.startswith("#")]  # the commands, after the stages' protocol lines
     arms = yaml.safe_load(path.read_text())["arms"]
     pretrained = [a for a, spec in arms.items() if spec["classification"]]
     # classification + export + detection + segmentation per pretrained arm; the control runs the last two.
@@ -410,7 +411,9 @@ def test_paper_study_on_slurm_dry_run_prints_two_jobs_per_arm(tmp_path, capsys):
     assert cli.main([str(paper), "--work-dir", str(tmp_path / "w"), "--executor", "slurm", "--dry-run", "--nodes",
                      "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "600", "--account", "vision",
                      "--slurm", "qos=high", "cpus_per_task=40"]) == 0
-    jobs = capsys.readouterr().out.split("\n# job ")  # each job: its stages' commands, then its sbatch file
+    protocol, jobs = capsys.readouterr().out.split("\n# job ", 1)  # first every stage's protocol on 8 processes
+    assert protocol.startswith("# protocol on 2 node(s) x 4 GPU(s)") and "= 8 x 2 x 1 accumulation steps" in protocol
+    jobs = ("# job " + jobs).split("\n# job ")  # each job: its stages' commands, then its sbatch file
     arms = list(yaml.safe_load(paper.read_text())["arms"])
     names = [f"{a}.seed0.imagenet" for a in arms if a != "random_init"] + [f"{a}.seed0.transfer" for a in arms]
     assert len(jobs) == 15 and not (tmp_path / "w").exists()
