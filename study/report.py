@@ -374,7 +374,7 @@ def write_report(results: Results, out: Path) -> str:
     (writer := csv.DictWriter(buf := io.StringIO(), fieldnames=CSV_FIELDS, lineterminator="\n")).writeheader()
     writer.writerows(csv_rows(results))
     write_file(out / "results.csv", buf.getvalue().encode())
-    lines = [*tables, *absent] + (["Missing: " + "; ".join(missing)] if missing else [])
+    lines = [*tables, *absent, *sections] + (["Missing: " + "; ".join(missing)] if missing else [])
     lines += [f"Not done ({STATUS_FILE}): " + "; ".join(f"{e.get('arm')} seed {e.get('seed')} {e.get('stage')}: "
                                                          f"{e.get('status')}" for e in not_done)] if not_done else []
     return "\n\n".join([*lines, f"wrote {out / 'REPORT.md'}, {out / 'results.csv'} and "

@@ -72,15 +72,22 @@ def test_identical_paired_differences_are_unknown_spread_not_certainty():
     assert d.mean == 1.0 and d.n == 2 and d.identical and (d.low, d.high) == (None, None) and d.direction is None
 
 
-def test_fixed_feature_and_fine_tuned_runs_are_reported_apart(study, tmp_path):
+def test_fixed_feature_and_fine_tuned_runs_are_reported_apart(study, tmp_path, capsys):
     """Frozen-backbone runs of the same arms (protocol.backbone "frozen", their own run dirs): Table 8 once per mode,
-    and each mode's correlation from its own runs (here mAP = top-1 - 20: rho and r exactly 1)."""
+    and each mode's correlation from its own runs (here mAP = top-1 - 20: rho and r exactly 1), printed for both
+    tasks."""
     for arm, seeds in ARMS.items():
         for seed, (top1, _) in seeds.items():
-            write_summary(study / arm / f"seed{seed}" / "det_frozen" / "summary.json", stage="detection", arm=arm,
-                          seed=seed, metrics=dict(mAP=top1 - 20), config={}, wall_time_s=1.0,
-                          protocol=dict(dataset="voc0712", backbone="frozen"))
+            common = dict(arm=arm, seed=seed, config={}, wall_time_s=1.0)
+            write_summary(study / arm / f"seed{seed}" / "det_frozen" / "summary.json", stage="detection",
+                          metrics=dict(mAP=top1 - 20), protocol=dict(dataset="voc0712", backbone="frozen"), **common)
+            write_summary(study / arm / f"seed{seed}" / "seg_frozen" / "summary.json", stage="segmentation",
+                          metrics=dict(mIoU=top1 - 50, aAcc=100 - top1, mAcc=1.0),
+                          protocol=dict(dataset="ade", backbone="frozen"), **common)
     assert main([str(study), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out.split("transfer better? — backbone frozen")[1]
+    assert "| VOC mAP | 4 | +1.00 [" in printed and "| ADE mIoU | 4 | +1.00 [" in printed
+    assert "| ADE pixel acc | 4 | -1.00 [" in printed and "Transfer ratio against B-standard" in printed
     md = (tmp_path / "out" / "REPORT.md").read_text()
     titles = [line for line in md.splitlines() if line.startswith("## Table 8")]
     assert len(titles) == 2 and titles[1].endswith("— backbone frozen (fixed features)")
