@@ -167,7 +167,7 @@ def correlation_section(results: Results, mode: str = FINE_TUNED) -> str | None:
         # The paper's numbers are of fine-tuned backbones: beside ours only in that mode.
         c, theirs = correlation(points), mode == FINE_TUNED and correlation(paper_points(results, table, metric))
         if c is None:
-            few.append(f"{label}: {len(points)} arm{'s' * (len(points) != 1)} with a top-1 and a {label}")
+            few.append(f"{label}: {len(points)} arm{'s' * (len(points) != 1)} with both numbers")
             continue
         rows.append([label, str(c.n), _coef(c.spearman, c.spearman_ci), _coef(c.pearson, c.pearson_ci),
                      *((str(theirs.n), _coef(theirs.spearman, theirs.spearman_ci),

@@ -106,8 +106,8 @@ def test_report_prints_correlation_and_transfer_ratio_tables(study, tmp_path):
     md = (tmp_path / "out" / "REPORT.md").read_text()
     (row,) = [line for line in md.splitlines() if line.startswith("| VOC mAP | 4 |")]
     assert f"| {RHO:+.2f} [" in row and f"| {R:+.2f} [" in row
-    assert ("Not shown (a correlation needs at least 3 arms; two points always lie on a line): ADE pixel acc: 2 arms"
-            in md)
+    assert ("Not shown (a correlation needs at least 3 arms; two points always lie on a line): ADE pixel acc: 2 arms "
+            "with both numbers" in md)
     assert "| + cosine (d_cosine) | +1.50 | +1.50 | +1.00 [+0.50, +2.00] | yes | 2 |" in md
     assert "| + mixup (d_mixup) | +2.00 | +1.50 | +0.75 [+0.50, +1.00] | yes | 2 |" in md
     assert "| x_tie | +1.50 | -1.00 | -0.67 [" in md and "| no | 2 |" in md
