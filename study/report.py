@@ -1,6 +1,8 @@
-"""The study report, rendered from study/results.py: ``python tools/report.py STUDY_DIR --out REPORT_DIR`` writes
-REPORT.md (Tables 6, 8, 9, ours beside the paper's, with findings that name a direction only when the 95 % interval
-excludes zero; the gain plot; what is missing or not done; provenance) and results.csv, and prints the tables."""
+"""The study report, rendered from study/results.py and study/transfer_stats.py: ``python tools/report.py STUDY_DIR
+--out REPORT_DIR`` writes REPORT.md (Tables 6, 8, 9, ours beside the paper's, with findings that name a direction
+only when the 95 % interval excludes zero; across arms, the correlation of top-1 with each downstream metric and
+each arm's transfer ratio; fine-tuned and frozen-backbone runs apart; the gain plot; what is missing or not done;
+provenance) and results.csv, and prints the tables and the across-arm sections."""
 
 from __future__ import annotations
 
