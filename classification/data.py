@@ -270,11 +270,16 @@ class ImageFolderData(Dataset):
             except (*DECODE_ERRORS, ImageModeError) as e:
                 if self.skip_bad:
                     return None, -1
-                if isinstance(e, ImageModeError):  # already names the file and the fix
-                    raise DataError(f"{e}; or set bad_images=skip") from e
-                raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e}); replace or delete it, or set "
-                                f"bad_images=skip") from e
+                raise unreadable(path, e) from e
             return self.transform(img), label
+
+
+def unreadable(path: str, e: Exception) -> DataError:
+    """The error for an image that cannot be decoded (bad_images=error), naming the file and the fixes."""
+    if isinstance(e, ImageModeError):  # already names the file and the fix
+        return DataError(f"{e}; or set bad_images=skip")
+    return DataError(f"{path}: unreadable image ({type(e).__name__}: {e}); replace or delete it, or set "
+                     f"bad_images=skip")
 
 
 class EpochSampler(Sampler):
@@ -330,17 +335,25 @@ def _worker_init(worker_id: int, owner: int) -> None:
     random.seed(seed)
 
 
-def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool):
-    """(train loader of device_batch passes, val loader, train sampler, class names); call cfg.accumulation first."""
+def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool, device: str | torch.device = "cpu"):
+    """(train loader of device_batch passes, val loader, train sampler, class names); call cfg.accumulation first.
+    With ``decode: gpu`` both loaders yield batches already decoded and augmented on ``device``."""
     root = Path(cfg.data_root)
     problem = synthetic_problem(root, cfg.allow_synthetic)
     if problem:
         raise DataError(problem)
     skip = cfg.bad_images == "skip"
-    fast_jpeg = cfg.decode == "simplejpeg"
-    train_set = ImageFolderData(root / "train", train_transform(cfg, crop=not fast_jpeg), seed=cfg.seed,
-                                skip_bad=skip, decode=JpegCropDecoder(cfg) if fast_jpeg else None)
-    val_set = ImageFolderData(root / "val", eval_transform(cfg), seed=cfg.seed, skip_bad=skip)
+    on_device = cfg.decode == "gpu"
+    if on_device:  # workers read bytes and draw; the device decodes and augments (classification/device_data.py)
+        from .device_data import DeviceAugment, DeviceLoader, EvalDraws, ReadJpeg, TrainDraws, raw_collate
+
+        train_set = ImageFolderData(root / "train", TrainDraws(cfg), seed=cfg.seed, skip_bad=skip, decode=ReadJpeg())
+        val_set = ImageFolderData(root / "val", EvalDraws(cfg), seed=cfg.seed, skip_bad=skip, decode=ReadJpeg())
+    else:
+        fast_jpeg = cfg.decode == "simplejpeg"
+        train_set = ImageFolderData(root / "train", train_transform(cfg, crop=not fast_jpeg), seed=cfg.seed,
+                                    skip_bad=skip, decode=JpegCropDecoder(cfg) if fast_jpeg else None)
+        val_set = ImageFolderData(root / "val", eval_transform(cfg), seed=cfg.seed, skip_bad=skip)
     mismatch = class_mismatch(root, train_set.classes, val_set.classes)
     if mismatch:
         raise DataError(mismatch)
@@ -349,11 +362,16 @@ def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool):
                         f"({cfg.global_batch}); lower global_batch")
     sampler = EpochSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed,
                            device_batch=cfg.device_batch, accumulation=cfg.accumulation(world_size))
-    common = dict(num_workers=cfg.workers, pin_memory=pin_memory, collate_fn=collate,
+    common = dict(num_workers=cfg.workers, pin_memory=pin_memory and not on_device,
+                  collate_fn=raw_collate if on_device else collate,
                   worker_init_fn=functools.partial(_worker_init, owner=os.getpid()),
                   persistent_workers=cfg.persistent_workers and cfg.workers > 0)
     train = DataLoader(train_set, batch_size=cfg.device_batch, sampler=sampler, drop_last=True, **common)
     # Evaluation: each rank takes every world_size-th image, no padding, so the reduced counts are exact.
     val = DataLoader(val_set, batch_size=cfg.device_batch, sampler=list(range(rank, len(val_set), world_size)),
                      shuffle=False, **common)
+    if on_device:
+        device = torch.device(device)
+        train = DeviceLoader(train, DeviceAugment(cfg, device, train=True, skip_bad=skip))
+        val = DeviceLoader(val, DeviceAugment(cfg, device, train=False, skip_bad=skip))
     return train, val, sampler, train_set.classes

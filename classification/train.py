@@ -62,7 +62,7 @@ log = logging.getLogger("classification")
 
 # Keys that may change between a run and its resume without changing the result.
 RUNTIME_KEYS = {"name", "data_root", "workers", "pin_memory", "persistent_workers", "log_interval",
-                "checkpoint_interval", "compile", "max_steps", "allow_synthetic"}
+                "checkpoint_interval", "compile", "compile_backend", "max_steps", "allow_synthetic"}
 
 
 class TrainingError(UserError, RuntimeError):
@@ -149,13 +149,31 @@ class EpochTally:
                     bad_images=self.bad)
 
 
-def first_pass_statistics(bns: list[torch.nn.Module], momenta: list, first: bool) -> None:
+class FirstPassStatistics:
     """BatchNorm running statistics move once per update, on its first device batch. Under DDP the statistics are
     rank 0's (DDP broadcasts them before every forward), which rank 0 updated from its first chunk; with
-    accumulation the later passes would update them again. Freezing them after the first pass makes them, and
-    so the evaluated top-1, the same on any number of processes."""
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum if first else 0.0
+    accumulation the later passes would update them again. Restoring them after each later pass makes
+    them, and so the evaluated top-1, the same on any number of processes. (Restored, not frozen by setting the
+    momentum to 0: a changed module attribute makes torch.compile compile the model a second time.)"""
+
+    def __init__(self, model: torch.nn.Module):
+        self.buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                        for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self.saved = [b.clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)  # one kernel launch, not one per buffer
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved)
+
+
+def close_batches(batches) -> None:
+    """End a loader iterator left early: decode=gpu's holds a thread reading the DataLoader (device_data.py)."""
+    if hasattr(batches, "close"):
+        batches.close()
 
 
 def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, ema, cfg: Config, epoch: int,
@@ -185,69 +203,77 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
         return EpochTally(loss, counted, int(skipped.item()), int(n), int(n_bad), data_wait,
                           carry.elapsed_s + time.perf_counter() - t_start)
     batches = iter(loader)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    t_start = time.perf_counter()
-    for step in range(first_step, iters_per_epoch):
-        global_step = epoch * iters_per_epoch + step
-        if cfg.max_steps and global_step >= cfg.max_steps:  # the same step on every rank: no collective needed
-            return dict(stopped_at=step, reason=f"max_steps={cfg.max_steps}", tally=tally())
-        scheduler.step_update(num_updates=global_step + 1)  # lr of update i is schedule(i + 1), see tricks.py
-        optimizer.zero_grad(set_to_none=True)
-        loss_update = torch.zeros((), device=device)
-        for m in range(accumulation):
-            t_wait = time.perf_counter()
-            x, y, n_bad = next(batches)
-            data_wait += time.perf_counter() - t_wait
-            bad += n_bad
-            if len(x) < 2:  # BatchNorm needs two samples; skipping the batch on one rank would hang DDP
-                raise DataError(f"epoch {epoch} step {step + 1}: {n_bad} unreadable images left {len(x)} in the "
-                                f"batch; run tools/check_data.py imagenet {cfg.data_root}")
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if mixup is not None:
-                x, y = x[: len(x) // 2 * 2], y[: len(y) // 2 * 2]  # mixup pairs samples (skipped images can leave one)
-                # lambda from the pass's place in the global batch, not from the process: the same on any GPU count
-                np.random.seed([cfg.seed, global_step, m * d.world_size + d.rank])
-                x, y = mixup(x, y)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if accumulation > 1:
-                first_pass_statistics(bns, momenta, first=m == 0)
-            with grad_sync(task, m == accumulation - 1), torch.autocast(**autocast):
-                loss = task(x, y)["loss"]
-            scaler.scale(loss / accumulation).backward()  # the mean over the global batch, as one big pass
-            loss_update += loss.detach().float() / accumulation
-            images += len(x)
-            images_now += len(x)
-        if accumulation > 1:
-            first_pass_statistics(bns, momenta, first=True)
-        # Every rank skips the same updates: the gradients are averaged, so one rank's non-finite loss spoils all
-        # (the sum of the ranks' losses is non-finite when any is; one scalar, no host sync).
-        any_loss = all_reduce(loss_update.clone()) if dist.is_initialized() else loss_update
-        found_inf = optimizer_step(optimizer, scaler, any_loss)  # skips a non-finite update
-        if ema is not None:
-            ema.update(model, step=global_step)
+    try:
+        statistics = FirstPassStatistics(model) if accumulation > 1 else None
+        t_start = time.perf_counter()
+        for step in range(first_step, iters_per_epoch):
+            global_step = epoch * iters_per_epoch + step
+            if cfg.max_steps and global_step >= cfg.max_steps:  # the same step on every rank: no collective needed
+                return dict(stopped_at=step, reason=f"max_steps={cfg.max_steps}", tally=tally())
+            scheduler.step_update(num_updates=global_step + 1)  # lr of update i is schedule(i + 1), see tricks.py
+            optimizer.zero_grad(set_to_none=True)
+            loss_update = torch.zeros((), device=device)
+            for m in range(accumulation):
+                t_wait = time.perf_counter()
+                x, y, n_bad = next(batches)
+                data_wait += time.perf_counter() - t_wait
+                bad += n_bad
+                if len(x) < 2:  # BatchNorm needs two samples; skipping the batch on one rank would hang DDP
+                    raise DataError(f"epoch {epoch} step {step + 1}: {n_bad} unreadable images left {len(x)} in the "
+                                    f"batch; run tools/check_data.py imagenet {cfg.data_root}")
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if mixup is not None:
+                    # mixup pairs samples (skipped images can leave one out)
+                    x, y = x[: len(x) // 2 * 2], y[: len(y) // 2 * 2]
+                    # lambda from the pass's place in the global batch, not from the process: the same on any GPU count
+                    np.random.seed([cfg.seed, global_step, m * d.world_size + d.rank])
+                    x, y = mixup(x, y)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if statistics and m == 1:
+                    statistics.save()  # as the first pass left them
+                with grad_sync(task, m == accumulation - 1), torch.autocast(**autocast):
+                    loss = task(x, y)["loss"]
+                scaler.scale(loss / accumulation).backward()  # the mean over the global batch, as one big pass
+                if statistics and m > 0:
+                    statistics.restore()  # after the backward, which checks that the forward's inputs are unchanged
+                loss_update += loss.detach().float() / accumulation
+                images += len(x)
+                images_now += len(x)
+            # Every rank skips the same updates: the gradients are averaged, so one rank's non-finite loss spoils all
+            # (the sum of the ranks' losses is non-finite when any is; one scalar, no host sync).
+            any_loss = all_reduce(loss_update.clone()) if dist.is_initialized() else loss_update
+            found_inf = optimizer_step(optimizer, scaler, any_loss)  # skips a non-finite update
+            if ema is not None:
+                ema.update(model, step=global_step)
+            if cfg.compile and step == first_step:  # one host sync per epoch
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                log.info("epoch %d: its first update took %.1f s (after a start: torch.compile's warm-up)", epoch,
+                         time.perf_counter() - t_start)
 
-        loss_sum += torch.where(found_inf > 0, 0.0, loss_update)
-        passes += 1 - found_inf
-        skipped += found_inf
-        guard.update(found_inf)
-        logging_step = (step + 1) % cfg.log_interval == 0 or step + 1 == iters_per_epoch
-        if logging_step:  # the only host synchronisation of the step
-            elapsed = time.perf_counter() - t_start
-            log.info("epoch %d [%d/%d] loss %.4f lr %.5f | %.1f img/s, data wait %.0f%% | skipped %d, bad images %d",
-                     epoch, step + 1, iters_per_epoch, loss_sum.item() / max(passes.item(), 1),
-                     optimizer.param_groups[0]["lr"], images_now / elapsed,
-                     100 * (data_wait - mine.data_wait_s) / elapsed, skipped.item(), bad)
-            done, total = global_step + 1, cfg.epochs * iters_per_epoch  # updates; the eta leaves out validation
-            log.info(progress.line("update", done, total, images_now * d.world_size / elapsed,
-                                   (total - done) * elapsed / (step + 1 - first_step)))
-            guard.check(epoch, step + 1)
-        if stop.agreed():  # every step: under DDP an asynchronous CPU all-reduce (lifecycle/stop_flag.py)
-            return dict(stopped_at=step + 1, reason="signal", tally=tally())
-        if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
-            save_every(epoch, step + 1, tally())
-    return dict(tally=tally())
+            loss_sum += torch.where(found_inf > 0, 0.0, loss_update)
+            passes += 1 - found_inf
+            skipped += found_inf
+            guard.update(found_inf)
+            logging_step = (step + 1) % cfg.log_interval == 0 or step + 1 == iters_per_epoch
+            if logging_step:  # the only host synchronisation of the step
+                elapsed = time.perf_counter() - t_start
+                log.info("epoch %d [%d/%d] loss %.4f lr %.5f | %.1f img/s, data wait %.0f%% | skipped %d, bad "
+                         "images %d", epoch, step + 1, iters_per_epoch, loss_sum.item() / max(passes.item(), 1),
+                         optimizer.param_groups[0]["lr"], images_now / elapsed,
+                         100 * (data_wait - mine.data_wait_s) / elapsed, skipped.item(), bad)
+                done, total = global_step + 1, cfg.epochs * iters_per_epoch  # updates; the eta leaves out validation
+                log.info(progress.line("update", done, total, images_now * d.world_size / elapsed,
+                                       (total - done) * elapsed / (step + 1 - first_step)))
+                guard.check(epoch, step + 1)
+            if stop.agreed():  # every step: under DDP an asynchronous CPU all-reduce (lifecycle/stop_flag.py)
+                return dict(stopped_at=step + 1, reason="signal", tally=tally())
+            if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
+                save_every(epoch, step + 1, tally())
+        return dict(tally=tally())
+    finally:  # decode=gpu: its prefetching thread must not outlive the epoch (classification/device_data.py)
+        close_batches(batches)
 
 
 @torch.no_grad()
@@ -266,20 +292,24 @@ def evaluate(model, loader, device: torch.device, cfg: Config,
     world = dist.get_world_size() if dist.is_initialized() else 1
     # Every rank polls the stop flag (a collective) as often as the rank with the fewest batches has batches.
     polls = math.ceil(len(loader.dataset) // world / loader.batch_size) if stop is not None else 0
-    for i, (x, y, n_bad) in enumerate(loader):
-        if i < polls and stop.agreed():
-            return None
-        counts[3] += n_bad
-        if not len(x):
-            continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(**autocast):
-            logits = model(x)
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-        counts[:3] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
-        counts[4] += (~logits.isfinite().all(1)).sum()
+    batches = iter(loader)
+    try:
+        for i, (x, y, n_bad) in enumerate(batches):
+            if i < polls and stop.agreed():
+                return None
+            counts[3] += n_bad
+            if not len(x):
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(**autocast):
+                logits = model(x)
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+            counts[:3] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
+            counts[4] += (~logits.isfinite().all(1)).sum()
+    finally:
+        close_batches(batches)
     c1, c5, n, bad, nonfinite = all_reduce(counts).tolist()
     if nonfinite:
         raise TrainingError(f"model outputs non-finite on {int(nonfinite)} of {int(n)} validation images (the weights "
@@ -393,7 +423,7 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     if complete_without_checkpoint(cfg, run_dir):
         return 0
     train_loader, val_loader, sampler, classes = build_loaders(cfg, d.rank, d.world_size,
-                                                               cfg.pin_memory and device.type == "cuda")
+                                                               cfg.pin_memory and device.type == "cuda", device)
     ipe = sampler.updates  # updates of global_batch images per epoch
     model = build_model(cfg.variant, len(classes), zero_gamma=cfg.zero_gamma, init=cfg.init, mean=cfg.mean,
                         std=cfg.std).to(device)
@@ -433,8 +463,8 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     if epoch >= cfg.epochs and (run_dir / "summary.json").exists():
         log.info("%s: already complete (%d epochs); nothing to do", run_dir, epoch)
         return 0
-    if cfg.compile:
-        task.compile(backend="inductor", mode=None)
+    if cfg.compile:  # before DDP wraps it (timm's order); the weights and their names are the model's own
+        task.compile(backend=cfg.compile_backend, mode=None)
     if d.world_size > 1:
         task.prepare_distributed(device_ids=[d.local_rank] if device.type == "cuda" else None)
 

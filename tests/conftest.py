@@ -76,3 +76,27 @@ def tiny_export(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = run / "export"
     export_backbone(run, out)
     return out
+
+
+def jpeg_tree(root, size: tuple[int, int], n: int = 6):
+    """A 2-class ImageFolder of textured JPEGs (smooth regions plus noise, like photographs) and one PNG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                coarse = rng.uniform(0, 255, (size[1] // 25 + 2, size[0] // 25 + 2, 3)).astype(np.uint8)
+                img = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC), np.float32)
+                img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
+            Image.fromarray(img).save(d / "png.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    return jpeg_tree(tmp_path_factory.mktemp("photos"), (400, 300))

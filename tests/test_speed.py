@@ -119,30 +119,6 @@ def old_item(ds, cfg, index: int, epoch: int, train: bool) -> torch.Tensor:
         return tf(img)
 
 
-def jpeg_tree(root, size: tuple[int, int], n: int = 6):
-    """A 2-class ImageFolder of textured JPEGs (smooth regions plus noise, like photographs) and one PNG."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(2):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                coarse = rng.uniform(0, 255, (size[1] // 25 + 2, size[0] // 25 + 2, 3)).astype(np.uint8)
-                img = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC), np.float32)
-                img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
-            Image.fromarray(img).save(d / "png.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return jpeg_tree(tmp_path_factory.mktemp("photos"), (400, 300))
-
-
 def loaders(root, *sets):
     from classification.data import build_loaders
 

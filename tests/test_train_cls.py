@@ -72,6 +72,43 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(folder, tmp_pat
     assert len(summary["history"]) == 2 and summary["lr_schedule"][0][1] > 0
 
 
+def test_decode_on_the_device_trains_and_resumes_to_the_same_weights(folder, tmp_path, monkeypatch):
+    """decode=gpu (here on the CPU, with two loader processes and the prefetching thread): a run stopped mid-epoch
+    and resumed ends bitwise equal to an uninterrupted one."""
+    sets = ["decode=gpu", "workers=2", "deterministic=true", "epochs=2", "mixup_alpha=0.2", "label_smoothing=0.1"]
+    assert run_train(folder, tmp_path / "straight", *sets) == 0
+    assert stopped_at_poll(3, monkeypatch, folder, tmp_path / "resumed", *sets) == EXIT_INTERRUPTED
+    assert run_train(folder, tmp_path / "resumed", *sets) == 0
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["history"][-1]["top1"] == b["history"][-1]["top1"]
+
+
+def test_a_compiled_run_resumes_an_eager_checkpoint_and_back(folder, tmp_path, capsys):
+    """compile=true with accumulation, EMA and a distillation teacher (torch.compile's inductor, on the CPU here):
+    started eager, continued compiled, finished eager, it ends where an eager run does (compiled kernels round
+    differently: within 1e-3 of each tensor's scale) and logs the compiled start's warm-up. A low learning rate: a
+    diverging run (the smoke recipe's 0.1 reaches losses of 100) would amplify rounding differences without bound."""
+    assert run_train(folder, tmp_path / "teacher", "epochs=1") == 0
+    sets = ["epochs=2", "global_batch=8", "device_batch=4", "ema_decay=0.9", "deterministic=true", "base_lr=0.005",
+            "zero_gamma=true", f"distill_teacher={tmp_path / 'teacher'}", "distill_temperature=2"]
+    assert run_train(folder, tmp_path / "eager", *sets) == 0
+    assert run_train(folder, tmp_path / "mixed", *sets, "max_steps=1") == 0
+    assert run_train(folder, tmp_path / "mixed", *sets, "max_steps=3", "compile=true") == 0
+    assert "epoch 0: its first update took" in capsys.readouterr().out
+    assert run_train(folder, tmp_path / "mixed", *sets) == 0
+    a = torch.load(tmp_path / "eager" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "mixed" / "last.pth", weights_only=True)
+    assert a["model"].keys() == b["model"].keys() and a["ema"].keys() == b["ema"].keys()
+    for key in ("model", "ema"):
+        worst = max(((a[key][k].double() - v.double()).abs().max() / (1 + v.double().abs().max())).item()
+                    for k, v in b[key].items())
+        assert worst < 1e-3, (key, worst)
+    assert [r["train_loss"] for r in b["history"]] == pytest.approx([r["train_loss"] for r in a["history"]], rel=1e-3)
+
+
 def test_rerun_of_complete_run_does_nothing_and_changed_config_is_refused(folder, tmp_path, capsys):
     assert run_train(folder, tmp_path / "r", "epochs=1") == 0
     before = (tmp_path / "r" / "summary.json").read_bytes()
@@ -152,7 +189,7 @@ def test_ddp_under_torchrun_two_cpu_processes(folder, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
            "-m", "classification.train", str(REPO / "configs/classification/demo/smoke.yaml"),
            "--data-root", str(folder), "--work-dir", str(tmp_path / "ddp"), "--set", *TINY, "epochs=1",
-           "lr_scaling=linear", "global_batch=8"]
+           "lr_scaling=linear", "global_batch=8", "compile=true", "compile_backend=aot_eager"]  # compiled, then DDP
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     summary = read_summary(tmp_path / "ddp" / "summary.json")

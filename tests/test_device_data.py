@@ -1,0 +1,206 @@
+"""decode=gpu: the same draws as the CPU path, its pixels within a stated tolerance, every odd file handled.
+
+These run on the CPU: the device path is the same code with CPU tensors (torchvision decodes JPEGs there too)."""
+
+import io
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from classification import data as cls_data
+from classification import device_data
+from classification.config import load_config
+from classification.data import DataError, build_loaders
+from classification.device_data import RawImage, TrainDraws, device_decodable, raw_collate
+
+
+def loaders(root, *sets):
+    cfg = load_config(None, [f"data_root={root}", "image_size=48", "global_batch=4", "device_batch=4",
+                             "workers=0", "seed=3", "allow_synthetic=true", *sets])
+    train, val, _, _ = build_loaders(cfg, 0, 1, pin_memory=False)
+    return cfg, train, val
+
+
+def on_device(loader, key):
+    """One item of a decode=gpu loader, through the collate and the device step, as the trainer gets it."""
+    x, _, bad = loader.augment(raw_collate([loader.dataset[key]]))
+    return x[0] if len(x) else None, bad
+
+
+def test_the_device_path_gives_the_cpu_paths_images_within_tolerance(photos):
+    """Same boxes, flips, jitter and lighting per (seed, epoch, index); the pixels differ by rounding only.
+    Tolerance, in 0-255 units, per crop: mean |difference| <= 0.5 without colour jitter (measured 0.20: both decode
+    with libjpeg-turbo and resize with the same bilinear antialiased filter, Pillow's and torchvision's), <= 2.5
+    with it (measured 1.86: Pillow truncates to 8 bits after each of the three jitter steps, a bias of about -0.5
+    each, where the device path keeps floats). A different box or flip would differ by tens."""
+    for jitter, bound in ((0.0, 0.5), (0.4, 2.5)):
+        for size in (48, 160):  # from 400x300 photos: downscaled crops and, at 160, some upscaled ones
+            cfg, cpu_train, cpu_val = loaders(photos, f"image_size={size}", f"color_jitter={jitter}")
+            _, dev_train, dev_val = loaders(photos, f"image_size={size}", f"color_jitter={jitter}", "decode=gpu")
+            std = torch.tensor(cfg.std).view(3, 1, 1)
+            worst = 0.0
+            for i in range(len(cpu_train.dataset)):
+                for epoch in range(3):
+                    a, b = cpu_train.dataset[(i, epoch)][0], on_device(dev_train, (i, epoch))[0]
+                    worst = max(worst, ((a - b) * std).abs().mean().item())
+            for i in range(len(cpu_val.dataset)):
+                a, b = cpu_val.dataset[i][0], on_device(dev_val, i)[0]
+                assert ((a - b) * std).abs().mean().item() <= 0.5  # evaluation has no jitter
+            assert worst <= bound, (jitter, size, worst)
+
+
+def test_the_draws_are_the_cpu_paths_draws(photos, monkeypatch):
+    """Each image's crop box, flip, jitter order and factors and lighting are drawn by the same calls in the same
+    order: recorded from the CPU path, they equal the draws the device path hands over."""
+    recorded = []
+    crop_box, get_params = cls_data.crop_box, transforms.ColorJitter.get_params
+    flips = []
+
+    def record_box(*args, **kw):
+        box = crop_box(*args, **kw)
+        recorded.append(list(box))
+        return box
+
+    def record_jitter(*args):
+        out = get_params(*args)
+        recorded[-1] += [*out[0].tolist(), *out[1:4]]
+        return out
+
+    def record_flip(img):
+        flips.append(float(torch.rand(1) < 0.5))
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if flips[-1] else img
+
+    monkeypatch.setattr(cls_data, "crop_box", record_box)
+    monkeypatch.setattr(transforms.ColorJitter, "get_params", staticmethod(record_jitter))
+    _, cpu_train, _ = loaders(photos)
+    cpu_train.dataset.transform.transforms[1] = record_flip
+    _, dev_train, _ = loaders(photos, "decode=gpu")
+    for i in range(len(cpu_train.dataset)):
+        for epoch in range(2):
+            recorded.clear()
+            flips.clear()
+            cpu_train.dataset[(i, epoch)]
+            expected = recorded[0][:4] + flips + recorded[0][4:]
+            recorded.clear()
+            draws = dev_train.dataset[(i, epoch)][0].draws
+            assert draws[:12].tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_jitter_and_lighting_follow_the_cpu_paths_laws():
+    """Over many seeds: factors uniform on [0.6, 1.4], orders the 24 permutations, lighting alpha ~ N(0, 0.1)."""
+    cfg = load_config(None, [])
+    draws = TrainDraws(cfg)
+    rows = []
+    for seed in range(4000):
+        with cls_data.seeded_rng(seed):
+            rows.append(draws(RawImage("x.jpg", size=(375, 500))).draws)
+    d = torch.stack(rows).double()
+    factors = d[:, 9:12]
+    assert factors.min() >= 0.6 and factors.max() <= 1.4
+    assert factors.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert factors.var().item() == pytest.approx(0.8**2 / 12, rel=0.05)  # uniform on an interval of width 0.8
+    assert len({tuple(r) for r in d[:, 5:9].long().tolist()}) == 24
+    alpha = torch.linalg.solve(cls_data.PCA_EIGVEC.double(), d[:, 12:15].T).T / cls_data.PCA_EIGVAL.double()
+    assert alpha.mean(0).abs().max().item() < 0.01 and alpha.std(0).tolist() == pytest.approx([0.1] * 3, rel=0.05)
+    assert d[:, 4].mean().item() == pytest.approx(0.5, abs=0.03)  # flips
+
+
+def odd_files(root):
+    """A 1-class tree of the files nvjpeg does not take, each beside a plain JPEG; returns {kind: path}."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    folder = root / "train" / "a"
+    folder.mkdir(parents=True)
+    (root / "val" / "a").mkdir(parents=True)
+    paths = {}
+
+    def save(kind, im, name=None, **kw):
+        paths[kind] = folder / (name or f"{kind}.JPEG")
+        im.save(paths[kind], **kw)
+
+    save("plain", img, format="JPEG")
+    save("gray", img.convert("L"), format="JPEG")
+    save("cmyk", img.convert("CMYK"), format="JPEG")
+    save("progressive", img, format="JPEG", progressive=True)
+    save("png_named_jpeg", img, format="PNG")
+    save("truncated", img, format="JPEG")
+    data = paths["truncated"].read_bytes()
+    paths["truncated"].write_bytes(data[: len(data) // 2])
+    shutil.copy(paths["plain"], root / "val" / "a" / "v.JPEG")
+    return paths
+
+
+def test_files_nvjpeg_does_not_take_are_decoded_on_the_cpu_or_handled_as_bad_images(tmp_path):
+    paths = odd_files(tmp_path)
+    for kind, path in paths.items():
+        data = path.read_bytes()
+        assert device_decodable(Image.open(io.BytesIO(data)), data) == (kind == "plain"), kind
+
+    _, cpu_train, _ = loaders(tmp_path, "global_batch=2", "device_batch=2", "bad_images=skip")
+    _, dev_train, _ = loaders(tmp_path, "global_batch=2", "device_batch=2", "bad_images=skip", "decode=gpu")
+    samples = [p for p, _ in dev_train.dataset.folder.samples]
+    for i, path in enumerate(samples):
+        a = cpu_train.dataset[(i, 0)][0]
+        b, bad = on_device(dev_train, (i, 0))
+        if path.endswith("truncated.JPEG"):
+            assert a is None and b is None and bad == 1
+        else:
+            std = cpu_train.dataset.transform.transforms[-1].std.view(3, 1, 1) * 255
+            assert ((a - b) * std).abs().mean().item() <= 2.5, path
+
+    _, strict, _ = loaders(tmp_path, "global_batch=2", "device_batch=2", "decode=gpu")
+    with pytest.raises(DataError, match=r"truncated\.JPEG: unreadable image.*bad_images=skip"):
+        for i in range(len(samples)):
+            strict.dataset[(i, 0)]
+
+
+def test_a_batch_the_device_refuses_is_decoded_image_by_image_then_on_the_cpu(photos, monkeypatch):
+    """nvjpeg failing on a JPEG that passed the header checks: never a crash; the same pixels from Pillow, or the
+    file named (bad_images=error) or counted (skip) when Pillow fails too."""
+    _, dev_train, _ = loaders(photos, "decode=gpu", "workers=0")
+    batch = raw_collate([dev_train.dataset[(i, 0)] for i in range(4)])
+    expected, _, _ = dev_train.augment(batch)
+    refused = []
+
+    def decode_jpeg(data, **kw):
+        refused.append(len(data) if isinstance(data, list) else 1)
+        raise RuntimeError("nvjpeg: simulated failure")
+
+    monkeypatch.setattr(device_data, "decode_jpeg", decode_jpeg)
+    x, _, bad = dev_train.augment(batch)
+    assert refused == [4, 1, 1, 1, 1] and bad == 0
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+
+    cut = batch.offsets[1] + (batch.offsets[2] - batch.offsets[1]) // 2  # image 1's bytes, truncated
+    batch.data = torch.cat([batch.data[:cut], batch.data[batch.offsets[2]:]])
+    batch.offsets = batch.offsets[:2] + [o - (batch.offsets[2] - cut) for o in batch.offsets[2:]]
+    with pytest.raises(DataError, match=rf"{batch.paths[1]}: unreadable image"):
+        dev_train.augment(batch)
+    dev_train.augment.skip_bad = True
+    x, labels, bad = dev_train.augment(batch)
+    assert bad == 1 and len(x) == len(labels) == 3
+
+
+def test_the_loader_yields_device_batches_in_order_and_ends_early_cleanly(photos):
+    """Through the prefetching thread and two worker processes: the same batches as decoding in the loop, and an
+    epoch left early (a stop) does not leave its thread reading the persistent workers' next epoch."""
+    _, dev_train, _ = loaders(photos, "decode=gpu", "workers=2", "persistent_workers=true")
+    sampler = dev_train.sampler
+    for _ in range(2):
+        sampler.set_epoch(0)
+        batches = list(dev_train)
+        assert len(batches) == len(dev_train) == math.floor(len(dev_train.dataset) / 4)
+    keys = list(sampler)
+    first = dev_train.augment(raw_collate([dev_train.dataset[k] for k in keys[:4]]))
+    torch.testing.assert_close(batches[0][0], first[0], rtol=0, atol=0)
+    assert torch.equal(batches[0][1], first[1])
+    it = iter(dev_train)
+    next(it)  # left after one batch
+    sampler.set_epoch(1)
+    assert len(list(dev_train)) == len(dev_train)
+    assert not it.thread.is_alive()
