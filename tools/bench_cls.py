@@ -222,6 +222,7 @@ def decode_paths(args) -> dict:
     """The training transform at ``image_size`` on 500x375 JPEGs in this thread (torch 1 thread, no workers), timed
     in CPU seconds: images/s per core for each decode path, timm's transform beside them, cores for 3,000 img/s."""
     from classification.data import ImageFolderData, JpegCropDecoder, train_transform
+    from classification.device_data import ReadJpeg, TrainDraws
 
     torch.set_num_threads(1)
     result = dict(image_size=args.image_size, jpeg="500x375, quality 90", images=args.images)
@@ -235,6 +236,9 @@ def decode_paths(args) -> dict:
             "pil": ImageFolderData(root, train_transform(cfg), seed=0, skip_bad=False),
             "simplejpeg": ImageFolderData(root, train_transform(cfg, crop=False), seed=0, skip_bad=False,
                                           decode=JpegCropDecoder(cfg)),
+            # decode=gpu: what is left to the workers (read the file, its header, the draws); the device does the rest
+            "gpu, the workers' share": ImageFolderData(root, TrainDraws(cfg), seed=0, skip_bad=False,
+                                                       decode=ReadJpeg()),
         }
         timm_tf = create_transform(args.image_size, is_training=True, scale=(cfg.crop_min_area, 1.0),
                                    color_jitter=cfg.color_jitter, interpolation="bilinear",
