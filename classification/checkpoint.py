@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lifecycle.artifacts import atomic_torch_save
 from lifecycle.errors import UserError
 
-from .artifacts import atomic_torch_save
 from .config import Config, config_from_dict
 from .models import build_model
 

@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lifecycle.distributed import BatchPlan, process_counts
 from lifecycle.errors import UserError
 
 
@@ -111,12 +112,12 @@ class Config:
 
     def process_counts(self) -> list[int]:
         """The process counts that keep the global and per-device batch: those dividing the passes per update."""
-        passes = self.global_batch // self.device_batch
-        return [n for n in range(1, passes + 1) if passes % n == 0]
+        return process_counts(self.global_batch, self.device_batch)
 
-    def accumulation(self, world_size: int) -> int:
-        """Forward/backward passes per update on each process; refuses a process count that cannot keep the
-        recipe's global and per-device batch."""
+    def batch_plan(self, world_size: int) -> BatchPlan:
+        """How ``world_size`` processes make each update's global batch: passes of device_batch images, the batch
+        BatchNorm normalises over on each process (the paper's), and gradient accumulation for the rest. Refuses a
+        process count that cannot keep both."""
         per_pass = world_size * self.device_batch
         if self.global_batch % per_pass:
             ok = self.process_counts()
@@ -124,13 +125,11 @@ class Config:
                 f"global_batch {self.global_batch} is not a multiple of {world_size} processes x device_batch "
                 f"{self.device_batch}; run on {', '.join(map(str, ok))} GPU{'s' * (len(ok) > 1)}, or change "
                 f"device_batch")
-        return self.global_batch // per_pass
+        return BatchPlan(self.global_batch, world_size, self.device_batch, self.global_batch // per_pass, "BN")
 
     def batch_line(self, world_size: int) -> str:
         """The protocol in one line, as the first log line and the study's dry run print it."""
-        return (f"global batch {self.global_batch} = {world_size} x {self.device_batch} x "
-                f"{self.accumulation(world_size)} accumulation steps, BN batch {self.device_batch}, "
-                f"peak lr {self.peak_lr:g}")
+        return self.batch_plan(world_size).line(self.peak_lr, batch="global batch", lr_name="peak lr")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

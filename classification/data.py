@@ -336,7 +336,7 @@ def _worker_init(worker_id: int, owner: int) -> None:
 
 
 def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool, device: str | torch.device = "cpu"):
-    """(train loader of device_batch passes, val loader, train sampler, class names); call cfg.accumulation first.
+    """(train loader of device_batch passes, val loader, train sampler, class names).
     With ``decode: gpu`` both loaders yield batches already decoded and augmented on ``device``."""
     root = Path(cfg.data_root)
     problem = synthetic_problem(root, cfg.allow_synthetic)
@@ -361,7 +361,7 @@ def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool, dev
         raise DataError(f"{root / 'train'}: {len(train_set)} images is fewer than one global batch "
                         f"({cfg.global_batch}); lower global_batch")
     sampler = EpochSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed,
-                           device_batch=cfg.device_batch, accumulation=cfg.accumulation(world_size))
+                           device_batch=cfg.device_batch, accumulation=cfg.batch_plan(world_size).accumulation)
     common = dict(num_workers=cfg.workers, pin_memory=pin_memory and not on_device,
                   collate_fn=raw_collate if on_device else collate,
                   worker_init_fn=functools.partial(_worker_init, owner=os.getpid()),

@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 
+from lifecycle.artifacts import atomic_torch_save, atomic_write_bytes, atomic_write_json, stack_versions
 from lifecycle.errors import UserError
 
-from .artifacts import atomic_torch_save, atomic_write_bytes, atomic_write_json, stack_versions
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import ConfigError, config_from_dict
 from .models import build_model

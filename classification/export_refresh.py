@@ -26,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lifecycle.artifacts import fsync_dir, remove_stale_temporaries
 from lifecycle.preemption import SIGNALS
 from lifecycle.stop_flag import Preempted
 
-from .artifacts import fsync_dir, remove_stale_temporaries
 from .export import BACKBONE_PTH, BACKBONE_ST, HEAD_ST, META, ExportError, file_sha256, run_checkpoint
 
 EXPORT_FILES = {META, BACKBONE_PTH, BACKBONE_ST, HEAD_ST}

@@ -1,5 +1,8 @@
 """Train a ResNet-50 A/B/C/D with any subset of the paper's tricks; rerunning the same command resumes.
 
+The training loop and its command line. The tricks are in tricks.py, the data in data.py (device_data.py for
+``decode: gpu``), the run dir's bookkeeping in run_dir.py, processes and the batch plan in lifecycle/distributed.py.
+
     python -m classification.train CONFIG.yaml [--data-root DIR] [--work-dir DIR] [--set key=value ...]
     python -m lifecycle.torchrun --nproc_per_node=8 -m classification.train CONFIG.yaml ...  # DDP, one per GPU
 
@@ -10,43 +13,40 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
-import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 import yaml
 from timm.utils import ModelEmaV3
 
 from lifecycle import progress
+from lifecycle.artifacts import atomic_link, atomic_write_bytes, remove_stale_temporaries
+from lifecycle.distributed import BatchPlan, Dist, all_reduce, setup_distributed
 from lifecycle.errors import UserError, cli, writing
 from lifecycle.preemption import EXIT_INTERRUPTED
 from lifecycle.run_lock import RunDirBusy, RunLock
 from lifecycle.stop_flag import StopFlag
 
-from .artifacts import atomic_link, atomic_write_bytes, read_summary, remove_stale_temporaries, write_summary
-from .checkpoint import (
-    BEST,
-    LAST,
-    CheckpointError,
-    load_checkpoint,
-    load_classifier,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .config import Config, ConfigError, load_config
+from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, load_config
 from .data import DataError, build_loaders
 from .models import build_model
+from .run_dir import (
+    check_resumable,
+    complete_without_checkpoint,
+    setup_logging,
+    write_epoch_metrics,
+    write_run_summary,
+)
 from .tricks import (
     autocast_kwargs,
     build_mixup,
@@ -54,16 +54,12 @@ from .tricks import (
     build_scaler,
     build_scheduler,
     build_task,
-    lr_at,
+    load_teacher,
+    mix_pass,
     optimizer_step,
 )
 
 log = logging.getLogger("classification")
-
-# Keys that may change between a run and its resume without changing the result.
-RUNTIME_KEYS = {"name", "data_root", "workers", "pin_memory", "persistent_workers", "log_interval",
-                "checkpoint_interval", "compile", "compile_backend", "max_steps", "allow_synthetic"}
-
 
 class TrainingError(UserError, RuntimeError):
     pass
@@ -92,34 +88,6 @@ class NonFiniteGuard:
         if worst >= self.limit:
             raise TrainingError(f"loss or gradients non-finite for {worst} consecutive steps (by epoch {epoch}, step "
                                 f"{step}): {NONFINITE_FIX}; {LAST} holds the last good epoch")
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
-
-
-def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 def grad_sync(task, sync: bool):
@@ -176,24 +144,43 @@ def close_batches(batches) -> None:
         batches.close()
 
 
-def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, ema, cfg: Config, epoch: int,
-                    first_step: int, iters_per_epoch: int, d: Dist, device: torch.device, stop: StopFlag,
-                    save_every=None, guard: NonFiniteGuard | None = None, carry: EpochTally | None = None) -> dict:
+@dataclass
+class TrainState:
+    """What every update reads: the model and its training machinery, this process's place, the batch plan."""
+    cfg: Config
+    task: torch.nn.Module  # timm's training task: task(x, y)["loss"]; its trainable module is compiled / DDP-wrapped
+    model: torch.nn.Module  # the model itself (its weights are the checkpoint's)
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm scheduler, stepped per update
+    scaler: torch.amp.GradScaler
+    mixup: object | None
+    ema: ModelEmaV3 | None
+    d: Dist
+    device: torch.device
+    plan: BatchPlan
+    iters_per_epoch: int  # updates of global_batch images per epoch
+    guard: NonFiniteGuard  # the non-finite streak, carried from epoch to epoch
+    save_every: Callable[[int, int, EpochTally], None] | None = None  # (epoch, updates done, tally), every rank
+
+
+def train_one_epoch(state: TrainState, loader, epoch: int, first_step: int, stop: StopFlag,
+                    carry: EpochTally | None = None) -> dict:
     """One epoch of updates from ``first_step``; returns its EpochTally (``tally``), and ``stopped_at`` (and why) on
     preemption or at ``max_steps``. Each update takes ``accumulation`` passes of ``device_batch`` images per
     process (the global batch); runs stop and resume at update boundaries only.
-    ``save_every(epoch, steps_done, tally)`` is called every ``checkpoint_interval`` updates (on every rank).
-    ``guard`` carries the non-finite streak from epoch to epoch (a fresh one when None); ``carry`` the tally of the
-    updates before ``first_step`` (from the checkpoint a run resumed from)."""
+    ``state.save_every`` is called every ``checkpoint_interval`` updates (on every rank); ``carry`` is the tally of
+    the updates before ``first_step`` (from the checkpoint a run resumed from)."""
+    st = state  # the names the loop reads most:
+    cfg, task, model, d, device, optimizer, scaler = st.cfg, st.task, st.model, st.d, st.device, st.optimizer, st.scaler
+    iters_per_epoch, guard = st.iters_per_epoch, st.guard
     task.train()
     autocast = autocast_kwargs(cfg, device)
-    accumulation = cfg.accumulation(d.world_size)
+    accumulation = st.plan.accumulation
     carry = carry or EpochTally()
-    mine = carry if d.main else EpochTally(skipped=carry.skipped)  # sums over ranks: rank 0 carries them
+    mine = carry if d.is_main else EpochTally(skipped=carry.skipped)  # sums over ranks: rank 0 carries them
     loss_sum = torch.tensor(mine.loss_sum, device=device)
     passes = torch.tensor(mine.passes, device=device)
     skipped = torch.tensor(float(mine.skipped), device=device)  # updates skipped (non-finite loss or gradients)
-    guard = guard or NonFiniteGuard(cfg.max_nonfinite_steps, device)
     images, bad, data_wait = mine.images, mine.bad, mine.data_wait_s
     images_now = 0  # this process's, since the start or the resume (the logged rate)
 
@@ -210,7 +197,7 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
             global_step = epoch * iters_per_epoch + step
             if cfg.max_steps and global_step >= cfg.max_steps:  # the same step on every rank: no collective needed
                 return dict(stopped_at=step, reason=f"max_steps={cfg.max_steps}", tally=tally())
-            scheduler.step_update(num_updates=global_step + 1)  # lr of update i is schedule(i + 1), see tricks.py
+            st.scheduler.step_update(num_updates=global_step + 1)  # lr of update i is schedule(i + 1), see tricks.py
             optimizer.zero_grad(set_to_none=True)
             loss_update = torch.zeros((), device=device)
             for m in range(accumulation):
@@ -222,12 +209,8 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
                     raise DataError(f"epoch {epoch} step {step + 1}: {n_bad} unreadable images left {len(x)} in the "
                                     f"batch; run tools/check_data.py imagenet {cfg.data_root}")
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if mixup is not None:
-                    # mixup pairs samples (skipped images can leave one out)
-                    x, y = x[: len(x) // 2 * 2], y[: len(y) // 2 * 2]
-                    # lambda from the pass's place in the global batch, not from the process: the same on any GPU count
-                    np.random.seed([cfg.seed, global_step, m * d.world_size + d.rank])
-                    x, y = mixup(x, y)
+                if st.mixup is not None:
+                    x, y = mix_pass(st.mixup, x, y, cfg.seed, global_step, slot=m * d.world_size + d.rank)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if statistics and m == 1:
@@ -244,8 +227,8 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
             # (the sum of the ranks' losses is non-finite when any is; one scalar, no host sync).
             any_loss = all_reduce(loss_update.clone()) if dist.is_initialized() else loss_update
             found_inf = optimizer_step(optimizer, scaler, any_loss)  # skips a non-finite update
-            if ema is not None:
-                ema.update(model, step=global_step)
+            if st.ema is not None:
+                st.ema.update(model, step=global_step)
             if cfg.compile and step == first_step:  # one host sync per epoch
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -269,8 +252,8 @@ def train_one_epoch(task, model, loader, optimizer, scheduler, scaler, mixup, em
                 guard.check(epoch, step + 1)
             if stop.agreed():  # every step: under DDP an asynchronous CPU all-reduce (lifecycle/stop_flag.py)
                 return dict(stopped_at=step + 1, reason="signal", tally=tally())
-            if save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
-                save_every(epoch, step + 1, tally())
+            if st.save_every and cfg.checkpoint_interval and (global_step + 1) % cfg.checkpoint_interval == 0:
+                st.save_every(epoch, step + 1, tally())
         return dict(tally=tally())
     finally:  # decode=gpu: its prefetching thread must not outlive the epoch (classification/device_data.py)
         close_batches(batches)
@@ -317,84 +300,11 @@ def evaluate(model, loader, device: torch.device, cfg: Config,
     return 100 * c1 / max(n, 1), 100 * c5 / max(n, 1), int(n), int(bad)
 
 
-def rank0_first(fn):
-    """Run ``fn`` on rank 0 first, then on the other ranks (e.g. a download into a shared cache happens once)."""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        return fn()
-    finally:
-        if dist.is_initialized() and dist.get_rank() == 0:
-            dist.barrier()
-
-
-def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module | None:
-    """§5.3 teacher: one of our run dirs / checkpoints, or a timm model name with its pretrained weights."""
-    if not cfg.distill_teacher:
-        return None
-    if Path(cfg.distill_teacher).exists():
-        teacher, _, ckpt = load_classifier(cfg.distill_teacher, ema=False)
-        if ckpt["num_classes"] != num_classes:
-            raise ConfigError(f"distill_teacher {cfg.distill_teacher}: teacher predicts {ckpt['num_classes']} "
-                              f"classes, the data has {num_classes}; train the teacher on the same data")
-    else:
-        name = cfg.distill_teacher
-        try:  # downloaded from the Hugging Face hub into its cache once (rank 0), read from the cache after
-            teacher = rank0_first(lambda: timm.create_model(name, pretrained=True))
-        except (RuntimeError, OSError, ValueError) as e:
-            raise ConfigError(
-                f"distill_teacher {name}: cannot load its pretrained weights ({str(e).splitlines()[0][:200]}); "
-                f"fill the hub cache on a machine with network (python -c \"import timm; timm.create_model('{name}', "
-                f"pretrained=True)\", cache in $HF_HOME, default ~/.cache/huggingface, copied to the same place "
-                f"here), or distil from a teacher trained by the toolkit (distill_teacher=<its run dir>)") from e
-        if teacher.num_classes != num_classes:
-            raise ConfigError(f"distill_teacher {name}: predicts {teacher.num_classes} classes, the "
-                              f"data has {num_classes}; use a teacher trained on this label space")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.to(device).eval()
-
-
-def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
-    saved = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_KEYS}
-    now = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}
-    defaults = Config().to_dict()  # a key added since the run started (e.g. decode) counts as its default
-    changed = sorted(k for k in now if saved.get(k, defaults[k]) != now[k])
-    if changed:
-        raise CheckpointError(f"{path}: this run dir was started with different settings ({', '.join(changed)}); "
-                              f"use another --work-dir or restore the original settings")
-
-
-def setup_logging(run_dir: Path, main: bool) -> None:
-    handlers: list[logging.Handler] = []
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")]
-    else:
-        handlers = [logging.NullHandler()]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        handlers=handlers, force=True)
-
-
-def write_epoch_metrics(run_dir: Path, history: list[dict], tb) -> None:
-    """Rewrite metrics.jsonl / metrics.csv from the history (the checkpoint's copy is the truth: a crash between
-    a checkpoint and these files never duplicates or loses a row) and log the newest row to TensorBoard."""
-    atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-    keys = list(dict.fromkeys(k for r in history for k in r))  # a run resumed from an older version gains columns
-    lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r[k]) for k in keys) for r in history]
-    atomic_write_bytes(run_dir / "metrics.csv", ("\n".join(lines) + "\n").encode())
-    row = history[-1]
-    for key, value in row.items():
-        if key != "epoch" and isinstance(value, (int, float)):
-            tb.add_scalar(key, value, row["epoch"])
-    tb.flush()
-
-
 def run(cfg: Config, run_dir: Path, d: Dist) -> int:
     """Train (or resume) the run in ``run_dir``: 0 when complete or stopped at max_steps, EXIT_INTERRUPTED when a
     signal stopped it (a resumable last.pth was saved first)."""
     lock = None
-    if d.main:  # one writer per run dir: a second command on the same dir stops here
+    if d.is_main:  # one writer per run dir: a second command on the same dir stops here
         try:
             lock = RunLock(run_dir)
         except RunDirBusy as e:
@@ -419,7 +329,7 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     else:
         torch.backends.cudnn.benchmark = True
 
-    cfg.accumulation(d.world_size)  # refuses a process count that cannot keep the recipe's batch, before any work
+    plan = cfg.batch_plan(d.world_size)  # refuses a process count that cannot keep the recipe's batch, before any work
     if complete_without_checkpoint(cfg, run_dir):
         return 0
     train_loader, val_loader, sampler, classes = build_loaders(cfg, d.rank, d.world_size,
@@ -439,7 +349,7 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
 
     epoch, first_step, history, best_top1, wall_before, carry = 0, 0, [], -1.0, 0.0, None
     last = run_dir / LAST
-    if d.main:  # what a save killed mid-write (SIGKILL, power loss) left behind: never a valid file
+    if d.is_main:  # what a save killed mid-write (SIGKILL, power loss) left behind: never a valid file
         for tmp in remove_stale_temporaries(run_dir):
             log.info("removed %s, left by an interrupted save", tmp)
     if last.exists():
@@ -475,7 +385,7 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
         if dist.is_initialized():
             rngs = [None] * d.world_size
             dist.all_gather_object(rngs, rng_state())
-        if d.main:
+        if d.is_main:
             with writing(path):  # a full disk names this path (errors.writing)
                 save_checkpoint(path, model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
@@ -487,22 +397,22 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
             dist.barrier()
 
     t0 = time.perf_counter()
-    if d.main:
+    if d.is_main:
         with writing(run_dir / "config.yaml"):
             atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         log.info("%s: %s; ResNet-50-%s, %d classes, %d updates/epoch, device %s", cfg.name,
                  cfg.batch_line(d.world_size), cfg.variant, len(classes), ipe, device)
     tb = None
-    if d.main:
+    if d.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(run_dir / "tb"))
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, device)  # one streak for the whole run, not one per epoch
+    state = TrainState(cfg, task, model, optimizer, scheduler, scaler, mixup, ema, d, device, plan, ipe,
+                       guard=NonFiniteGuard(cfg.max_nonfinite_steps, device),  # one streak for the whole run
+                       save_every=lambda e, s, t: save(last, e, s, t))
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch, skip_updates=first_step)
-        out = train_one_epoch(task, model, train_loader, optimizer, scheduler, scaler, mixup, ema, cfg, epoch,
-                              first_step, ipe, d, device, stop, save_every=lambda e, s, t: save(last, e, s, t),
-                              guard=guard, carry=carry)
+        out = train_one_epoch(state, train_loader, epoch, first_step, stop, carry)
         carry = None
         if "stopped_at" in out:
             save(last, epoch, out["stopped_at"], out["tally"])
@@ -533,57 +443,18 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
         if top1 > best_top1:  # the same state under both names: written once, linked once
             best_top1 = top1
             save(run_dir / BEST, epoch, 0)
-            if d.main:
+            if d.is_main:
                 atomic_link(run_dir / BEST, last)
         else:
             save(last, epoch, 0)
-        if d.main:
+        if d.is_main:
             with writing(run_dir / "metrics.jsonl"):
                 write_epoch_metrics(run_dir, history, tb)
-    if d.main:
+    if d.is_main:
         with writing(run_dir / "summary.json"):
             write_run_summary(cfg, run_dir, history, len(classes), d.world_size, ipe,
                               wall_before + time.perf_counter() - t0)
     return 0
-
-
-def complete_without_checkpoint(cfg: Config, run_dir: Path) -> bool:
-    """The run's summary says it finished all its epochs with these settings although last.pth is gone (removed
-    to save space once exported): done, not retrained from scratch. The summary, not the checkpoint, decides."""
-    summary = run_dir / "summary.json"
-    if (run_dir / LAST).exists() or not summary.exists():
-        return False
-    done = read_summary(summary)
-    if done.get("stage") != "classification" or len(done.get("history", [])) < cfg.epochs:
-        return False
-    check_resumable(done, cfg, summary)
-    log.info("%s: already complete (%d epochs, its summary.json; the checkpoints were removed); nothing to do",
-             run_dir, len(done["history"]))
-    return True
-
-
-def write_run_summary(cfg: Config, run_dir: Path, history: list[dict], num_classes: int, world_size: int,
-                      ipe: int, wall: float) -> None:
-    final = history[-1]
-    total = cfg.epochs * ipe
-    points = sorted({round(i * (total - 1) / 199) for i in range(200)})
-    write_summary(
-        run_dir / "summary.json", stage="classification", arm=cfg.name, seed=cfg.seed,
-        metrics=dict(top1=final["top1"], top5=final["top5"], ema_top1=final["ema_top1"], ema_top5=final["ema_top5"],
-                     best_top1=max(r["top1"] for r in history),
-                     # top-1 is over val_images; val_bad_images were unreadable and skipped (bad_images=skip)
-                     val_images=final.get("val_images"), val_bad_images=final.get("val_bad_images", 0),
-                     images_per_s=sum(r["images_per_s"] for r in history) / len(history)),
-        protocol=dict(dataset=str(Path(cfg.data_root).resolve().name), num_classes=num_classes,
-                      image_size=cfg.image_size, epochs=cfg.epochs, global_batch=cfg.global_batch,
-                      bn_batch=cfg.device_batch, peak_lr=cfg.peak_lr,  # BatchNorm per process (the paper's)
-                      eval=f"resize {round(cfg.image_size * cfg.eval_resize)}, center crop {cfg.image_size}"),
-        layout=dict(processes=world_size, per_device=cfg.device_batch, accumulation=cfg.accumulation(world_size),
-                    line=cfg.batch_line(world_size)),
-        config=cfg.to_dict(), wall_time_s=wall, history=history,
-        lr_schedule=[[i / ipe, lr_at(cfg, ipe, i)] for i in points],
-    )
-    log.info("summary: %s (top-1 %.2f, top-5 %.2f)", run_dir / "summary.json", final["top1"], final["top5"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -609,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         run_dir = Path(args.work_dir or f"work_dirs/cls/{cfg.name}")
         d = setup_distributed()
-        setup_logging(run_dir, d.main)
+        setup_logging(run_dir, d.is_main)
         return run(cfg, run_dir, d)
     finally:
         if dist.is_initialized():

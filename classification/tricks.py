@@ -7,7 +7,10 @@ Every timm call passes its trick-related arguments explicitly: timm switches sev
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
+import timm
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -17,7 +20,10 @@ from timm.task import ClassificationTask, LogitDistillationTask
 from timm.task.distillation import DistillationTeacher
 from torch import nn
 
-from .config import Config
+from lifecycle.distributed import rank0_first
+
+from .checkpoint import load_classifier
+from .config import Config, ConfigError
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
@@ -37,8 +43,8 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """§2: Nesterov SGD, momentum 0.9; the learning rate is set per update by the scheduler.
 
     torch's fused SGD where it has a kernel (CPU, CUDA): one pass over each parameter instead of torch's default
-    per-tensor loop of five ops and two temporaries, 3x faster on a CPU for a ResNet-50 (80 ms against 270 ms a
-    step here), the same arithmetic up to float rounding (tests/test_speed.py: weights and momenta within 1e-6)."""
+    per-tensor loop of five ops and two temporaries: 11.0 ms against 38.6 ms a ResNet-50-D update on a CPU
+    (docs/performance.md), the same arithmetic up to float rounding (tests/test_speed.py: within 1e-6)."""
     groups = param_groups(model, cfg)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                 for g in groups for p in g["params"])
@@ -149,6 +155,15 @@ def build_mixup(cfg: Config, num_classes: int) -> Mixup | None:
     )
 
 
+def mix_pass(mixup: Mixup, x: torch.Tensor, y: torch.Tensor, seed: int, update: int, slot: int):
+    """§5.4 on one forward pass: mixup pairs samples, so an odd one left by skipped images is dropped; lambda is
+    drawn from (seed, update, the pass's place in the global batch), not from the process: the same on any GPU
+    count."""
+    x, y = x[: len(x) // 2 * 2], y[: len(y) // 2 * 2]
+    np.random.seed([seed, update, slot])
+    return mixup(x, y)
+
+
 def build_criterion(cfg: Config) -> nn.Module:
     """Cross-entropy on the training targets: soft (mixed, smoothed) targets with mixup, else class indices with
     torch's label smoothing, which is exactly CE against (1 - eps) onehot + eps / K."""
@@ -172,3 +187,30 @@ def build_task(model: nn.Module, cfg: Config, teacher: nn.Module | None, device:
         loss_type="kl", distill_loss_weight=cfg.distill_weight, task_loss_weight=cfg.task_weight,
         temperature=cfg.distill_temperature, device=device, verbose=False,
     )
+
+
+def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module | None:
+    """§5.3 teacher: one of our run dirs / checkpoints, or a timm model name with its pretrained weights."""
+    if not cfg.distill_teacher:
+        return None
+    if Path(cfg.distill_teacher).exists():
+        teacher, _, ckpt = load_classifier(cfg.distill_teacher, ema=False)
+        if ckpt["num_classes"] != num_classes:
+            raise ConfigError(f"distill_teacher {cfg.distill_teacher}: teacher predicts {ckpt['num_classes']} "
+                              f"classes, the data has {num_classes}; train the teacher on the same data")
+    else:
+        name = cfg.distill_teacher
+        try:  # downloaded from the Hugging Face hub into its cache once (rank 0), read from the cache after
+            teacher = rank0_first(lambda: timm.create_model(name, pretrained=True))
+        except (RuntimeError, OSError, ValueError) as e:
+            raise ConfigError(
+                f"distill_teacher {name}: cannot load its pretrained weights ({str(e).splitlines()[0][:200]}); "
+                f"fill the hub cache on a machine with network (python -c \"import timm; timm.create_model('{name}', "
+                f"pretrained=True)\", cache in $HF_HOME, default ~/.cache/huggingface, copied to the same place "
+                f"here), or distil from a teacher trained by the toolkit (distill_teacher=<its run dir>)") from e
+        if teacher.num_classes != num_classes:
+            raise ConfigError(f"distill_teacher {name}: predicts {teacher.num_classes} classes, the "
+                              f"data has {num_classes}; use a teacher trained on this label space")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()

@@ -26,12 +26,9 @@ whatever the number of jobs.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +50,6 @@ from datakit.files import (
     mode_problem,
 )
 from datakit.render import ADE20K_NUM_CLASSES, VOC_CLASSES
-from lifecycle.errors import cli
 
 # VOC07+12 as MMDetection's voc0712 config reads it: year -> list files under ImageSets/Main.
 VOC_LISTS: dict[str, tuple[str, ...]] = {"VOC2007": ("trainval", "test"), "VOC2012": ("trainval",)}
@@ -452,75 +448,3 @@ def check_ade20k(root: str | Path, quick: bool = False, jobs: int = 1) -> list[s
 
 
 CHECKS: dict[str, Callable[..., list[str]]] = {"imagenet": check_imagenet, "voc": check_voc, "ade20k": check_ade20k}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _progress_bar(kind: str) -> tuple[Callable[[int], None], Callable[[], None]]:
-    """A tqdm bar on a terminal (tqdm stays silent when stderr is not one, so logs stay clean)."""
-    from tqdm import tqdm
-
-    tqdm.monitor_interval = 0  # no monitor thread: the process pool forks, and a fork copies no other thread safely
-    bar = tqdm(desc=f"check_data {kind}", unit=" images", disable=None, mininterval=0.5, dynamic_ncols=True)
-
-    def update(n: int) -> None:
-        if n < 0:
-            bar.total = -n
-            bar.refresh()
-        else:
-            bar.update(n - bar.n)
-
-    return update, bar.close
-
-
-@cli  # one line per failure (lifecycle/errors.py); --debug shows the traceback
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="check_data", description="Validate an ImageFolder, VOCdevkit or ADEChallengeData2016 tree: "
-                     "structure, annotations and image headers; --full also decodes every image.")
-    parser.add_argument("kind", choices=list(KINDS), help="dataset format")
-    parser.add_argument("root", help="imagenet: folder with train/ and val/; voc: VOCdevkit; "
-                                     "ade20k: ADEChallengeData2016")
-    parser.add_argument("--full", action="store_true",
-                        help="decode every image too: finds truncated files and ADE20K mask values (slow: all cores)")
-    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old name of the default
-    parser.add_argument("--jobs", type=int, default=0, metavar="N",
-                        help="workers (processes with --full, threads otherwise); default 0: all cores")
-    parser.add_argument("--max-lines", type=int, default=200, help="problem lines to print (0: all; default 200)")
-    args = parser.parse_args(argv)
-    if args.full and args.quick:
-        parser.error("--full and --quick exclude each other")
-    if args.jobs < 0:
-        parser.error(f"--jobs must be 0 (all cores) or more, got {args.jobs}")
-    jobs = args.jobs or os.cpu_count() or 1
-
-    from datakit import check_cache
-
-    t0 = time.perf_counter()
-    progress, close = _progress_bar(args.kind)
-    try:
-        manifest = check_cache.Manifest.of(args.root)  # before the check: a file changed during it is seen next time
-        rep = check(args.kind, args.root, full=args.full, jobs=jobs, progress=progress)
-    finally:
-        close()
-    shown = rep.problems if args.max_lines <= 0 else rep.problems[:args.max_lines]
-    for line in shown:
-        print(line)
-    if len(shown) < len(rep.problems):
-        print(f"... {len(rep.problems) - len(shown)} more problems not shown (--max-lines 0 prints all)")
-    depth = "decoded" if args.full else "structure and headers; --full decodes every image"
-    if rep.problems:
-        n = len(rep.problems)
-        print(f"check_data {args.kind}: {n} problem{'s' if n != 1 else ''} in {rep.files} files ({args.root})")
-        return 1
-    # Remember the pass, so that a stage started on this unchanged tree skips its own check.
-    check_cache.record(args.kind, args.root, manifest, rep, time.perf_counter() - t0)
-    print(f"check_data {args.kind}: ok, {rep.files} files checked ({depth}) in {time.perf_counter() - t0:.1f} s "
-          f"({args.root})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from lifecycle.errors import cli
-from transfer.runner import Stage, walk
+from transfer.runner import DownstreamTask, walk
 from transfer.runner import main as run_stage
 
 
@@ -29,8 +29,8 @@ def summarize(mm: dict[str, float], cfg) -> tuple[dict, dict]:
     return dict(mAP=mm[prefix + "mAP"] * 100, per_class_AP=per_class), protocol
 
 
-STAGE = Stage(name="detection", library="mmdet", check_data="voc",
-              metric_types={"VOCMetric": "VOCMetricPerClass"}, summarize=summarize)
+STAGE = DownstreamTask(name="detection", library="mmdet", metric_types={"VOCMetric": "VOCMetricPerClass"},
+                       summarize=summarize)
 
 
 @cli  # one line per failure (lifecycle/errors.py); --debug or BOT_DEBUG=1 shows the traceback

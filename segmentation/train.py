@@ -9,7 +9,7 @@ import math
 import sys
 
 from lifecycle.errors import cli
-from transfer.runner import Stage, walk
+from transfer.runner import DownstreamTask, walk
 from transfer.runner import main as run_stage
 
 
@@ -30,8 +30,8 @@ def summarize(mm: dict[str, float], cfg) -> tuple[dict, dict]:
     return metrics, protocol
 
 
-STAGE = Stage(name="segmentation", library="mmseg", check_data="ade20k",
-              metric_types={"IoUMetric": "IoUMetricPerClass"}, summarize=summarize)
+STAGE = DownstreamTask(name="segmentation", library="mmseg", metric_types={"IoUMetric": "IoUMetricPerClass"},
+                       summarize=summarize)
 
 
 @cli  # one line per failure (lifecycle/errors.py); --debug or BOT_DEBUG=1 shows the traceback

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from lifecycle import errors
 from lifecycle.preemption import EXIT_INTERRUPTED
+from lifecycle.stages import NAMES
 from study.plan import command, plan, stage_protocols
 from study.run import STATUS_FILE, echo, passing_signals_on, read_status, run_steps, status_table
-from study.spec import STAGE_DIRS, STAGES, SpecError, check_data, load_spec
+from study.spec import STAGE_DIRS, SpecError, check_data, load_spec
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(status_table(entries) if entries else f"{args.work_dir / STATUS_FILE}: no stage has run yet")
         return 0
     spec = load_spec(args.study, args.data_root, args.allow_synthetic)
-    stages = tuple(s for s in STAGES if args.only in (None, STAGE_DIRS[s]))
+    stages = tuple(s for s in NAMES if args.only in (None, STAGE_DIRS[s]))
     if args.only and not spec.defines(stages[0]):
         raise SpecError(f"{spec.path}: --only {args.only}: this study has no {stages[0]} stage")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None

@@ -9,12 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from study.spec import STAGE_DIRS, STAGES, TEACHER_REF, Arm, SpecError, StudySpec
+from lifecycle.stages import DOWNSTREAM, NAMES, STAGES
+from study.spec import STAGE_DIRS, TEACHER_REF, Arm, SpecError, StudySpec
 
 REPO = Path(__file__).resolve().parent.parent
-OUTPUTS = {**dict.fromkeys(STAGES, "summary.json"), "export": "meta.json"}  # what marks a stage done
-MODULES = {"classification": "classification.train", "detection": "detection.train",
-           "segmentation": "segmentation.train"}
 EXPORT_TOOL = "tools/export_backbone.py"
 RDZV_PORT = 29500
 FROZEN = " (frozen)"  # a stage's name in study_status.json when its backbone is frozen; its run dir ends "_frozen"
@@ -34,15 +32,15 @@ class Step:
     # A frozen-backbone run is its own entry in study_status.json: "detection (frozen)", in its own run dir.
     key = property(lambda self: (self.arm, self.seed, self.stage + FROZEN * self.frozen))
     label = property(lambda self: f"{self.arm} seed{self.seed} {self.key[2]}")
-    output = property(lambda self: self.dir / OUTPUTS[self.stage])
-    inputs = property(lambda self: [stage_dir(self.dir.parents[2], *n) / OUTPUTS[n[2]] for n in self.needs])
+    output = property(lambda self: self.dir / STAGES[self.stage].output)
+    inputs = property(lambda self: [stage_dir(self.dir.parents[2], *n) / STAGES[n[2]].output for n in self.needs])
 
 
 def stage_dir(work_dir: Path, arm: str, seed: int, stage: str, frozen: bool = False) -> Path:
     return work_dir / arm / f"seed{seed}" / (STAGE_DIRS[stage] + "_frozen" * frozen)
 
 
-def plan(spec: StudySpec, work_dir: Path, stages: tuple[str, ...] = STAGES, arms: list[str] | None = None
+def plan(spec: StudySpec, work_dir: Path, stages: tuple[str, ...] = NAMES, arms: list[str] | None = None
          ) -> list[Step]:
     """Every step of ``stages`` for the chosen arms, plus the classification of the teachers they name."""
     chosen, teachers = set(spec.arms if arms is None else arms), set()
@@ -60,7 +58,8 @@ def _step(spec: StudySpec, work_dir: Path, arm: Arm, seed: int, stage: str) -> S
         if arm.classification is None:
             return None
         items = [TEACHER_REF.sub(lambda m: path(stage_dir(work_dir, m[1], seed, stage)), item) for item in arm.set]
-        argv = ["-m", MODULES[stage], path(arm.classification), "--data-root", path(spec.data["imagenet"]),
+        argv = ["-m", STAGES[stage].module, path(arm.classification), "--data-root",
+                path(spec.data[STAGES[stage].data]),
                 *(["--allow-synthetic"] if spec.allow_synthetic else []), "--work-dir", path(here),
                 "--set", f"name={arm.name}", f"seed={seed}", *items]
         return Step(arm.name, seed, stage, here, tuple(argv), True, tuple((t, seed, stage) for t in arm.teachers))
@@ -74,11 +73,11 @@ def _step(spec: StudySpec, work_dir: Path, arm: Arm, seed: int, stage: str) -> S
         cls = stage_dir(work_dir, arm.name, seed, "classification")
         return Step(arm.name, seed, stage, here, (tool, path(cls), "--out", path(here)), False,
                     ((arm.name, seed, "classification"),))
-    section, export = getattr(spec, stage), stage_dir(work_dir, arm.name, seed, "export")
+    section, export = spec.downstream[stage], stage_dir(work_dir, arm.name, seed, "export")
     frozen = spec.frozen(arm, stage)
     here = stage_dir(work_dir, arm.name, seed, stage, frozen)
-    argv = ["-m", MODULES[stage], "--export", path(export) if arm.pretrained else "none", "--config",
-            path(section.config), "--data-root", path(spec.data["voc" if stage == "detection" else "ade20k"]),
+    argv = ["-m", STAGES[stage].module, "--export", path(export) if arm.pretrained else "none", "--config",
+            path(section.config), "--data-root", path(spec.data[STAGES[stage].data]),
             "--work-dir", path(here), "--arm", arm.name, "--seed", str(seed),
             *(["--allow-synthetic"] if spec.allow_synthetic else []), *(["--frozen-backbone"] if frozen else []),
             *(["--cfg-options", *section.cfg_options] if section.cfg_options else [])]
@@ -94,7 +93,8 @@ def stage_protocols(spec: StudySpec, steps: list[Step], gpus: int, nodes: int = 
     batch, naming the counts on which the whole study can run. ``downstream=False`` skips the detection and
     segmentation lines (building their models takes seconds) where one process is certain to fit them."""
     from classification.config import ConfigError, load_config
-    from transfer.runner import StageError, describe_recipe, load_mm_config, merge_cfg_options, process_counts
+    from lifecycle.distributed import process_counts
+    from transfer.runner import StageError, describe_recipe, load_mm_config, merge_cfg_options
 
     processes, lines, problems, counts = max(gpus, 1) * nodes, [], [], None
     for arm in dict.fromkeys(s.arm for s in steps if s.stage == "classification"):
@@ -105,11 +105,11 @@ def stage_protocols(spec: StudySpec, steps: list[Step], gpus: int, nodes: int = 
             lines.append(f"{arm} classification: {cfg.batch_line(processes)}")
         except ConfigError as e:
             problems.append(f"arm {arm} ({recipe}): {e}")
-    for stage in ("detection", "segmentation") if downstream or processes > 1 else ():
+    for stage in DOWNSTREAM if downstream or processes > 1 else ():
         arms = [spec.arms[a] for a in dict.fromkeys(s.arm for s in steps if s.stage == stage)]
         if not arms:
             continue
-        section = getattr(spec, stage)
+        section = spec.downstream[stage]
         options = cfg_options(section.cfg_options)
         for pretrained, frozen in dict.fromkeys((a.pretrained, spec.frozen(a, stage)) for a in arms):
             who = ("pretrained arms" if pretrained else ", ".join(a.name for a in arms if not a.pretrained)) + (
@@ -149,6 +149,6 @@ def command(step: Step, gpus: int, nodes: int = 1, master: str = "$MASTER_ADDR",
         return [sys.executable, *step.argv]
     multi = ([f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{RDZV_PORT}",
               f"--rdzv-id={job_id}"] if nodes > 1 else [])
-    launcher = ["--launcher", "pytorch"] if step.stage in ("detection", "segmentation") else []
+    launcher = ["--launcher", "pytorch"] if step.stage in DOWNSTREAM else []  # mmengine's
     return [sys.executable, "-m", "lifecycle.torchrun", *multi, f"--nproc_per_node={gpus}", *step.argv,
             *launcher]

@@ -14,21 +14,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from classification.artifacts import STAGES, SummaryError, atomic_write_bytes
+from lifecycle.artifacts import SummaryError, atomic_write_bytes
+from lifecycle.stages import STAGES, SUMMARY_STAGES
 from study import paper
 from study.results import FINE_TUNED, Difference, Results, ResultsError, Stat, load_results, stat
 from study.run import DONE, STATUS_FILE
 from study.transfer_stats import MIN_ARMS, correlation, transfer_ratio
 
 DASH = "—"
-# key, title, stage, (metric, label) pairs, in the paper's table
-TABLES = (("table6", "Table 6 — classification (ResNet-50-D training refinements)", "classification",
-           (("top1", "top-1"), ("top5", "top-5"))),
-          ("table8", "Table 8 — Faster R-CNN on Pascal VOC (VOC07 test mAP@0.5)", "detection", (("mAP", "VOC mAP"),)),
-          ("table9", "Table 9 — FCN on ADE20K (pixel accuracy = aAcc, mIoU)", "segmentation",
-           (("aAcc", "ADE pixel acc"), ("mIoU", "ADE mIoU"))))
-CSV_METRICS = {"classification": ("top1", "top5", "ema_top1", "ema_top5"), "detection": ("mAP",),
-               "segmentation": ("mIoU", "aAcc", "mAcc")}  # results.csv: (stage, metric) -> its paper table's field
+# The report's tables: key, title, stage, (metric, label) pairs, in the paper's table (lifecycle/stages.py).
+REPORT_TABLES = tuple((s.table.key, s.table.title, name, s.table.columns) for name, s in STAGES.items()
+                      if s.table)
 CSV_FIELDS = ("arm", "stage", "backbone", "metric", "mean", "std", "n", "seeds", "reference", "difference", "ci95_low",
               "ci95_high", "paired_seeds", "paper", "paper_gain", "paper_note")
 
@@ -133,8 +129,8 @@ def paper_table(results: Results, key: str, title: str, stage: str, metrics: tup
 
 MODE_TITLE = {FINE_TUNED: "", "frozen": " — backbone frozen (fixed features)"}
 # The downstream metrics whose transfer the report measures: (stage, metric, label, the paper's table).
-TRANSFER_METRICS = (("detection", "mAP", "VOC mAP", "table8"), ("segmentation", "aAcc", "ADE pixel acc", "table9"),
-                    ("segmentation", "mIoU", "ADE mIoU", "table9"))
+TRANSFER_METRICS = tuple((name, metric, label, s.table.key) for name, s in STAGES.items()
+                         for metric, label in s.transfer)
 
 
 def transfer_points(results: Results, stage: str, metric: str) -> dict[str, list[tuple[float, float]]]:
@@ -236,7 +232,7 @@ def ratio_section(results: Results, mode: str = FINE_TUNED) -> str | None:
 
 def missing_stages(results: Results) -> list[str]:
     """Every arm and seed lacking a stage that some other run of this study has."""
-    present, out = [s for s in STAGES if results.select(stage=s)], []
+    present, out = [s for s in SUMMARY_STAGES if results.select(stage=s)], []
     for arm, seed in sorted({(r.arm, r.seed) for r in results.runs}, key=lambda a: (paper.arm_sort_key(a[0]), a[1])):
         by_design = arm == paper.RANDOM_INIT or results.published(arm)  # no classification stage
         lack = [s for s in present if not (s == "classification" and by_design) and not any(
@@ -272,8 +268,8 @@ def transfer_gain(results: Results, path: Path) -> str | None:
     panels = []
     for mode in results.modes:
         view = results.in_mode(mode)
-        for stage, metric, table, label, marker, color in (("detection", "mAP", "table8", "VOC mAP", "o", "tab:blue"),
-                                                           ("segmentation", "mIoU", "table9", "ADE mIoU", "s", "C1")):
+        plotted = [(n, s.plotted, s.table.key, dict(s.transfer)[s.plotted]) for n, s in STAGES.items() if s.plotted]
+        for (stage, metric, table, label), marker, color in zip(plotted, "os^vD", ("tab:blue", "C1", "C2", "C3")):
             ours = [(arm, t.mean, t.std or 0.0, d.mean, view.stat(arm, stage, metric).std or 0.0)
                     for arm in view.arms if (t := stat(view.backbone_top1(arm)))
                     and (d := view.difference(arm, stage, metric, view.reference))]
@@ -320,11 +316,12 @@ def csv_rows(results: Results) -> list[dict[str, str]]:
     for i, mode in enumerate(results.modes or [FINE_TUNED]):
         view = results.in_mode(mode)
         ref = view.reference
-        for arm, stage, metric in ((a, st, m) for a in view.arms for st in STAGES for m in CSV_METRICS[st]):
+        for arm, stage, metric in ((a, st, m) for a in view.arms for st in SUMMARY_STAGES
+                                   for m in STAGES[st].metrics):
             if (stage == "classification" and i) or (s := view.stat(arm, stage, metric)) is None:
                 continue  # classification rows once
             d = view.difference(arm, stage, metric, ref) if arm != ref else None
-            table = next(t[0] for t in TABLES if t[2] == stage)
+            table = STAGES[stage].table.key
             fld = metric if metric in next(iter(paper.TABLES[table].values()))._fields else None  # not mAcc
             p = paper.value(table, arm, fld) if fld else None
             pg = paper.gain(table, arm, fld) if fld and arm != paper.B_STANDARD else None
@@ -344,12 +341,13 @@ def write_report(results: Results, out: Path) -> str:
     # Every table and statistic compares runs of one backbone mode: fine-tuned, then frozen (Table 6 once).
     views = {mode: results.in_mode(mode) for mode in results.modes or [FINE_TUNED]}
     tables = [paper_table(view, key, title + MODE_TITLE[mode], stage, metrics) for mode, view in views.items()
-              for key, title, stage, metrics in TABLES
+              for key, title, stage, metrics in REPORT_TABLES
               if view.select(stage=stage) and (stage != "classification" or mode == next(iter(views)))]
     sections = [s for mode, view in views.items()
                 for s in (correlation_section(view, mode), ratio_section(view, mode)) if s]
-    absent = [f"{t[1][:7]}: no {t[2]} summaries in this study." for t in TABLES if not results.select(stage=t[2])]
-    counts = ", ".join(f"{len(results.select(stage=s))} {s}" for s in STAGES)
+    absent = [f"{t[1][:7]}: no {t[2]} summaries in this study." for t in REPORT_TABLES
+              if not results.select(stage=t[2])]
+    counts = ", ".join(f"{len(results.select(stage=s))} {s}" for s in SUMMARY_STAGES)
     md = ["# Bag of Tricks transfer study", f"Study `{results.root}`: {len(results.runs)} summaries ({counts}); arms: "
           + ", ".join(f"`{a}`" for a in results.arms) + ".",
           "Numbers are percentages; with several seeds a cell reads mean ± sample std (n−1) over n seeds, `—` marks "
@@ -369,7 +367,8 @@ def write_report(results: Results, out: Path) -> str:
                f"`{STATUS_FILE}` lists every stage done ({len(results.status)} entries)."]
     prov = [[arm_label(r.arm), r.stage + (f" ({r.mode})" if r.mode not in (None, FINE_TUNED) else ""), str(r.seed),
              str((r.summary.get("config") or {}).get("name") or DASH), _backbone(r), f"`{r.path.as_posix()}`"]
-            for r in sorted(results.runs, key=lambda r: (paper.arm_sort_key(r.arm), STAGES.index(r.stage), r.seed))]
+            for r in sorted(results.runs,
+                            key=lambda r: (paper.arm_sort_key(r.arm), SUMMARY_STAGES.index(r.stage), r.seed))]
     md += ["## Provenance", "Summary paths are relative to the study directory.",
            markdown_table(["arm", "stage", "seed", "config", "backbone", "summary"], prov)]
     write_file(out / "REPORT.md", ("\n\n".join(md) + "\n").encode())

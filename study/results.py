@@ -12,8 +12,8 @@ from typing import Any
 
 from scipy import stats
 
-from classification.artifacts import read_summary
 from classification.export import PUBLISHED_KINDS
+from lifecycle.artifacts import read_summary
 from lifecycle.errors import UserError
 from study import paper
 from study.run import STATUS_FILE, read_status

@@ -28,11 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from classification.artifacts import atomic_write_json
 from lifecycle import progress
+from lifecycle.artifacts import atomic_write_json
 from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS
+from lifecycle.stages import NAMES
 from study.plan import FROZEN, REPO, Step, command
-from study.spec import STAGES
 
 _ERROR_LINE = re.compile(r"^(error:|\w+(\.\w+)*(Error|Exception)\b)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -79,7 +79,7 @@ def read_status(work_dir: Path) -> list[dict[str, Any]]:
                 f"/proc/{e.get('pid')}").exists():  # Linux: the process is gone
             e.update(status=NOT_FINISHED, error=f"its study process (pid {e.get('pid')}) is gone; rerun to resume")
     return sorted(entries, key=lambda e: (str(e.get("arm")), str(e.get("seed")),
-                                          STAGES.index(str(e.get("stage")).removesuffix(FROZEN))))
+                                          NAMES.index(str(e.get("stage")).removesuffix(FROZEN))))
 
 
 def status_table(entries: list[dict[str, Any]]) -> str:

@@ -24,6 +24,7 @@ from submitit.helpers import DelayedSubmission
 from submitit.slurm.slurm import _make_sbatch_string  # the sbatch text SlurmExecutor writes, for --dry-run
 
 from lifecycle.preemption import STOP_GRACE_S
+from lifecycle.stages import STAGES
 from study.plan import Step, command
 from study.run import STATUS_FILE, run_steps, stop_running_stage
 from study.spec import StudySpec
@@ -53,15 +54,13 @@ class ArmJob:  # pickled by submitit, run on every node of the allocation; ``che
         return DelayedSubmission(self)
 
 
-PARTS = {"classification": "imagenet", "export": "imagenet", "detection": "transfer", "segmentation": "transfer"}
-
-
 def arm_jobs(spec: StudySpec, steps: list[Step], args) -> list[ArmJob]:
-    """The plan's steps grouped by arm, seed and part (PARTS), each job after the jobs it waits for."""
+    """The plan's steps grouped by arm, seed and part (the stage table's ``part``), each job after the jobs it waits
+    for."""
     jobs: dict[str, ArmJob] = {}
     holder: dict[tuple, str] = {}  # step key -> the job that runs it
     for step in steps:
-        name = f"{step.arm}.seed{step.seed}.{PARTS[step.stage]}"
+        name = f"{step.arm}.seed{step.seed}.{STAGES[step.stage].part}"
         jobs.setdefault(name, ArmJob(name, [], args.work_dir, args.gpus_per_node, args.nodes)).steps.append(step)
         holder[step.key] = name
     for job in jobs.values():

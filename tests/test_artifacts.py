@@ -1,11 +1,11 @@
-"""Atomic writes and links of run artifacts (classification/artifacts.py)."""
+"""Atomic writes and links of run artifacts (lifecycle/artifacts.py)."""
 
 import os
 
 import pytest
 import torch
 
-from classification.artifacts import atomic_link, atomic_torch_save
+from lifecycle.artifacts import atomic_link, atomic_torch_save
 
 
 @pytest.mark.parametrize("hard_links", [True, False])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datakit import check
+from datakit import check, check_cli
 from datakit.render import CATEGORIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def test_generated_trees_pass(kind: str, tiny_data: Path, capsys: pytest.Capture
     root = tiny_data / SET_DIRS[kind]
     assert check.CHECKS[kind](root) == []
     assert check.CHECKS[kind](root, quick=True) == []
-    assert check.main([kind, str(root)]) == 0
+    assert check_cli.main([kind, str(root)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith(f"check_data {kind}: ok")
 
@@ -187,7 +187,7 @@ def test_breakage_is_reported(case: str, copy_of: Callable[[str], Path], capsys:
     for line in problems:
         assert line.startswith(f"{broken}: ") and line.endswith(")"), line
     assert check.check(kind, root).problems == ([] if case in DECODE_ONLY else problems)  # headers only
-    assert check.main([kind, str(root), "--full"]) == 1
+    assert check_cli.main([kind, str(root), "--full"]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert out[:-1] == problems
     assert out[-1].startswith(f"check_data {kind}: {len(problems)} problem")
@@ -212,7 +212,7 @@ def test_many_problems_are_capped_summary_last(copy_of: Callable[[str], Path],
     root = copy_of("imagenet")
     for f in sorted((root / "train" / C0).glob("*.jpg"))[:4]:
         _truncate(f)
-    assert check.main(["imagenet", str(root), "--max-lines", "2", "--full"]) == 1
+    assert check_cli.main(["imagenet", str(root), "--max-lines", "2", "--full"]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 4 and "2 more problems" in out[2] and out[-1].startswith("check_data imagenet: 4 problems")
 
@@ -255,5 +255,5 @@ def test_cli_full_shows_progress_and_remembers_a_pass(tiny_data: Path, tmp_path:
     rep = check.check("voc", root, full=True, jobs=2, progress=calls.append)
     assert calls[0] < 0 and calls[-1] == -calls[0] and calls[1:] == sorted(calls[1:])  # total first, then counts
     assert rep.problems == [] and rep.full
-    assert check.main(["voc", str(root), "--full", "--jobs", "2"]) == 0
+    assert check_cli.main(["voc", str(root), "--full", "--jobs", "2"]) == 0
     assert check_cache.lookup("voc", root, check_cache.Manifest.of(root))["depth"] == "full"

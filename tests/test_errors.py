@@ -14,9 +14,9 @@ import yaml
 from PIL import Image
 
 from classification import train
-from classification.artifacts import read_summary
 from classification.config import ConfigError, load_config
 from lifecycle import errors
+from lifecycle.artifacts import read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["image_size=32", "global_batch=4", "device_batch=4", "workers=0", "init=timm", "log_interval=1",
@@ -361,7 +361,7 @@ def test_class_mismatch_names_the_classes(folder, tmp_path, capsys):
 
 
 def test_tools_print_one_line(tmp_path, capsys, monkeypatch):
-    from datakit import check, make
+    from datakit import check_cli, make
     from transfer import source
 
     garbage = tmp_path / "weights.pth"
@@ -382,7 +382,7 @@ def test_tools_print_one_line(tmp_path, capsys, monkeypatch):
     assert make.main(["--out", str(a_file / "sub"), "--sets", "imagenet", "--quiet"]) == 1
     assert str(a_file) in one_line(capsys.readouterr().err)
 
-    assert check.main(["imagenet", str(a_file)]) == 1  # a problem line and the summary, on stdout
+    assert check_cli.main(["imagenet", str(a_file)]) == 1  # a problem line and the summary, on stdout
     assert capsys.readouterr().out.splitlines()[0].startswith(f"{a_file}: not a folder")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from classification.artifacts import read_summary
+from lifecycle.artifacts import read_summary
 from lifecycle.preemption import EXIT_INTERRUPTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,7 +324,7 @@ def run_dir(tiny_export, tmp_path) -> Path:
 
 def train_further(run: Path) -> None:
     """Stand-in for more training: last.pth changes (atomically, as the trainer writes it)."""
-    from classification.artifacts import atomic_torch_save
+    from lifecycle.artifacts import atomic_torch_save
 
     ckpt = torch.load(run / "last.pth", weights_only=True)
     ckpt["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()}

@@ -160,7 +160,7 @@ def test_the_jpeg_fast_path_gives_the_same_crops_within_tolerance(photos):
 
 def test_a_run_started_before_the_decode_key_existed_still_resumes():
     from classification.checkpoint import CheckpointError
-    from classification.train import check_resumable
+    from classification.run_dir import check_resumable
 
     cfg = load_config(None, [])
     saved = cfg.to_dict()

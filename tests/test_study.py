@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from classification.artifacts import read_summary
+from lifecycle.artifacts import read_summary
 from study import cli
 from study.spec import STAGE_DIRS
 

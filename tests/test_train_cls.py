@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from classification import train
-from classification.artifacts import read_summary
+from lifecycle.artifacts import read_summary
 from lifecycle.preemption import EXIT_INTERRUPTED
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from classification.artifacts import read_summary
+from lifecycle.artifacts import read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = Path(torch.__file__).parents[1]

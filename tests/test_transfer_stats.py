@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from classification.artifacts import write_summary
+from lifecycle.artifacts import write_summary
 from study.report import main
 from study.results import load_results, paired_difference
 from study.transfer_stats import correlation, transfer_ratio

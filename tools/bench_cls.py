@@ -44,6 +44,7 @@ from classification.data import build_loaders  # noqa: E402
 from classification.models import build_model  # noqa: E402
 from classification.tricks import build_mixup, build_optimizer, build_scaler, build_scheduler, build_task  # noqa: E402
 from classification.variants import get_variant  # noqa: E402
+from lifecycle.distributed import Dist  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -119,9 +120,10 @@ class OurTrainer:
 
     def epoch(self, batches) -> int:
         n = min(len(batches), self.updates)
-        stats = train.train_one_epoch(self.task, self.model, batches, self.opt, self.sched, self.scaler,
-                                      build_mixup(self.cfg, 10), None, self.cfg, 0, 0, n, train.Dist(),
-                                      self.device, train.StopFlag())
+        state = train.TrainState(self.cfg, self.task, self.model, self.opt, self.sched, self.scaler,
+                                 build_mixup(self.cfg, 10), None, Dist(), self.device, self.cfg.batch_plan(1), n,
+                                 guard=train.NonFiniteGuard(self.cfg.max_nonfinite_steps, self.device))
+        stats = train.train_one_epoch(state, batches, 0, 0, train.StopFlag())
         assert "stopped_at" not in stats
         return n * self.cfg.device_batch
 

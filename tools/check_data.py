@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from datakit.check import main  # noqa: E402
+from datakit.check_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,11 +12,10 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$repo/.venv/bin/python}
 [[ $# -ge 2 ]] || { sed -n '2,9p' "$0"; exit 2; }
 stage=$1 src=$2; shift 2
-case $stage in
-    detection) config=$repo/configs/detection/faster-rcnn_r50_fpn_voc0712.py data_root=data/VOCdevkit ;;
-    segmentation) config=$repo/configs/segmentation/fcn_r50-d8_ade20k-512x512.py data_root=data/ADEChallengeData2016 ;;
-    *) echo "error: unknown stage $stage (detection or segmentation)" >&2; exit 2 ;;
-esac
+# The stage's default recipe and data root: its row in lifecycle/stages.py (a usage line for an unknown stage).
+defaults=$(cd "$repo" && "$PY" -m lifecycle.stages defaults "$stage") || exit 2
+read -r config data_root <<< "$defaults"
+config=$repo/$config
 name=$(basename "$src")
 work_dir=  # default: work_dirs/$stage/<source>, with _frozen for a frozen backbone (below)
 frozen=

@@ -106,7 +106,7 @@ def _atomic_save_checkpoint(original):
     def save_checkpoint(checkpoint, filename, file_client_args=None, backend_args=None):
         if "://" in str(filename) or file_client_args is not None or backend_args is not None:
             return original(checkpoint, filename, file_client_args=file_client_args, backend_args=backend_args)
-        from classification.artifacts import atomic_torch_save
+        from lifecycle.artifacts import atomic_torch_save
 
         atomic_torch_save(checkpoint, filename)
 

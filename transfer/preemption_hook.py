@@ -24,7 +24,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop, IterBasedTrainLoop
 
-from classification.artifacts import atomic_write_bytes, remove_stale_temporaries
+from lifecycle.artifacts import atomic_write_bytes, remove_stale_temporaries
 from lifecycle.errors import quiet_exit_of_loader_workers
 from lifecycle.run_lock import RunLock
 from lifecycle.stop_flag import Preempted, StopFlag

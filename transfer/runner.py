@@ -21,20 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from classification.artifacts import write_summary
 from datakit.synthetic import synthetic_problem
+from lifecycle.artifacts import write_summary
+from lifecycle.distributed import BatchPlan, process_counts
 from lifecycle.errors import UserError
 from lifecycle.preemption import EXIT_INTERRUPTED
+from lifecycle.stages import STAGES
 from lifecycle.stop_flag import Preempted
 
 
 @dataclass(frozen=True)
-class Stage:
-    name: str  # "detection" | "segmentation"
+class DownstreamTask:
+    """What a downstream stage does differently from the others; the rest is its row in lifecycle/stages.py."""
+    name: str  # its row in lifecycle/stages.py: "detection" | "segmentation"
     library: str  # "mmdet" | "mmseg"
-    check_data: str  # dataset kind for datakit.check ("voc" | "ade20k")
     metric_types: dict[str, str]  # the installed metric -> ours, which also returns per-class numbers
     summarize: Callable[[dict[str, float], Any], tuple[dict, dict]]  # (mm metrics, cfg) -> (metrics, protocol)
+
+    data = property(lambda self: STAGES[self.name].data)  # its dataset kind (tools/check_data.py)
 
 
 class StageError(UserError, RuntimeError):
@@ -67,34 +71,6 @@ def world_size() -> int:
 # tools/bench_transfer.py --images-per-gpu; lower it for smaller GPUs). Only above it does the batch plan accumulate
 # gradients.
 MEMORY_LIMIT_KEY = "max_images_per_gpu"
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How ``processes`` train on the recipe's batch (``processes x per_device x accumulation = recipe_batch``) and
-    how many images each BatchNorm normalises over: all of one pass's under SyncBN, one process's under BN."""
-
-    recipe_batch: int  # auto_scale_lr.base_batch_size: the total batch the recipe's lr and schedule were tuned for
-    processes: int
-    per_device: int
-    accumulation: int  # passes per optimizer update (mmengine optim_wrapper.accumulative_counts)
-    bn: str  # "SyncBN" (more than one process), "BN" (one process) or "frozen" (no BatchNorm uses batch statistics)
-
-    @property
-    def bn_batch(self) -> int | None:
-        if self.bn == "frozen":
-            return None
-        return self.per_device * (self.processes if self.bn == "SyncBN" else 1)
-
-    def line(self, lr: float) -> str:
-        bn = "BN frozen" if self.bn_batch is None else f"BN batch {self.bn_batch}"
-        return (f"batch {self.recipe_batch} = {self.processes} x {self.per_device} x {self.accumulation} "
-                f"accumulation steps, {bn}, lr {lr:g}")
-
-
-def process_counts(recipe_batch: int) -> list[int]:
-    """The process counts that can share the recipe's batch evenly."""
-    return [n for n in range(1, recipe_batch + 1) if recipe_batch % n == 0]
 
 
 def plan_batch(recipe_batch: int, processes: int, trains_bn: bool, limit: int | None, source: str) -> BatchPlan:
@@ -225,7 +201,8 @@ def _freeze_backbone(cfg) -> dict[str, list]:
     return changed
 
 
-def configure(cfg, stage: Stage, args: argparse.Namespace, meta: dict | None, export_ckpt: Path | None) -> dict:
+def configure(cfg, stage: DownstreamTask, args: argparse.Namespace, meta: dict | None,
+              export_ckpt: Path | None) -> dict:
     """Edit the loaded mmengine config in place for our backbone and data; return what was decided."""
     backbone = cfg.model.backbone
     control_changes = {}
@@ -444,7 +421,7 @@ def protocol_line(cfg, decided: dict[str, Any]) -> str:
     return f"{decided['batch_line']}, {length}, {names or 'constant lr'}{mode}"
 
 
-def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
+def parse_args(stage: DownstreamTask, argv: list[str] | None) -> argparse.Namespace:
     from mmengine.config import DictAction
 
     p = argparse.ArgumentParser(prog=f"python -m {stage.name}.train", description=__doc__,
@@ -467,7 +444,7 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(stage: Stage, args: argparse.Namespace) -> int:
+def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
     from transfer import compat
     from transfer.data_gate import check_data_once
 
@@ -509,14 +486,14 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
         raise StageError(problem)
     # Rank 0 checks structure and headers, skipped for a tree unchanged since it passed; the other ranks wait for
     # its answer, so all stop here with the same one line (transfer/data_gate.py: why, and how they wait).
-    problems = check_data_once(stage.check_data, args.data_root, launcher=args.launcher,
+    problems = check_data_once(stage.data, args.data_root, launcher=args.launcher,
                                dist_cfg=cfg.get("env_cfg", {}).get("dist_cfg", {}))
     if problems:
         if main_process:
             print("\n".join(problems), file=sys.stderr)
         raise StageError(f"{args.data_root}: {len(problems)} problem{'s' * (len(problems) != 1)} in the "
-                         f"{stage.check_data} data (above); "
-                         f"fix them (tools/check_data.py {stage.check_data} {args.data_root} --full)")
+                         f"{stage.data} data (above); "
+                         f"fix them (tools/check_data.py {stage.data} {args.data_root} --full)")
     work_dir.mkdir(parents=True, exist_ok=True)
     cfg.dump(str(work_dir / "config.py"))
 
@@ -553,6 +530,6 @@ def run(stage: Stage, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(stage: Stage, argv: list[str] | None = None) -> int:
+def main(stage: DownstreamTask, argv: list[str] | None = None) -> int:
     """The stage's command; detection/train.py and segmentation/train.py wrap it in lifecycle.errors.cli."""
     return run(stage, parse_args(stage, argv))

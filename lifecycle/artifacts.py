@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.errors import UserError
+from lifecycle.stages import SUMMARY_STAGES
 
 SCHEMA_VERSION = 1
-STAGES = ("classification", "detection", "segmentation")
 
 
 TMP_SUFFIX = ".tmp"
@@ -164,8 +164,8 @@ def write_summary(
     lr_schedule: list[list[float]] | None = None,
     layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if stage not in SUMMARY_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {SUMMARY_STAGES}")
     summary = {
         "schema_version": SCHEMA_VERSION,
         "stage": stage,
@@ -203,6 +203,6 @@ def read_summary(path: str | Path) -> dict[str, Any]:
             f"{path}: summary schema_version {version!r} is not supported (this toolkit reads version "
             f"{SCHEMA_VERSION}); rerun the stage with this toolkit version"
         )
-    if summary.get("stage") not in STAGES:
-        raise SummaryError(f"{path}: unknown stage {summary.get('stage')!r}; expected one of {STAGES}")
+    if summary.get("stage") not in SUMMARY_STAGES:
+        raise SummaryError(f"{path}: unknown stage {summary.get('stage')!r}; expected one of {SUMMARY_STAGES}")
     return summary

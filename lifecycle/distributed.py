@@ -1,0 +1,83 @@
+"""The processes of a stage and the batch they share: torch.distributed helpers, and the one batch plan every stage
+states its protocol with (how ``processes x per_device x accumulation`` make the recipe's batch, and the batch
+BatchNorm normalises over)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    """This process's place in the job: torchrun's RANK, WORLD_SIZE, LOCAL_RANK (0, 1, 0 without torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes the run's files and logs."""
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the processes, in place (nothing to do in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def rank0_first(fn):
+    """Run ``fn`` on rank 0 first, then on the other ranks (e.g. a download into a shared cache happens once)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        return fn()
+    finally:
+        if dist.is_initialized() and dist.get_rank() == 0:
+            dist.barrier()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How ``processes`` train on the recipe's batch (``processes x per_device x accumulation = recipe_batch``) and
+    how many images each BatchNorm normalises over: all of one pass's under SyncBN, one process's under BN."""
+
+    recipe_batch: int  # images per optimizer update: the batch the recipe's lr and schedule were tuned for
+    processes: int
+    per_device: int  # images per forward pass on one process (one GPU)
+    accumulation: int  # passes per optimizer update
+    bn: str  # "SyncBN" (more than one process), "BN" (per process) or "frozen" (no BatchNorm uses batch statistics)
+
+    @property
+    def bn_batch(self) -> int | None:
+        if self.bn == "frozen":
+            return None
+        return self.per_device * (self.processes if self.bn == "SyncBN" else 1)
+
+    def line(self, lr: float, *, batch: str = "batch", lr_name: str = "lr") -> str:
+        """The protocol in one line, as each stage logs it first and the study's dry run prints it."""
+        bn = "BN frozen" if self.bn_batch is None else f"BN batch {self.bn_batch}"
+        return (f"{batch} {self.recipe_batch} = {self.processes} x {self.per_device} x {self.accumulation} "
+                f"accumulation steps, {bn}, {lr_name} {lr:g}")
+
+
+def process_counts(recipe_batch: int, per_device: int = 1) -> list[int]:
+    """The process counts that share the recipe's batch evenly in passes of ``per_device`` images."""
+    passes = recipe_batch // per_device
+    return [n for n in range(1, passes + 1) if passes % n == 0]
