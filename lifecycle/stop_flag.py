@@ -128,6 +128,7 @@ class StopFlag:
         if not _active:
             _start_helpers_shielded()
         self.signum: int | None = None
+        self._announced = False  # the signal logged (by a poll: never from the handler)
         self._at = 0.0  # when the first signal came (time.monotonic)
         self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         _active += 1
@@ -143,9 +144,10 @@ class StopFlag:
             if signum == self.signum == signal.SIGINT and time.monotonic() - self._at > SECOND_SIGINT_S:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
             return
+        # Not logged here: a handler runs between any two bytecodes, also inside the logging handler's write to the
+        # same file, which then fails ("reentrant call inside BufferedWriter") and prints a traceback. Said by the
+        # next poll, at the step boundary.
         self.signum, self._at = signum, time.monotonic()
-        log.warning("received %s: saving a checkpoint at the next step boundary, then exiting with %d",
-                    signal.Signals(signum).name, EXIT_INTERRUPTED)
 
     def _distributed(self) -> bool:
         import torch.distributed as dist
@@ -156,9 +158,16 @@ class StopFlag:
             self._group = dist.new_group(backend="gloo")
         return True
 
+    def _announce(self) -> None:
+        if self.set and not self._announced:
+            self._announced = True
+            log.warning("received %s: saving a checkpoint at the next step boundary, then exiting with %d",
+                        signal.Signals(self.signum).name, EXIT_INTERRUPTED)
+
     def agreed(self) -> bool:
         """True on every rank at the same step once any rank received a signal (call it on all ranks, once per
         step). Alone: the flag itself."""
+        self._announce()
         if not self._distributed():
             return self.set
         import torch
