@@ -84,7 +84,7 @@ def test_a_gpu_count_that_cannot_keep_the_batch_is_refused_naming_the_counts_tha
     cfg = load_config(REPO / "configs/classification/r50b_standard.yaml")
     for world in (3, 16):
         with pytest.raises(ConfigError, match=r"run on 1, 2, 4, 8 GPUs") as e:
-            cfg.accumulation(world)
+            cfg.batch_plan(world)
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="global_batch .* and device_batch"):
         load_config(None, ["batch_size=32"])
