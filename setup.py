@@ -12,7 +12,8 @@ setup(
     description="Bag of Tricks (He et al., CVPR 2019) classification and downstream transfer toolkit",
     python_requires=">=3.10",
     packages=find_packages(
-        include=["classification*", "lifecycle*", "detection*", "segmentation*", "transfer*", "study*", "datakit*"]
+        include=["lifecycle*", "datakit*", "mmstack*", "classification*", "export*", "transfer*", "detection*",
+                 "segmentation*", "study*"]
     ),
     install_requires=[
         "torch",

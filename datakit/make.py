@@ -220,7 +220,7 @@ def write_ade20k(root: Path, seed: int, scale: Scale, log: Log | None = None) ->
 _WRITERS = {"imagenet": write_imagenet, "voc": write_voc, "ade20k": write_ade20k}
 
 
-def describe(seed: int, scale_name: str, sets: Sequence[str], results: dict) -> dict:
+def data_json(seed: int, scale_name: str, sets: Sequence[str], results: dict) -> dict:
     """The content of ``data.json``: everything needed to interpret the labels, no timestamps (determinism)."""
     scale = SCALES[scale_name]
     return {
@@ -300,7 +300,7 @@ def generate(out: str | Path, seed: int = 0, scale: str = "tiny", sets: Sequence
         if log:
             n, dt = results[name]["images"], time.perf_counter() - t0
             log(f"{name}: {n} images -> {out / SET_DIRS[name]} ({dt:.1f}s, {n / max(dt, 1e-9):.0f} images/s)")
-    meta = describe(seed, scale, sets, results)
+    meta = data_json(seed, scale, sets, results)
     (tmp / "data.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     (tmp / "README.txt").write_text(readme(meta))
     for name in [SET_DIRS[s] for s in sets] + ["data.json", "README.txt"]:

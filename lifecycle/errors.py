@@ -157,7 +157,7 @@ def _torch_load_path(exc: BaseException) -> str | None:
     return str(path) if path else None
 
 
-def _describe_one(exc: BaseException) -> str | None:
+def _line_of(exc: BaseException) -> str | None:
     """The one line for ``exc`` alone (not its chain), or None when it is not a known kind."""
     names = {f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__}  # classes of modules not imported here
     worker = _worker_original(exc)
@@ -210,19 +210,19 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def describe(exc: BaseException) -> str | None:
+def known_line(exc: BaseException) -> str | None:
     """The one line for ``exc``, or None when nothing in it is known. The outermost user error wins (it names the
     file or key); else a full disk anywhere in the chain (a save fails with torch's opaque writer error on top of
     the OSError that says why); else the outermost known exception."""
     chain = list(_chain(exc))
     for e in chain:
         if is_user_error(e):
-            return _describe_one(e)
+            return _line_of(e)
     for e in chain:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return _describe_one(e)
+            return _line_of(e)
     for e in chain:
-        line = _describe_one(e)
+        line = _line_of(e)
         if line is not None:
             return line
     return None
@@ -230,7 +230,7 @@ def describe(exc: BaseException) -> str | None:
 
 def report(exc: BaseException) -> str:
     """What the wrapper prints (without 'error: '): the known line, or the unexpected exception in one line."""
-    line = describe(exc)
+    line = known_line(exc)
     if line is not None:
         return line
     return (f"unexpected {type(exc).__name__}: {_first_line(str(exc), 200)} (rerun with {DEBUG_FLAG} or "

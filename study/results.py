@@ -12,7 +12,7 @@ from typing import Any
 
 from scipy import stats
 
-from classification.export import PUBLISHED_KINDS
+from export.files import PUBLISHED_KINDS
 from lifecycle.artifacts import read_summary
 from lifecycle.errors import UserError
 from study import paper

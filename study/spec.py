@@ -162,8 +162,8 @@ def _arm(name: Any, spec: Any, fail, mapping, existing_file, items, boolean) -> 
     """One arm, its recipe checked with its `set` by the trainer's own loader, a published backbone against the
     installed library's registry (no download): a typo stops the study before hours of other arms."""
     from classification.config import ConfigError, load_config
-    from classification.export import ExportError
-    from classification.published import describe, is_published
+    from export.layout import ExportError
+    from export.published import is_published, lookup
 
     where = f"arms.{name}"
     if not isinstance(name, str) or not ARM_NAME.fullmatch(name) or yaml.safe_load(name) != name or name == "report":
@@ -188,7 +188,7 @@ def _arm(name: Any, spec: Any, fail, mapping, existing_file, items, boolean) -> 
         if variant is not None and (backbone is None or is_published(backbone) or str(variant).upper() not in "ABCD"):
             raise fail(f"{where}.variant", f"{variant!r}: variant is A, B, C or D, for a 'backbone:' weights file")
         if backbone is not None and is_published(backbone):
-            backbone = describe(backbone).source
+            backbone = lookup(backbone).source
         elif backbone is not None:
             existing_file(backbone, f"{where}.backbone")
     except ConfigError as e:

@@ -66,7 +66,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_export(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ResNet-50-D trained for one epoch on the tiny ImageFolder, exported (tools/export_backbone.py's library)."""
     from classification import train
-    from classification.export import export_backbone
+    from export.trained import export_backbone
 
     run = tmp_path_factory.mktemp("tiny_cls")
     rc = train.main([str(REPO / "configs/classification/demo/r50d_all_tricks.yaml"), "--data-root",

@@ -55,16 +55,16 @@ def test_user_errors_are_their_message():
     from classification.checkpoint import CheckpointError
     from classification.data import DataError
 
-    assert errors.describe(DataError("a.jpg: bad; fix it")) == "a.jpg: bad; fix it"
-    assert errors.describe(CheckpointError("last.pth: damaged; retrain")) == "last.pth: damaged; retrain"
-    assert errors.describe(KeyError("x")) is None  # not a user error: reported as unexpected, with its type
+    assert errors.known_line(DataError("a.jpg: bad; fix it")) == "a.jpg: bad; fix it"
+    assert errors.known_line(CheckpointError("last.pth: damaged; retrain")) == "last.pth: damaged; retrain"
+    assert errors.known_line(KeyError("x")) is None  # not a user error: reported as unexpected, with its type
     try:  # a user error raised while handling another is still the line
         try:
             raise KeyError("inner")
         except KeyError as e:
             raise ConfigError("config: 'workers' must be >= 0, got -1") from e
     except ConfigError as e:
-        assert errors.describe(e) == "config: 'workers' must be >= 0, got -1"
+        assert errors.known_line(e) == "config: 'workers' must be >= 0, got -1"
 
 
 def test_unknown_exceptions_name_their_type_and_the_debug_switch():
@@ -79,7 +79,7 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
             f.write(b"x" * 10)
             f.flush()
     assert info.value.errno == errno.ENOSPC
-    line = errors.describe(info.value)
+    line = errors.known_line(info.value)
     assert line.startswith(f"disk full: {tmp_path / 'last.pth'}") and "MiB free" in line and "--work-dir" in line
 
     # torch.save on a full disk raises only its zip writer's RuntimeError: the free space decides.
@@ -87,7 +87,7 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
     with pytest.raises(OSError) as info:
         with errors.writing(tmp_path / "best.pth"):
             torch.save({"w": torch.zeros(100)}, "/dev/full")
-    assert errors.describe(info.value).startswith(f"disk full: {tmp_path / 'best.pth'}")
+    assert errors.known_line(info.value).startswith(f"disk full: {tmp_path / 'best.pth'}")
     # ... and a disk-full OSError under any other exception is what the line says.
     try:
         try:
@@ -95,7 +95,7 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
         except OSError as e:
             raise RuntimeError("wrapper") from e
     except RuntimeError as e:
-        assert errors.describe(e).startswith("disk full: /data/x")
+        assert errors.known_line(e).startswith("disk full: /data/x")
 
 
 def test_damaged_torch_file_is_named_from_the_loading_frame(tmp_path):
@@ -105,7 +105,7 @@ def test_damaged_torch_file_is_named_from_the_loading_frame(tmp_path):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(RuntimeError) as info:
         (lambda: torch.load(str(path), weights_only=True))()
-    line = errors.describe(info.value)
+    line = errors.known_line(info.value)
     assert line.startswith(f"{path}: cannot be read (PytorchStreamReader failed") and "regenerate it" in line
     assert "miniz" not in line  # torch's advice, three sentences long, is dropped
 
@@ -120,14 +120,14 @@ def test_disk_full_inside_a_library_names_the_file_it_was_writing():
     with pytest.raises(OSError) as info:
         put(b"x" * 10, "work_dirs/det/iter_56.pth")
     assert info.value.filename is None
-    assert errors.describe(info.value).startswith("disk full: work_dirs/det/iter_56.pth")
+    assert errors.known_line(info.value).startswith("disk full: work_dirs/det/iter_56.pth")
 
 
 @pytest.mark.parametrize("code, words", [(errno.EACCES, "permission denied: /p"), (errno.EROFS, "read-only"),
                                          (errno.ENOENT, "/p: no such file"), (errno.EDQUOT, "quota"),
                                          (errno.EEXIST, "/p: already exists"), (errno.ENAMETOOLONG, "/p: File name")])
 def test_os_errors_are_one_line(code, words):
-    assert words in errors.describe(OSError(code, os.strerror(code), "/p"))
+    assert words in errors.known_line(OSError(code, os.strerror(code), "/p"))
 
 
 class _Bad(torch.utils.data.Dataset):
@@ -155,7 +155,7 @@ def test_dataloader_worker_errors_are_the_original_line(exc, line):
     with pytest.raises(Exception) as info:
         next(iter(loader))
     assert "DataLoader worker process" in str(info.value)  # what torch shows without us
-    assert errors.describe(info.value).startswith(line)
+    assert errors.known_line(info.value).startswith(line)
 
 
 def test_decompression_bomb_is_one_line_and_skippable(folder, tmp_path, monkeypatch, capsys):
@@ -166,7 +166,7 @@ def test_decompression_bomb_is_one_line_and_skippable(folder, tmp_path, monkeypa
     assert data[0] == (None, -1)  # bad_images=skip skips it
     with pytest.raises(Image.DecompressionBombError) as info:
         Image.open(next((folder / "val" / "class0").iterdir())).load()
-    assert errors.describe(info.value).startswith("image too large:")
+    assert errors.known_line(info.value).startswith("image too large:")
     assert run_train(folder, tmp_path / "r", "epochs=1") == 1
     line = one_line(capsys.readouterr().err)
     assert str(folder) in line and "DecompressionBombError" in line and "bad_images=skip" in line
@@ -271,7 +271,7 @@ def test_config_syntax_error_names_the_file(tmp_path):
     try:
         compile("x = (\n", "/cfg/x.py", "exec")
     except SyntaxError as e:
-        assert errors.describe(e).startswith("/cfg/x.py:1: Python syntax error")
+        assert errors.known_line(e).startswith("/cfg/x.py:1: Python syntax error")
 
 
 def test_stage_cfg_options_error_is_one_line(tmp_path):
@@ -362,7 +362,7 @@ def test_class_mismatch_names_the_classes(folder, tmp_path, capsys):
 
 def test_tools_print_one_line(tmp_path, capsys, monkeypatch):
     from datakit import check_cli, make
-    from transfer import source
+    from export import resolve as source
 
     garbage = tmp_path / "weights.pth"
     garbage.write_bytes(b"not a checkpoint")

@@ -20,21 +20,11 @@ from torch import nn
 
 from classification.checkpoint import save_checkpoint
 from classification.config import Config
-from classification.export import (
-    BACKBONE_PTH,
-    BACKBONE_ST,
-    META,
-    ExportError,
-    export_backbone,
-    export_to_timm,
-    load_export,
-    mm_to_timm_key,
-    reference_mm_shapes,
-    strip_wrapper_prefixes,
-    timm_to_mm_key,
-)
 from classification.models import build_model
 from classification.variants import VARIANTS, get_variant
+from export.files import BACKBONE_PTH, BACKBONE_ST, META, export_to_timm, load_export
+from export.layout import ExportError, mm_to_timm_key, reference_mm_shapes, strip_wrapper_prefixes, timm_to_mm_key
+from export.trained import export_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_MM = all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine"))
@@ -228,7 +218,7 @@ THROUGH_MMENGINE = {("A", "mmdet"), ("B", "mmseg"), ("C", "mmdet"), ("D", "mmseg
 @needs_mm
 @pytest.mark.parametrize("library", ["mmdet", "mmseg"])
 def test_mm_backbone_equals_timm(run, x, library, record_property):
-    from transfer.backbone_check import build_mm_backbone, check_export_matches, load_into, verify_backbone_loaded
+    from export.mm_check import build_mm_backbone, check_export_matches, load_into, verify_backbone_loaded
 
     state, meta = load_export(run.out)
     diffs = {}
@@ -236,7 +226,7 @@ def test_mm_backbone_equals_timm(run, x, library, record_property):
         want = timm_stages(run.model, x)
         # strictly, into a randomly initialised backbone built by the pinned package's registry
         strict = build_mm_backbone(meta, library)
-        # the mapping of classification/export.py is the package's own layout, key for key, shape for shape
+        # the mapping of export/layout.py is the package's own layout, key for key, shape for shape
         assert {k: tuple(t.shape) for k, t in strict.state_dict().items()} == reference_mm_shapes(run.variant)
         check_export_matches(state, strict)
         load_into(strict, state)
@@ -263,7 +253,7 @@ def test_mm_backbone_equals_timm(run, x, library, record_property):
 @pytest.mark.parametrize("run", ["C", "D"], indirect=True)  # mmseg's dilated FCN backbones: ResNetV1c / ResNetV1d
 def test_mmseg_dilated_equals_timm_output_stride_8(run, x, record_property):
     """mmseg's FCN backbone (dilations 1,1,2,4; strides 1,2,1,1; contract_dilation) vs timm's output_stride=8."""
-    from transfer.backbone_check import build_mm_backbone, load_into
+    from export.mm_check import build_mm_backbone, load_into
 
     v = get_variant(run.variant)
     state, meta = load_export(run.out)
@@ -362,7 +352,7 @@ def test_corrupted_exports_are_refused(run, tmp_path):
 @needs_mm
 @pytest.mark.parametrize("run", ["D"], indirect=True)
 def test_check_export_matches_lists_keys(run):
-    from transfer.backbone_check import build_mm_backbone, check_export_matches
+    from export.mm_check import build_mm_backbone, check_export_matches
 
     state, meta = load_export(run.out)
     backbone = build_mm_backbone(meta, "mmdet")
@@ -380,7 +370,7 @@ def test_check_export_matches_lists_keys(run):
 @needs_mm
 @pytest.mark.parametrize("run", ["B"], indirect=True)
 def test_verify_backbone_loaded_catches_what_mmengine_skips(run, tmp_path):
-    from transfer.backbone_check import build_mm_backbone, load_into, verify_backbone_loaded
+    from export.mm_check import build_mm_backbone, load_into, verify_backbone_loaded
 
     state, meta = load_export(run.out)
     # loaded, then re-initialised randomly: every tensor differs (BN running statistics reset too)

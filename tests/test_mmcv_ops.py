@@ -1,4 +1,4 @@
-"""transfer/mmcv_ops.py: the mmcv ops the pipeline uses, from torchvision, against the compiled mmcv.
+"""mmstack/mmcv_ops.py: the mmcv ops the pipeline uses, from torchvision, against the compiled mmcv.
 
 The reference values (tests/fixtures/mmcv_ops_reference.pt) were computed by mmcv 2.1.0's compiled CPU ops
 (tests/fixtures/make_mmcv_ops_reference.py); the tests call our functions directly, so they test the replacement
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer import mmcv_ops
+from mmstack import mmcv_ops
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = torch.load(Path(__file__).parent / "fixtures" / "mmcv_ops_reference.pt", weights_only=True)
@@ -97,7 +97,7 @@ def test_other_ops_and_max_pooling_raise_one_line_naming_the_op_and_the_fix():
 
 SCRIPT = """
 import sys, torch
-from transfer import mmcv_ops
+from mmstack import mmcv_ops
 sys.modules[mmcv_ops.EXT] = mmcv_ops.TorchvisionExt()  # even where the compiled mmcv is installed
 from mmcv.ops import RoIAlign, batched_nms, nms
 from mmcv.ops import deform_conv2d  # imports: every op module loads
@@ -143,8 +143,8 @@ def test_shipped_configs_call_only_the_provided_ops(config, tiny_data, monkeypat
     from mmengine.runner import Runner
 
     from detection.train import STAGE as DET
+    from mmstack import compat
     from segmentation.train import STAGE as SEG
-    from transfer import compat
     from transfer.runner import configure, walk
 
     compat.apply()

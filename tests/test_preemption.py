@@ -225,7 +225,7 @@ def last_checkpoint(work: Path) -> Path:
 
 
 def load_mm_checkpoint(path: Path) -> dict:
-    from transfer import compat
+    from mmstack import compat
 
     compat.apply()
     return compat._load_from_local(str(path))
@@ -337,7 +337,7 @@ def export_tool(*args) -> subprocess.CompletedProcess:
 
 
 def test_export_tool_does_nothing_when_up_to_date_and_reexports_a_changed_checkpoint(run_dir, tiny_export, tmp_path):
-    from classification.export import file_sha256, load_export
+    from export.files import file_sha256, load_export
 
     out = tmp_path / "export"
     first = export_tool(run_dir, "--out", out)
@@ -363,7 +363,7 @@ def test_export_tool_does_nothing_when_up_to_date_and_reexports_a_changed_checkp
 def test_killed_reexport_keeps_the_previous_export_valid_and_the_rerun_cleans_up(run_dir, tmp_path):
     """SIGKILL an export that overwrites a valid one, at random moments: ``out`` is always a complete, valid export
     (the old one or the new one); the rerun removes what the kill left and ends up to date."""
-    from classification.export import file_sha256, load_export
+    from export.files import file_sha256, load_export
 
     out = tmp_path / "export"
     assert export_tool(run_dir, "--out", out).returncode == 0
@@ -390,7 +390,7 @@ def test_killed_reexport_keeps_the_previous_export_valid_and_the_rerun_cleans_up
 
 
 def test_sigterm_during_a_reexport_exits_75_and_keeps_the_previous_export(run_dir, tmp_path):
-    from classification.export import file_sha256, load_export
+    from export.files import file_sha256, load_export
 
     out = tmp_path / "export"
     assert export_tool(run_dir, "--out", out).returncode == 0
@@ -412,8 +412,9 @@ def test_sigterm_during_a_reexport_exits_75_and_keeps_the_previous_export(run_di
 
 
 def test_export_dir_without_meta_is_diagnosed_as_an_incomplete_export(run_dir, tmp_path):
-    from classification.export import ExportError, file_sha256
-    from transfer.source import resolve
+    from export.files import file_sha256
+    from export.layout import ExportError
+    from export.resolve import resolve
 
     out = tmp_path / "export"
     assert export_tool(run_dir, "--out", out).returncode == 0
@@ -422,7 +423,7 @@ def test_export_dir_without_meta_is_diagnosed_as_an_incomplete_export(run_dir, t
         resolve(str(out))
     tool = export_tool(out, "--out", tmp_path / "other")
     assert tool.returncode == 1 and "incomplete export" in tool.stderr and tool.stderr.count("\n") == 1, tool.stderr
-    # The run dir's export beside it (transfer/source.py) follows the export tool's rule: up to date, then redone.
+    # The run dir's export beside it (export/resolve.py) follows the export tool's rule: up to date, then redone.
     assert resolve(str(run_dir)) == str(run_dir / "export")
     stamp = (run_dir / "export" / "meta.json").stat().st_mtime_ns
     assert resolve(str(run_dir)) == str(run_dir / "export")
@@ -647,8 +648,8 @@ def test_a_file_system_without_locks_warns_and_runs(code, tmp_path, monkeypatch,
 def test_an_export_failing_its_check_is_never_swapped_in_so_the_rerun_exports_again(run_dir, tmp_path):
     """The check runs on the new export before the swap: a failure (or a requeue in the middle of it) leaves no
     meta.json at ``out`` that a rerun would take for a finished export; the rerun exports and checks again."""
-    from classification.export import ExportError
-    from classification.export_refresh import refresh_export
+    from export.layout import ExportError
+    from export.refresh import refresh_export
 
     out = tmp_path / "export"
 

@@ -20,11 +20,14 @@ from safetensors.torch import save_file
 from test_export import randomize_  # one BN randomiser for both files (pytest puts tests/ on sys.path)
 from torch import nn
 
-from classification.export import BACKBONE_PTH, ExportError, file_sha256, load_export, timm_to_mm_key
-from classification.published import describe, detect_variant, export_source
+from export import resolve as source
+from export import source as sources
+from export.files import BACKBONE_PTH, file_sha256, load_export
+from export.layout import ExportError, timm_to_mm_key
+from export.published import detect_variant, lookup
+from export.source import export_source
 from study import cli
 from study.spec import load_spec
-from transfer import source
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_MM = all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine"))
@@ -70,7 +73,7 @@ def tv_b(tmp_path_factory):
 
 
 def stages(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    from transfer.backbone_check import classifier_stages
+    from export.mm_check import classifier_stages
 
     return classifier_stages(model, x)
 
@@ -78,7 +81,7 @@ def stages(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 def check_mm(out: Path, model: nn.Module, x: torch.Tensor) -> float:
     """Both libraries' backbones, loaded through mmengine's Pretrained init as the stages load them: every tensor
     equals the export, and the stage outputs equal the source model's (timm's or torchvision's own)."""
-    from transfer.backbone_check import build_mm_backbone, verify_backbone_loaded
+    from export.mm_check import build_mm_backbone, verify_backbone_loaded
 
     state, meta = load_export(out)
     worst = 0.0
@@ -253,13 +256,13 @@ def test_bad_published_names_list_the_choices():
     ]
     for src, message in cases:
         with pytest.raises(ExportError, match=message) as e:
-            describe(src)
+            lookup(src)
         assert str(e.value).startswith(src) and "\n" not in str(e.value)
 
 
 def test_timm_default_tag_and_its_normalisation():
     """A bare architecture is timm's default weights, named with their tag; their mean/std is timm's for them."""
-    pub = describe("timm:resnet50d")
+    pub = lookup("timm:resnet50d")
     cfg = timm.models.get_pretrained_cfg("resnet50d")
     assert pub.source == f"timm:resnet50d.{cfg.tag}" and pub.variant == "D"
     assert list(pub.mean) == pytest.approx([m * 255 for m in cfg.mean])
@@ -274,7 +277,7 @@ def cli_main(argv: list[str]) -> int:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# transfer/source.py: what tools/transfer_{det,seg}.sh export, and when they export again
+# export/resolve.py: what tools/transfer_{det,seg}.sh export, and when they export again
 # -------------------------------------------------------------------------------------------------------------
 
 
@@ -292,7 +295,6 @@ def test_transfer_source_exports_published_weights_once(timm_d, fake_hf, tmp_pat
 def test_transfer_source_reexports_a_run_whose_checkpoint_changed(tmp_path, monkeypatch):
     """<run>/export is reused while it holds the run's last.pth; a newer checkpoint is exported beside the old export,
     which stays valid until the new one is complete, then swapped in."""
-    from classification import published
     from classification.checkpoint import save_checkpoint
     from classification.config import Config
     from classification.models import build_model
@@ -314,19 +316,19 @@ def test_transfer_source_reexports_a_run_whose_checkpoint_changed(tmp_path, monk
     assert source.resolve(str(run)) == str(out) and (out / "meta.json").stat().st_mtime_ns == mtime  # up to date
 
     save(2)  # training went on: the export beside it is stale
-    real = published.export_source
+    real = sources.export_source
 
     def interrupted(src, out_dir, **kwargs):
         real(src, out_dir, **kwargs)
         assert load_export(out)[1]["source_top1"] == 10.0  # the old export is intact while the new one is written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(published, "export_source", interrupted)  # export_refresh reads it per call
+    monkeypatch.setattr(sources, "export_source", interrupted)  # export/refresh.py reads it per call
     with pytest.raises(KeyboardInterrupt):
         source.resolve(str(run))
     assert load_export(out)[1]["source_top1"] == 10.0 and sorted(p.name for p in run.iterdir()) == ["export",
                                                                                                      "last.pth"]
-    monkeypatch.setattr(published, "export_source", real)
+    monkeypatch.setattr(sources, "export_source", real)
     assert source.resolve(str(run)) == str(out)
     _, meta = load_export(out)
     assert meta["source_top1"] == 20.0 and meta["sha256"] == file_sha256(run / "last.pth")
@@ -334,7 +336,7 @@ def test_transfer_source_reexports_a_run_whose_checkpoint_changed(tmp_path, monk
 
 
 def test_transfer_scripts_pass_the_source_and_variant(tmp_path):
-    """tools/transfer_det.sh hands SRC and --variant to transfer/source.py, which stops a contradiction before
+    """tools/transfer_det.sh hands SRC and --variant to export/resolve.py, which stops a contradiction before
     any training (and before any download)."""
     env = dict(os.environ, PYTHON=sys.executable)
     out = subprocess.run(["bash", str(REPO / "tools/transfer_det.sh"), "timm:resnet50d.gluon_in1k", "--variant", "B"],
@@ -358,7 +360,7 @@ PUBLISHED_ARMS = {  # arm -> (source, variant, top-1 the library states)
 
 
 def test_published_study_arms_resolve_to_variants_and_normalisations(monkeypatch):
-    from transfer.backbone_check import data_preprocessor_kwargs
+    from export.mm_check import data_preprocessor_kwargs
 
     monkeypatch.chdir(REPO)  # the study's paths are relative to the checkout
     study = load_spec("configs/studies/published.yaml")
@@ -367,7 +369,7 @@ def test_published_study_arms_resolve_to_variants_and_normalisations(monkeypatch
     assert study.arms["random_init"].backbone is None and not study.arms["random_init"].pretrained
     assert "imagenet" not in study.data and study.defines("export") and not study.defines("classification")
     for arm, (src, variant, top1) in PUBLISHED_ARMS.items():
-        pub = describe(src)
+        pub = lookup(src)
         assert (pub.variant, pub.top1) == (variant, top1), arm
         # every one of these weights expects the ImageNet statistics, which are not the toolkit's default
         assert list(pub.mean) == IMAGENET_MEAN and list(pub.std) == IMAGENET_STD, arm

@@ -4,7 +4,7 @@ from the generated trees and run one training iteration on CPU: the embedded dat
 import pytest
 import torch
 
-from transfer import compat
+from mmstack import compat
 from transfer.runner import walk
 
 STOCK = {  # the configs as installed with the packages (their .mim folders)

@@ -155,8 +155,8 @@ def test_a_mask_value_outside_the_label_space_is_named_not_an_index_error(tiny_d
 
 
 def test_transfer_scripts_resolve_their_source(tiny_export, tmp_path):
-    from classification.export import ExportError
-    from transfer.source import resolve
+    from export.layout import ExportError
+    from export.resolve import resolve
 
     assert resolve("none") == "none"
     assert resolve(str(tiny_export)) == str(tiny_export)
@@ -206,10 +206,11 @@ def test_c4_detector_holds_the_export_in_backbone_and_shared_head(tiny_data, tin
     from mmengine.registry import init_default_scope
     from mmengine.runner import Runner
 
-    from classification.export import ExportError, load_export
     from detection.train import STAGE
-    from transfer import compat
-    from transfer.backbone_check import verify_model_loaded
+    from export.files import load_export
+    from export.layout import ExportError
+    from export.mm_check import verify_model_loaded
+    from mmstack import compat
     from transfer.runner import configure, walk
     from transfer.shared_head import shared_head_keys
 
@@ -268,8 +269,8 @@ def test_random_init_control_trains_every_layer_and_its_bn_statistics(config, ti
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS as SEG_MODELS
 
-    from classification.export import load_export
-    from transfer import compat
+    from export.files import load_export
+    from mmstack import compat
 
     compat.apply()
     det = "detection" in config
@@ -316,8 +317,8 @@ def test_frozen_backbone_mode_freezes_every_backbone_stage_and_its_bn_and_trains
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS as SEG_MODELS
 
-    from classification.export import load_export
-    from transfer import compat
+    from export.files import load_export
+    from mmstack import compat
     from transfer.runner import protocol_line
 
     compat.apply()
@@ -361,7 +362,7 @@ def test_downstream_recipes_keep_their_batch_bn_batch_lr_and_schedule_on_any_gpu
     """Each recipe's 16 images in one pass on 1, 2, 4 and 8 GPUs: the total batch, the batch BatchNorm normalises
     over (16 under SyncBN wherever BN trains: FCN and the random-init control; frozen in the pretrained detectors),
     lr and schedule are the same, and so are iteration counts (no accumulation)."""
-    from classification.export import load_export
+    from export.files import load_export
 
     config = DOWNSTREAM[recipe]
     _, meta = load_export(tiny_export)
@@ -413,7 +414,7 @@ import argparse, json, os, sys
 sys.path.insert(0, {str(REPO)!r})
 import torch
 from mmengine.runner import Runner
-from transfer import compat
+from mmstack import compat
 from transfer.runner import configure
 import transfer.hooks, transfer.metrics, transfer.preemption_hook  # registers our hooks and metrics, as run() does
 from detection.train import STAGE as DET
@@ -538,7 +539,7 @@ def test_a_downstream_run_resumes_only_on_its_own_split(tmp_path, monkeypatch):
 def test_a_downstream_rerun_with_other_inputs_is_refused_naming_the_keys(tiny_export, tmp_path, monkeypatch):
     """The dumped config.py is the record: a rerun with the same experiment (runtime keys may differ) goes on; another
     recipe key or another export (its tensors' hash) is refused in one line naming the keys."""
-    from classification.export import load_export
+    from export.files import load_export
     from transfer.runner import StageError, refuse_changed_inputs
 
     det = "configs/detection/faster-rcnn_r50_fpn_voc0712.py"

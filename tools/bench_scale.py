@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         import mmdet  # noqa: F401
         import mmseg  # noqa: F401
 
-        from transfer import compat
+        from mmstack import compat
 
         compat.apply()
         have_mm = True

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """GPU figures for the downstream stages: Faster R-CNN (FPN, C4) and FCN training images/s and peak GPU memory, with
-whichever mmcv is installed (mmcv-lite: NMS and RoIAlign from torchvision, transfer/mmcv_ops.py).
+whichever mmcv is installed (mmcv-lite: NMS and RoIAlign from torchvision, mmstack/mmcv_ops.py).
 
 Each shipped recipe is configured exactly as ``python -m detection.train`` / ``segmentation.train`` configure it on
 one process (the random-init arm; the recipe's per-GPU batch and its accumulation), then trained for ``--iters``
@@ -53,7 +53,7 @@ def bench(name: str, data: Path, work: Path, args, device: str, images: int | No
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    from transfer import compat
+    from mmstack import compat
     from transfer.runner import configure, walk
 
     compat.apply()
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from transfer import mmcv_ops
+    from mmstack import mmcv_ops
 
     if args.smoke:
         args.iters, args.warmup, args.amp, args.scale, args.workers = 3, 1, "none", "tiny", 0

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     ok: list[str] = []
     pins = pinned()
-    from transfer import mmcv_ops
+    from mmstack import mmcv_ops
 
     build = mmcv_ops.mmcv_build()  # mmcv-lite and mmcv install the same package: ask which is there
     mmcv_dist = "mmcv" if build == mmcv_ops.COMPILED else "mmcv-lite"
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print({mmcv_ops.COMPILED: "mmcv build: mmcv with OpenMMLab's compiled ops (MMCV=full)",
            mmcv_ops.TORCHVISION: f"mmcv build: mmcv-lite, {', '.join(mmcv_ops.PROVIDED)} from torchvision "
-                                 f"(transfer/mmcv_ops.py); for mmcv's other ops, {mmcv_ops.FULL_BUILD_FIX}",
+                                 f"(mmstack/mmcv_ops.py); for mmcv's other ops, {mmcv_ops.FULL_BUILD_FIX}",
            mmcv_ops.ABSENT: "mmcv build: none installed"}[build])
     try:
         mmcv_ops.install()
@@ -90,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"CPU bf16 autocast: unavailable ({e})")
 
-    # Known incompatibilities of the old OpenMMLab stack on current torch (transfer/compat.py).
+    # Known incompatibilities of the old OpenMMLab stack on current torch (mmstack/compat.py).
     try:
         from mmengine.logging import HistoryBuffer
         from mmengine.runner.checkpoint import CheckpointLoader
 
-        from transfer import compat
+        from mmstack import compat
 
         compat.apply()
         import numpy as np
@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             history.update(np.float64(1.0))  # HistoryBuffer and numpy scalars: allow-listed by compat
             torch.save({"message_hub": {"loss": history}, "state_dict": {}}, path)
             CheckpointLoader.load_checkpoint(str(path), map_location="cpu")
-        print("mmengine Runner checkpoints: load (transfer/compat.py)")
+        print("mmengine Runner checkpoints: load (mmstack/compat.py)")
     except Exception as e:  # noqa: BLE001 - any failure here is the problem to report
         problems.append(f"mmengine checkpoint loading: {type(e).__name__}: {str(e).splitlines()[0]}; "
-                        f"see transfer/compat.py")
+                        f"see mmstack/compat.py")
     try:
         import mmdet  # noqa: F401 - asserts mmcv < 2.2.0 at import
         import mmseg  # noqa: F401 - imports ftfy and regex

@@ -25,34 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from lifecycle.errors import UserError, cli, writing  # noqa: E402
 
 
-def mm_check(out: Path) -> list[str]:
-    """Load the written backbone.pth the way the stages do, in both libraries; compare every tensor, then the four
-    stage outputs with those of the classifier the export describes."""
-    from mmengine.logging import MMLogger
-
-    from classification.export import BACKBONE_PTH, load_export
-    from transfer.backbone_check import (
-        build_mm_backbone,
-        check_export_matches,
-        check_stage_outputs,
-        verify_backbone_loaded,
-    )
-
-    MMLogger.get_instance("export_backbone", log_level="WARNING")  # mmengine logs every initialised tensor at INFO
-    state, meta = load_export(out)
-    lines = []
-    for library in ("mmdet", "mmseg"):
-        backbone = build_mm_backbone(meta, library, checkpoint=out / BACKBONE_PTH)
-        check_export_matches(state, backbone)
-        backbone.init_weights()
-        report = verify_backbone_loaded(backbone, state)
-        diff = check_stage_outputs(out, backbone)
-        lines.append(f"{library} {type(backbone).__name__}: {report['tensors_checked']} tensors equal, stage outputs "
-                     f"within {diff:.1g} of the classifier's")
-    return lines
-
-
-def describe(meta: dict, args: argparse.Namespace) -> str:
+def exported_line(meta: dict, args: argparse.Namespace) -> str:
+    """What was exported, from what, and its top-1: the line a user reads after an export."""
     top1 = meta.get("source_top1")
     top1 = "unknown" if top1 is None else f"{top1:.2f} ({meta.get('top1_from')})"
     what = (f"exported ResNet-50-{meta['variant']} ({meta['mm_type']}, style {meta['mm_style']}), {meta['num_keys']} "
@@ -80,24 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     if ":" not in args.src and not Path(args.src).exists():  # before importing torch: a typo fails at once
         raise UserError(f"{args.src}: no such run dir or weights file; give a classification run dir (holding "
                         f"last.pth), a checkpoint, timm:NAME, torchvision:WEIGHTS or a weights file")
-    from classification.export_refresh import refresh_export
+    from export.files import EXPORT_FILES
+    from export.mm_check import check_in_both_libraries
+    from export.refresh import refresh_export
 
     print(f"exporting {args.src} -> {out}", flush=True)
     checked: list[str] = []
     can_check = all(importlib.util.find_spec(m) is not None for m in ("mmdet", "mmseg", "mmengine"))
+    check = (lambda new: checked.extend(check_in_both_libraries(new))) if can_check else None
     with writing(out):  # the check runs on the new export before it replaces the old one (a failure leaves no export)
         what, meta, repairs = refresh_export(args.src, out, checkpoint=args.checkpoint, weights=args.weights,
-                                             variant=args.variant,
-                                             check=(lambda new: checked.extend(mm_check(new))) if can_check else None)
+                                             variant=args.variant, check=check)
     for line in repairs:
         print(line)
     if what == "up to date":  # meta.json records this source and its sha256: nothing to redo
         print(f"{out}: up to date, an export of {meta.get('source_checkpoint') or meta.get('source')} (sha256 "
               f"{str(meta.get('sha256'))[:12]}...); nothing written")
         return 0
-    print(describe(meta, args) + (" (re-exported: the source changed since the previous export)"
-                                  if what == "re-exported" else ""))
-    for name in ("backbone.pth", "backbone.safetensors", "head.safetensors", "meta.json"):
+    print(exported_line(meta, args) + (" (re-exported: the source changed since the previous export)"
+                                       if what == "re-exported" else ""))
+    for name in EXPORT_FILES:
         print(f"  wrote {out / name}")
     if can_check:
         for line in checked:

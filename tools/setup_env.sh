@@ -3,7 +3,7 @@
 # returns at once. One line per step on the console (what, how long); the tools' own output goes to a log file
 # (SETUP_LOG, default .setup.log), whose last lines and path are printed when a step fails.
 #   MMCV=lite    (default) mmcv-lite: mmcv without compiled ops, a pure-Python wheel; the ops the pipeline uses
-#                (NMS, RoIAlign) come from torchvision (transfer/mmcv_ops.py). No compiler, set-up in minutes.
+#                (NMS, RoIAlign) come from torchvision (mmstack/mmcv_ops.py). No compiler, set-up in minutes.
 #   MMCV=full    mmcv with OpenMMLab's compiled ops, built from source once (about 20 min on 2 cores) into a
 #                wheel cache outside the repo (WHEEL_CACHE, default ~/.cache/bot-toolkit/wheels); later set-ups
 #                reuse the wheel. FORCE_CUDA=1 builds its CUDA ops too (needs nvcc).
@@ -34,7 +34,7 @@ WHEEL_DIR=${WHEEL_CACHE:-$HOME/.cache/bot-toolkit/wheels}/torch-${TORCH_VERSION}
 UV_HOME=${UV_HOME:-$HOME/.cache/bot-toolkit/uv-$UV_VERSION}
 
 # Everything that decides what gets installed; the stamp records its hash.
-stamp_inputs=(tools/setup_env.sh "$CONSTRAINTS" setup.py transfer/compat.py transfer/mmcv_ops.py)
+stamp_inputs=(tools/setup_env.sh "$CONSTRAINTS" setup.py mmstack/compat.py mmstack/mmcv_ops.py)
 want=$({ cat "${stamp_inputs[@]}"; echo "MMCV=$MMCV FORCE_CUDA=${FORCE_CUDA:-} $("$PYTHON" -V 2>&1)"; } |
     sha256sum | cut -c1-16)
 if [[ -f $VENV/.stamp && $(cat $VENV/.stamp) == "$want" ]]; then
@@ -119,7 +119,7 @@ build_mmcv() {
     "${install[@]}" pip setuptools wheel ninja torch torchvision &&
         "${pip[@]}" download --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build" &&
         tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build" &&
-        "$VENV/bin/python" transfer/compat.py patch-mmcv-source "$build/mmcv-$MMCV_VERSION" &&
+        "$VENV/bin/python" mmstack/compat.py patch-mmcv-source "$build/mmcv-$MMCV_VERSION" &&
         mkdir -p "$WHEEL_DIR" &&
         MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
             "${pip[@]}" wheel --no-deps --no-build-isolation -w "$WHEEL_DIR" "$build/mmcv-$MMCV_VERSION" || rc=$?
@@ -144,9 +144,9 @@ step "remove any other mmcv build" remove_mmcv
 # One resolution for the whole stack, then our package.
 step "install the pinned stack ($MMCV_DIST $MMCV_VERSION${FORCE_CUDA:+, CUDA ops}) and this toolkit" \
     "${install[@]}" pip setuptools wheel ninja "${mmcv[@]}" -e ".[mm,dev]"
-if [[ $MMCV == lite ]]; then  # mmcv's extension module, from torchvision: for every process (transfer/mmcv_ops.py)
+if [[ $MMCV == lite ]]; then  # mmcv's extension module, from torchvision: for every process (mmstack/mmcv_ops.py)
     step "provide mmcv's NMS and RoIAlign from torchvision (mmcv/_ext.py)" \
-        "$VENV/bin/python" -m transfer.mmcv_ops write-shim
+        "$VENV/bin/python" -m mmstack.mmcv_ops write-shim
 fi
 echo "$want" > $VENV/.stamp
 echo "setup: environment ready in $((SECONDS - t0)) s: $VENV (mmcv: $MMCV_DIST; log: $LOG)"

@@ -5,7 +5,9 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# The checkout instead of tools/ (run from a checkout without installing): this file is named like a module of the
+# study package, and tools/ on the path would let it shadow that module.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from study.cli import main  # noqa: E402
 

@@ -35,7 +35,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 work_dir=${work_dir:-work_dirs/$stage/${name//:/_}$frozen}  # timm:resnet50d.gluon_in1k -> timm_resnet50d.gluon_in1k
-export_dir=$("$PY" -m transfer.source "$src" "${variant[@]}")
+export_dir=$("$PY" -m export.resolve "$src" "${variant[@]}")
 args=(--export "$export_dir" --config "$config" --data-root "$data_root" --work-dir "$work_dir" "${extra[@]}")
 [[ $# -gt 0 ]] && args+=(--cfg-options "$@")
 if [[ ${GPUS:-1} -gt 1 ]]; then

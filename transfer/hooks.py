@@ -21,7 +21,7 @@ from mmengine.registry import HOOKS
 
 from lifecycle import progress
 from lifecycle.errors import UserError
-from transfer import compat
+from mmstack import compat
 
 compat.apply()  # importing this module from a config also brings the compatibility fixes
 
@@ -39,7 +39,7 @@ class VerifyBackboneHook(Hook):
         if runner.iter > 0:  # resumed: the backbone has trained since initialisation
             runner.logger.info(f"VerifyBackboneHook: resumed at iteration {runner.iter}, checked at the start")
             return
-        from transfer.backbone_check import verify_model_loaded
+        from export.mm_check import verify_model_loaded
 
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         record = verify_model_loaded(model, self.export)  # the backbone, and a C4 detector's shared head

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transfer import compat
+from mmstack import compat
 
 compat.apply()  # mmcv's ops (mmcv-lite) before MMDetection imports them
 from mmdet.evaluation.functional import eval_map  # noqa: E402

@@ -28,7 +28,7 @@ from lifecycle.artifacts import atomic_write_bytes, remove_stale_temporaries
 from lifecycle.errors import quiet_exit_of_loader_workers
 from lifecycle.run_lock import RunLock
 from lifecycle.stop_flag import Preempted, StopFlag
-from transfer import compat
+from mmstack import compat
 
 compat.apply()  # atomic checkpoint writes and their loading, also under the libraries' own tools
 

@@ -105,7 +105,7 @@ def trains_batchnorm(cfg) -> bool:
         import torch
         from mmengine.registry import MODELS, init_default_scope
 
-        from transfer import compat
+        from mmstack import compat
 
         compat.apply()
         init_default_scope(cfg.get("default_scope"))
@@ -207,7 +207,7 @@ def configure(cfg, stage: DownstreamTask, args: argparse.Namespace, meta: dict |
     backbone = cfg.model.backbone
     control_changes = {}
     if meta is not None:
-        from transfer.backbone_check import data_preprocessor_kwargs, mm_backbone_cfg
+        from export.mm_check import data_preprocessor_kwargs, mm_backbone_cfg
 
         # Only the variant's keys (type, style: A = 'caffe'; deep stem / avg-pool shortcut where the library has no
         # ResNetV1c); the config keeps its own layout (dilations, strides, frozen stages, norm_eval).
@@ -301,18 +301,19 @@ def refuse_another_split(previous: Path, cfg) -> None:
                          f"with, or use another --work-dir")
 
 
-# Config keys a rerun may change: where things are (data, work dir, the export's folder: its tensors are compared by
-# export_state_sha256) and how the run is launched, loaded and logged. Any other key is the experiment.
-RUNTIME_KEYS = {"work_dir", "launcher", "resume", "load_from", "data_root", "num_workers", "persistent_workers",
-                "pin_memory", "checkpoint", "export", "logger", "log_processor", "visualizer", "env_cfg",
-                MEMORY_LIMIT_KEY}
+# mmengine config keys a rerun may change (the trainer's own are classification/run_dir.py's RUNTIME_KEYS): where
+# things are (data, work dir, the export's folder: its tensors are compared by export_state_sha256) and how the run
+# is launched, loaded and logged. Any other key is the experiment.
+MM_RUNTIME_KEYS = {"work_dir", "launcher", "resume", "load_from", "data_root", "num_workers", "persistent_workers",
+                   "pin_memory", "checkpoint", "export", "logger", "log_processor", "visualizer", "env_cfg",
+                   MEMORY_LIMIT_KEY}
 
 
 def _experiment(node: Any, prefix: str = "") -> dict[str, Any]:
-    """The config as dotted key -> value, without RUNTIME_KEYS; tuples and lists alike (a dumped config.py reads
+    """The config as dotted key -> value, without MM_RUNTIME_KEYS; tuples and lists alike (a dumped config.py reads
     back lists)."""
     if isinstance(node, dict):
-        items = ((f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items() if k not in RUNTIME_KEYS)
+        items = ((f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items() if k not in MM_RUNTIME_KEYS)
     elif isinstance(node, (list, tuple)):
         items = ((f"{prefix}[{i}]", v) for i, v in enumerate(node))
     else:
@@ -445,7 +446,7 @@ def parse_args(stage: DownstreamTask, argv: list[str] | None) -> argparse.Namesp
 
 
 def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
-    from transfer import compat
+    from mmstack import compat
     from transfer.data_gate import check_data_once
 
     compat.apply()
@@ -454,7 +455,7 @@ def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
 
     import transfer.metrics  # noqa: F401 - registers the per-class metrics
     import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
-    from classification.export import load_export
+    from export.files import load_export
 
     # transfer.hooks also registers VerifyBackboneHook (the dumped config imports it too)
     from transfer.hooks import LabelRangeHook, ProgressHook

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from classification.variants import get_variant
-from transfer import compat
+from mmstack import compat
 
 compat.apply()  # mmcv's ops (mmcv-lite) before MMDetection's models import them
 from mmdet.models.backbones import ResNet  # noqa: E402

@@ -1,9 +1,10 @@
 """The mm side of the export: build the target backbone from the pinned mmdet / mmseg, and prove it holds the export.
 
 mmengine loads ``init_cfg=dict(type='Pretrained', ...)`` with ``strict=False`` and only logs what it skipped, so
-the detection and segmentation stages call ``verify_backbone_loaded`` after the model is initialised (before the
+the detection and segmentation stages call ``verify_model_loaded`` after the model is initialised (before the
 first training step changes the weights): every backbone tensor, parameters and buffers, must equal the export.
-Nothing here loads with ``strict=False``.
+tools/export_backbone.py runs ``check_in_both_libraries`` on every new export before it replaces the old one.
+Nothing here loads with ``strict=False``; mmdet / mmseg / mmengine are imported only when a function needs them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import torch
 from torch import nn
 
 from classification.checkpoint import unwrap
-from classification.export import BACKBONE_PTH, ExportError, check_shapes, export_to_timm, format_keys, load_export
+from classification.models import build_model
 from classification.variants import get_variant
+
+from .files import BACKBONE_PTH, export_to_timm, load_export
+from .layout import ExportError, check_shapes, format_keys
 
 LIBRARIES = ("mmdet", "mmseg")
 # MMSegmentation's FCN / dilated layout (mmseg::_base_/models/fcn_r50-d8.py): output stride 8, the first block of
@@ -30,7 +34,7 @@ SHARED_HEAD_PREFIX = "layer4."
 
 
 def _registry(library: str):
-    from transfer import compat
+    from mmstack import compat
 
     compat.apply()  # mmcv's ops (mmcv-lite) before the models import them
     if library == "mmdet":
@@ -110,8 +114,6 @@ def check_stage_outputs(export_dir: str | Path, backbone: nn.Module, tol: float 
     """Run the classifier the export describes (its timm model, rebuilt from the export) and the loaded mm
     ``backbone`` on one seeded 64x64 image; their four stage outputs must agree within ``tol``. Returns the max
     abs difference; ExportError naming the stage otherwise. The backbone is left in eval mode."""
-    from classification.models import build_model
-
     _, meta = load_export(export_dir)
     model = build_model(meta["variant"], meta["num_classes"], zero_gamma=False, init="timm", mean=meta["mean"],
                         std=meta["std"])
@@ -194,3 +196,24 @@ def verify_model_loaded(model: nn.Module, export: str | Path | dict[str, torch.T
     except ExportError as e:
         raise ExportError(f"{what} (C4: stem + layer1-3 in the backbone, layer4 in roi_head.shared_head): {e}") from e
     return dict(backbone_loaded=True, tensors_checked=len(state), shared_head_tensors=len(in_head), export=what)
+
+
+def check_in_both_libraries(export_dir: str | Path) -> list[str]:
+    """Load ``export_dir``'s backbone.pth the way the stages do (mmengine's Pretrained init), in mmdet and in mmseg;
+    compare every tensor, then the four stage outputs with those of the classifier the export describes. One line
+    per library; ExportError where either differs."""
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_instance("export_backbone", log_level="WARNING")  # mmengine logs every initialised tensor at INFO
+    export_dir = Path(export_dir)
+    state, meta = load_export(export_dir)
+    lines = []
+    for library in LIBRARIES:
+        backbone = build_mm_backbone(meta, library, checkpoint=export_dir / BACKBONE_PTH)
+        check_export_matches(state, backbone)
+        backbone.init_weights()
+        report = verify_backbone_loaded(backbone, state)
+        diff = check_stage_outputs(export_dir, backbone)
+        lines.append(f"{library} {type(backbone).__name__}: {report['tensors_checked']} tensors equal, stage outputs "
+                     f"within {diff:.1g} of the classifier's")
+    return lines

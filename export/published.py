@@ -4,7 +4,7 @@ Tables 8 and 9 need backbones, not necessarily backbones trained by this toolkit
 weights are on timm's hub (``resnet50.gluon_in1k``, ``resnet50c.gluon_in1k``, ``resnet50d.gluon_in1k``),
 torchvision's ``ResNet50_Weights.IMAGENET1K_V1`` is the B-standard baseline. Each source is fetched with its
 library's own cache (Hugging Face hub for timm, torch hub for torchvision and timm's URL-only weights), loaded
-strictly into the library's own model, and exported by ``classification.export.write_export`` exactly like a
+strictly into the library's own model, and exported by ``export.files.write_export`` exactly like a
 trained run: key by key against the variant's layout, with meta.json recording where the weights came from, their
 sha256, the top-1 the library states for them and the mean/std they expect.
 
@@ -26,17 +26,11 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .export import (
-    ExportError,
-    file_sha256,
-    format_keys,
-    reference_timm_shapes,
-    strip_wrapper_prefixes,
-    timm_to_mm,
-    write_export,
-)
-from .models import build_model
-from .variants import get_variant
+from classification.models import build_model
+from classification.variants import get_variant
+
+from .files import file_sha256, write_export
+from .layout import ExportError, format_keys, reference_timm_shapes, strip_wrapper_prefixes, timm_to_mm
 
 PREFIXES = ("timm:", "torchvision:")
 TIMM_ARCHS = {"resnet50": "B", "resnet50c": "C", "resnet50d": "D"}  # timm architecture -> the paper's variant
@@ -88,18 +82,18 @@ def _scaled(values) -> tuple[float, ...]:
     return tuple(round(float(v) * 255, 4) for v in values)
 
 
-def describe(src: str) -> Published:
+def lookup(src: str) -> Published:
     """``timm:NAME`` or ``torchvision:WEIGHTS`` resolved from the installed library's registry (no download)."""
     kind, _, name = str(src).partition(":")
     if kind == "timm" and name:
-        return _describe_timm(name)
+        return _lookup_timm(name)
     if kind == "torchvision" and name:
-        return _describe_torchvision(name)
+        return _lookup_torchvision(name)
     raise ExportError(f"{src}: not a published source; give timm:NAME (e.g. timm:resnet50d.gluon_in1k) or "
                       f"torchvision:WEIGHTS (e.g. torchvision:ResNet50_Weights.IMAGENET1K_V1)")
 
 
-def _describe_timm(name: str) -> Published:
+def _lookup_timm(name: str) -> Published:
     import timm
 
     arch, _ = timm.models.split_model_name_tag(name)
@@ -125,7 +119,7 @@ def _describe_timm(name: str) -> Published:
         fetch_from="hf-hub" if cfg.hf_hub_id else "url", location=cfg.hf_hub_id or cfg.url or "")
 
 
-def _describe_torchvision(name: str) -> Published:
+def _lookup_torchvision(name: str) -> Published:
     from torchvision.models import get_weight
 
     enum_name = name.split(".")[0]
@@ -296,7 +290,7 @@ def detect_variant(state: dict[str, torch.Tensor], given: str | None, what: str)
                       f"{found[closest][1]}; give a timm or torchvision ResNet-50 classifier state dict")
 
 
-def describe_file(path: str | Path, variant: str | None = None) -> tuple[Published, dict[str, torch.Tensor]]:
+def file_source(path: str | Path, variant: str | None = None) -> tuple[Published, dict[str, torch.Tensor]]:
     """A local weights file: its variant (given, or from its keys) and its tensors."""
     path = Path(path)
     if not path.is_file():
@@ -347,20 +341,10 @@ def load_source_model(pub: Published, path: Path, state: dict[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def resolve(src: str, variant: str | None = None) -> tuple[Published, dict[str, torch.Tensor] | None]:
-    """A source spec without downloading: hub specs from the registry, a file with its tensors read."""
-    if is_published(src):
-        pub = describe(src)
-        if variant is not None and get_variant(variant).name != pub.variant:
-            raise ExportError(f"{src}: --variant {variant} contradicts the weights' architecture "
-                              f"(ResNet-50-{pub.variant}); leave --variant out for timm: and torchvision: sources")
-        return pub, None
-    return describe_file(src, variant)
-
-
-def export_published(src: str, out_dir: str | Path, variant: str | None = None) -> dict[str, Any]:
-    """Export ``timm:NAME``, ``torchvision:WEIGHTS`` or a weights file like a trained run; returns the meta."""
-    pub, state = resolve(src, variant)
+def export_published(pub: Published, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None,
+                     sha256: str | None = None) -> dict[str, Any]:
+    """Export ``timm:NAME``, ``torchvision:WEIGHTS`` or a weights file (``lookup`` / ``file_source``; a file's tensors
+    and sha256 where export/source.py read them already) like a trained run; returns the meta."""
     path = fetch(pub)
     model = load_source_model(pub, path, state)
     own = strip_wrapper_prefixes(model.state_dict())  # num_batches_tracked filled in where the file lacked it
@@ -376,7 +360,7 @@ def export_published(src: str, out_dir: str | Path, variant: str | None = None) 
         "source_url": pub.location if pub.library != "file" else None,
         "checkpoint": None,
         "weights": "published" if pub.library != "file" else "file",
-        "sha256": file_sha256(path),
+        "sha256": sha256 or file_sha256(path),
         "source_epoch": None,
         "source_top1": pub.top1,
         "top1_from": pub.top1_from,
@@ -390,55 +374,3 @@ def export_published(src: str, out_dir: str | Path, variant: str | None = None) 
         "config": None,
     })
 
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Any source: what tools/export_backbone.py, transfer/source.py and the study's export stage accept
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def source_kind(src: str | Path) -> str:
-    """'published' (timm: / torchvision:), 'trained' (a run dir or a checkpoint of this toolkit's trainer) or
-    'file' (a state dict of timm or torchvision)."""
-    if is_published(str(src)):
-        return "published"
-    path = Path(src)
-    if path.is_dir():
-        from .export import BACKBONE_PTH, BACKBONE_ST, META
-
-        if (path / META).is_file():
-            raise ExportError(f"{src}: an export dir (it holds {META}), not a training run; give the run dir it was "
-                              f"exported from, or pass it to the stages as it is")
-        if (path / BACKBONE_ST).exists() or (path / BACKBONE_PTH).exists():
-            raise ExportError(f"{src}: an incomplete export (backbone files but no {META}: its export was "
-                              f"interrupted); export again: tools/export_backbone.py SRC --out {src}")
-        return "trained"
-    if not path.is_file():
-        raise ExportError(f"{src}: no such run dir or weights file; give a classification run dir, a checkpoint, "
-                          f"timm:NAME, torchvision:WEIGHTS or a weights file")
-    if path.suffix == ".safetensors":
-        return "file"
-    from .export import is_run_checkpoint
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no copy of the tensors
-    except Exception:  # noqa: BLE001 - read_state_dict names the problem with the file
-        return "file"
-    return "trained" if is_run_checkpoint(obj) else "file"
-
-
-def export_source(src: str | Path, out_dir: str | Path, *, checkpoint: str | None = None, weights: str | None = None,
-                  variant: str | None = None) -> dict[str, Any]:
-    """Export any backbone source; the options that do not apply to its kind are refused, naming the kind."""
-    from .export import export_backbone
-
-    kind = source_kind(src)
-    if kind == "trained":
-        if variant is not None:
-            raise ExportError(f"{src}: --variant is for weights files; a run of this toolkit records its variant")
-        return export_backbone(src, out_dir, weights=weights, checkpoint=checkpoint)
-    given = [opt for opt, value in (("--checkpoint", checkpoint), ("--weights", weights)) if value is not None]
-    if given:
-        raise ExportError(f"{src}: {' and '.join(given)} choose among a training run's checkpoints and weights; "
-                          f"published weights and weights files are one set of weights, drop {given[0]}")
-    return export_published(str(src), out_dir, variant)

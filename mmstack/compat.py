@@ -4,12 +4,12 @@ mmcv 2.1.0, mmengine 0.10.7, mmdet 3.3.0 and mmsegmentation 1.2.2 (the last rele
 torch 2.6+ and C++20 torch headers. Each fix below says why it exists and when it can be deleted.
 
 Two kinds of fix live here:
-- build time: ``python transfer/compat.py patch-mmcv-source DIR`` edits an unpacked mmcv sdist before
+- build time: ``python mmstack/compat.py patch-mmcv-source DIR`` edits an unpacked mmcv sdist before
   tools/setup_env.sh compiles it (this file is run as a script there, before anything is installed, so the
   build-time part uses the standard library only);
 - run time: ``apply()``, called by the detection and segmentation stages before they touch mmengine, and by every
   module that imports MMDetection / MMSegmentation. With mmcv-lite (the default set-up) it first provides the mmcv
-  ops the pipeline uses from torchvision (``transfer/mmcv_ops.py``).
+  ops the pipeline uses from torchvision (``mmstack/mmcv_ops.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def patch_mmcv_source(src_dir: str | Path) -> None:
         if old not in text:
             if new in text:
                 continue  # already patched (a rerun on the same tree)
-            raise SystemExit(f"{path}: expected '{old}' ({why}); the pinned mmcv changed, update transfer/compat.py")
+            raise SystemExit(f"{path}: expected '{old}' ({why}); the pinned mmcv changed, update mmstack/compat.py")
         path.write_text(text.replace(old, new))
         print(f"patched {path}: '{old}' -> '{new}' ({why})")
 
@@ -135,7 +135,7 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    from transfer import mmcv_ops
+    from mmstack import mmcv_ops
 
     mmcv_ops.install()  # before anything imports mmcv.ops (MMDetection's models do)
     import mmengine.runner.runner as mm_runner
@@ -152,5 +152,5 @@ def apply() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "patch-mmcv-source":
-        raise SystemExit("usage: python transfer/compat.py patch-mmcv-source MMCV_SOURCE_DIR")
+        raise SystemExit("usage: python mmstack/compat.py patch-mmcv-source MMCV_SOURCE_DIR")
     patch_mmcv_source(sys.argv[2])

@@ -23,7 +23,7 @@ Two ways in, so that every entry point has it before MMDetection / MMSegmentatio
 - ``tools/setup_env.sh`` (mmcv-lite) writes ``mmcv/_ext.py`` into the installed mmcv (:func:`write_shim`), which
   becomes :class:`TorchvisionExt` when imported. Needed for the libraries' own tools: MMDetection's
   ``tools/test.py`` imports ``mmcv.ops`` (through ``mmdet.structures``) before it reads any config.
-- ``transfer.compat.apply()`` calls :func:`install`, which registers the module itself where no shim was written
+- ``mmstack.compat.apply()`` calls :func:`install`, which registers the module itself where no shim was written
   (mmcv-lite installed by other means).
 With the compiled mmcv installed (``MMCV=full tools/setup_env.sh``) both leave its extension alone.
 """
@@ -128,11 +128,11 @@ class TorchvisionExt(types.ModuleType):
 
 
 SHIM = '''"""mmcv's compiled extension, provided from torchvision for mmcv-lite: written by tools/setup_env.sh
-(transfer/mmcv_ops.py of the bag-of-tricks transfer toolkit); not part of mmcv. Removed by the set-up when it
+(mmstack/mmcv_ops.py of the bag-of-tricks transfer toolkit); not part of mmcv. Removed by the set-up when it
 installs the compiled mmcv (whose _ext extension module would be imported first anyway)."""
 import sys
 
-from transfer.mmcv_ops import TorchvisionExt
+from mmstack.mmcv_ops import TorchvisionExt
 
 sys.modules[__name__] = TorchvisionExt()
 '''
@@ -175,5 +175,5 @@ def write_shim() -> Path:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["write-shim"]:
-        raise SystemExit("usage: python -m transfer.mmcv_ops write-shim")
+        raise SystemExit("usage: python -m mmstack.mmcv_ops write-shim")
     print(f"wrote {write_shim()}: mmcv's {', '.join(PROVIDED)} from torchvision")

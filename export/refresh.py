@@ -1,6 +1,6 @@
 """Keep an export dir current: redo it only when its source changed, and never leave it invalid.
 
-``refresh_export(src, out)`` is what tools/export_backbone.py and transfer/source.py ("export beside the run dir")
+``refresh_export(src, out)`` is what tools/export_backbone.py and export/resolve.py ("export beside the run dir")
 both do:
 - meta.json records what the export came from (for a trained run the checkpoint's path, its sha256, which checkpoint
   and which weights; for published weights the source and the file's sha256). When ``out`` holds an export of
@@ -30,9 +30,10 @@ from lifecycle.artifacts import fsync_dir, remove_stale_temporaries
 from lifecycle.preemption import SIGNALS
 from lifecycle.stop_flag import Preempted
 
-from .export import BACKBONE_PTH, BACKBONE_ST, HEAD_ST, META, ExportError, file_sha256, run_checkpoint
-
-EXPORT_FILES = {META, BACKBONE_PTH, BACKBONE_ST, HEAD_ST}
+from . import source as sources  # export_source looked up per call: a test replaces it
+from .files import EXPORT_FILES, META
+from .layout import ExportError
+from .source import Source, identify
 
 
 def read_meta_quietly(out: Path) -> dict[str, Any] | None:
@@ -41,20 +42,6 @@ def read_meta_quietly(out: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
-
-
-def source_identity(src: str, *, checkpoint: str | None = None, weights: str | None = None) -> dict[str, Any]:
-    """The meta.json values an export of ``src`` (with these options) has; a different value means re-export."""
-    from .published import describe, is_published, source_kind
-
-    if is_published(src):
-        return {"source": describe(src).source}  # a library's named weights: the name fixes the file
-    path = Path(src)
-    if source_kind(path) == "trained":
-        ckpt = run_checkpoint(path, checkpoint)
-        return {"source_checkpoint": str(ckpt.resolve()), "sha256": file_sha256(ckpt), "checkpoint": ckpt.name,
-                "weights": weights or "raw"}
-    return {"source": str(path.resolve()), "sha256": file_sha256(path)}
 
 
 def _siblings(out: Path, kind: str) -> list[Path]:
@@ -79,20 +66,18 @@ def recover(out: Path) -> list[str]:
     return done
 
 
-def export_and_swap(src: str, out: Path, check: Callable[[Path], Any] | None = None, **options: Any) -> dict[str, Any]:
+def export_and_swap(source: Source, out: Path, check: Callable[[Path], Any] | None = None) -> dict[str, Any]:
     """Export into a sibling dir, ``check`` it there (it raises when the export is wrong), then rename it over
     ``out`` (a directory cannot atomically replace a non-empty one: for the microseconds between the two renames
     ``out`` is absent, and ``recover`` repairs a kill there). Checked before the swap: an export that fails its
     check never becomes ``out``, whose meta.json would make a rerun call it up to date."""
-    from .published import export_source
-
     new, old = out.with_name(f".{out.name}.new-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(new, ignore_errors=True)
     deferred: list[int] = []
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}  # refresh_export's interrupt
     try:
         try:
-            meta = export_source(src, new, **options)
+            meta = sources.export_source(source, new)
             if check is not None:
                 check(new)
         except BaseException:
@@ -119,11 +104,11 @@ def export_and_swap(src: str, out: Path, check: Callable[[Path], Any] | None = N
     return meta  # a signal during the swap: the export is complete, nothing is left to redo
 
 
-def refresh_export(src: str, out: str | Path, *, checkpoint: str | None = None, weights: str | None = None,
-                   variant: str | None = None,
-                   check: Callable[[Path], Any] | None = None) -> tuple[str, dict[str, Any], list[str]]:
-    """Make ``out`` an export of ``src``: (what happened: "up to date" | "exported" | "re-exported", its meta, the
-    repairs ``recover`` made). ``check(dir)`` runs on a new export before it replaces ``out``."""
+def refresh_export(src: Source | str, out: str | Path, *, check: Callable[[Path], Any] | None = None,
+                   **options: Any) -> tuple[str, dict[str, Any], list[str]]:
+    """Make ``out`` an export of ``src`` (a Source, or a spec and ``identify``'s options: checkpoint, weights,
+    variant): (what happened: "up to date" | "exported" | "re-exported", its meta, the repairs ``recover`` made).
+    ``check(dir)`` runs on a new export before it replaces ``out``."""
     out = Path(out)
 
     def interrupt(signum, frame):  # the preemption contract: nothing to save mid-export, the old export stays
@@ -131,7 +116,7 @@ def refresh_export(src: str, out: str | Path, *, checkpoint: str | None = None, 
 
     previous = {sig: signal.signal(sig, interrupt) for sig in SIGNALS}  # from the start: hashing takes seconds too
     try:
-        return _refresh(src, out, checkpoint, weights, variant, check)
+        return _refresh(src, out, check, options)
     except Preempted as e:
         print(e.message, file=sys.stderr)
         raise
@@ -140,16 +125,18 @@ def refresh_export(src: str, out: str | Path, *, checkpoint: str | None = None, 
             signal.signal(sig, handler)
 
 
-def _refresh(src, out: Path, checkpoint, weights, variant, check) -> tuple[str, dict[str, Any], list[str]]:
+def _refresh(src: Source | str, out: Path, check, options: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:
     repairs = recover(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; give another --out")
-    want = source_identity(src, checkpoint=checkpoint, weights=weights)
-    if variant is not None:
-        want["variant"] = variant.upper()
+    if isinstance(src, Source):
+        if options:
+            raise TypeError("options belong to identify(); an identified Source carries them")
+        source = src
+    else:
+        source = identify(src, **{k: v for k, v in options.items() if v is not None})
     meta = read_meta_quietly(out)
-    if meta is not None and all(meta.get(k) == v for k, v in want.items()):
+    if meta is not None and all(meta.get(k) == v for k, v in source.identity().items()):
         return "up to date", meta, repairs
     what = "exported" if meta is None else "re-exported"  # no meta.json: nothing, or an incomplete export
-    opts = dict(checkpoint=checkpoint, weights=weights, variant=variant)
-    return what, export_and_swap(src, out, check, **{k: v for k, v in opts.items() if v is not None}), repairs
+    return what, export_and_swap(source, out, check), repairs

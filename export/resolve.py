@@ -1,13 +1,13 @@
 """Resolve what tools/transfer_{det,seg}.sh were given into the export dir the stage reads.
 
-    python -m transfer.source SRC [--variant A|B|C|D] [--exports DIR]     # prints the export dir, or 'none'
+    python -m export.resolve SRC [--variant A|B|C|D] [--exports DIR]     # prints the export dir, or 'none'
 
 SRC is one of
 - ``none``: the random-init control arm;
 - an export dir (holding meta.json): used as it is;
 - a classification run dir or checkpoint: exported beside it (``<run>/export``, the final epoch's raw weights),
   and exported again when the checkpoint's sha256 is no longer the one meta.json records (training went on, or the
-  export was made with other defaults): classification/export_refresh.py, the same rule as tools/export_backbone.py;
+  export was made with other defaults): export/refresh.py, the same rule as tools/export_backbone.py;
 - ``timm:NAME``, ``torchvision:WEIGHTS`` or a weights file: exported once into ``DIR/<name>`` (default
   ``work_dirs/exports``, relative to the current directory like the stages' default work dirs).
 
@@ -20,28 +20,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from classification.export import META, ExportError, file_sha256
-from classification.export_refresh import refresh_export
-from classification.published import describe, is_published, source_kind
 from lifecycle.errors import cli
+
+from .layout import ExportError
+from .published import is_published
+from .refresh import refresh_export
+from .source import export_dir_state, identify
 
 DEFAULT_EXPORTS = Path("work_dirs/exports")
 
 
 def resolve(src: str, variant: str | None = None, exports: str | Path = DEFAULT_EXPORTS) -> str:
-    """The export dir for ``src`` (exporting it first where needed, classification/export_refresh.py), or 'none'."""
+    """The export dir for ``src`` (exporting it first where needed, export/refresh.py), or 'none'."""
     if src == "none":
         return "none"
-    exports = Path(exports)
-    if is_published(src):
-        pub = describe(src)  # no download: the library's registry names the weights and their variant
-        if variant is not None and variant.upper() != pub.variant:
-            raise ExportError(f"{src}: --variant {variant} contradicts the weights' architecture (ResNet-50-"
-                              f"{pub.variant}); leave --variant out for timm: and torchvision: sources")
-        out = exports / pub.source.replace(":", "_")
-    else:
-        path = Path(src)
-        if (path / META).is_file():
+    path = Path(src)
+    if not is_published(src):
+        if export_dir_state(path) == "complete":
             if variant is not None:
                 raise ExportError(f"{src}: an export dir records its variant; drop --variant")
             return str(path)  # already an export
@@ -49,14 +44,14 @@ def resolve(src: str, variant: str | None = None, exports: str | Path = DEFAULT_
             raise ExportError(f"{src}: no such export, run dir or weights file; give tools/export_backbone.py's "
                               f"output, a classification run dir, timm:NAME, torchvision:WEIGHTS, a weights file, "
                               f"or 'none'")
-        if source_kind(path) == "trained":
-            if variant is not None:
-                raise ExportError(f"{src}: --variant is for weights files; a run of this toolkit records its variant")
-            out = (path if path.is_dir() else path.parent) / "export"  # the final epoch's raw weights, by default
-        else:
-            sha = file_sha256(path)
-            out = exports / (f"{path.stem}-{sha[:12]}" + (f"-{variant.upper()}" if variant else ""))
-    what, _, repairs = refresh_export(src, out, variant=variant)
+    source = identify(src, variant=variant)
+    if source.kind == "published":
+        out = Path(exports) / source.published.source.replace(":", "_")
+    elif source.kind == "trained":
+        out = (path if path.is_dir() else path.parent) / "export"  # the final epoch's raw weights, by default
+    else:
+        out = Path(exports) / (f"{path.stem}-{source.sha256[:12]}" + (f"-{variant.upper()}" if variant else ""))
+    what, _, repairs = refresh_export(source, out)
     for line in repairs:
         print(line, file=sys.stderr)
     if what != "up to date":
@@ -67,7 +62,7 @@ def resolve(src: str, variant: str | None = None, exports: str | Path = DEFAULT_
 
 @cli  # one line per failure (lifecycle/errors.py); --debug or BOT_DEBUG=1 shows the traceback
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m transfer.source", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m export.resolve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src")
     p.add_argument("--variant", choices=("A", "B", "C", "D"), default=None,

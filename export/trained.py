@@ -1,0 +1,109 @@
+"""Export a run of this toolkit's trainer: by default the final epoch's raw weights (``last.pth``'s model, what the
+paper reports); ``checkpoint="best"`` and ``weights="ema"`` opt in to the others. meta.json records the choice, the
+epoch, the run's config and the top-1 of exactly the exported weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from classification.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from classification.config import ConfigError, config_from_dict
+from classification.variants import get_variant
+
+from .files import file_sha256, write_export
+from .layout import ExportError, timm_to_mm
+
+
+def _source_top1(ckpt: dict[str, Any], path: Path, weights: str) -> float | None:
+    """Top-1 of exactly these weights: the checkpoint's history row for its epoch, else the run's summary.json.
+
+    A mid-epoch checkpoint (step > 0) holds weights that were never evaluated: None.
+    """
+    metric = "ema_top1" if weights == "ema" else "top1"
+    epoch, step = ckpt.get("epoch"), ckpt.get("step", 0)
+    if step:
+        return None
+    for row in reversed(ckpt.get("history") or []):
+        if row.get("epoch") == epoch and row.get(metric) is not None:
+            return float(row[metric])
+    summary = path.parent / "summary.json"
+    if summary.is_file():
+        try:
+            s = json.loads(summary.read_text())
+            rows = s.get("history") or []
+            if rows and rows[-1].get("epoch") == epoch and s.get("metrics", {}).get(metric) is not None:
+                return float(s["metrics"][metric])
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
+
+
+def run_checkpoint(src: str | Path, checkpoint: str | None = None) -> Path:
+    """The checkpoint file an export of ``src`` reads (``checkpoint.resolve_checkpoint``: last.pth by default)."""
+    try:
+        return resolve_checkpoint(src, checkpoint)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+
+
+def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = None,
+                    checkpoint: str | None = None, sha256: str | None = None) -> dict[str, Any]:
+    """Write ``src``'s (a run dir or checkpoint) backbone to ``out_dir`` in the mm layout; returns the meta.
+
+    Defaults are what the paper reports: the final epoch (``last.pth``) and the raw weights. ``checkpoint="best"``
+    and ``weights="ema"`` are explicit opt-ins; meta.json records the choice, the epoch and the top-1 of exactly
+    the exported weights. ``sha256``: the checkpoint's, where the caller hashed it already (export/source.py).
+    """
+    weights = weights or "raw"
+    if weights not in ("ema", "raw"):
+        raise ExportError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    path = run_checkpoint(src, checkpoint)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such checkpoint or run dir; give a classification run dir or its .pth file")
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    if not is_run_checkpoint(ckpt):
+        raise ExportError(f"{path}: not a classification checkpoint of this toolkit (no config/model/num_classes)")
+    try:
+        cfg = config_from_dict(ckpt["config"], str(path))
+    except ConfigError as e:
+        raise ExportError(str(e)) from e
+    if weights == "ema" and ckpt.get("ema") is None:
+        raise ExportError(f"{path}: this run kept no EMA weights (ema_decay was {cfg.ema_decay}); export without "
+                          f"--weights ema (raw weights are the default)")
+    v = get_variant(cfg.variant)
+    backbone, head = timm_to_mm(ckpt["ema" if weights == "ema" else "model"], v.name, ckpt["num_classes"])
+    metric = "ema_top1" if weights == "ema" else "top1"
+    top1 = _source_top1(ckpt, path, weights)
+    return write_export(out_dir, backbone, head, v.name, {
+        "source_kind": "trained",
+        "library": "bot-toolkit",
+        "source": str(path.resolve()),
+        "source_name": cfg.name,
+        "source_file": str(path.resolve()),
+        "source_checkpoint": str(path.resolve()),
+        "checkpoint": path.name,
+        "weights": weights,
+        "sha256": sha256 or file_sha256(path),
+        "source_epoch": ckpt.get("epoch"),
+        "source_top1": top1,
+        "top1_from": None if top1 is None else f"{path.name} history, epoch {ckpt.get('epoch')}, {metric}",
+        "mean": [float(m) for m in cfg.mean],  # RGB, 0-255
+        "std": [float(s) for s in cfg.std],
+        "mean_std_from": "the classification config",
+        "arm": cfg.name,
+        "name": cfg.name,
+        "num_classes": int(ckpt["num_classes"]),
+        "classes": [str(c) for c in ckpt.get("classes") or []],
+        "config": cfg.to_dict(),
+    })
+
+
+def is_run_checkpoint(obj: Any) -> bool:
+    """A checkpoint written by this toolkit's trainer (as opposed to a plain state dict of timm / torchvision)."""
+    return isinstance(obj, dict) and all(k in obj for k in ("config", "model", "num_classes"))
+
