@@ -3,9 +3,10 @@
 ``refresh_export(src, out)`` is what tools/export_backbone.py and export/resolve.py ("export beside the run dir")
 both do:
 - meta.json records what the export came from (for a trained run the checkpoint's path, its sha256, which checkpoint
-  and which weights; for published weights the source and the file's sha256). When ``out`` holds an export of
-  exactly that, nothing is written ("up to date"); when the checkpoint changed (the run trained further) or other
-  weights were asked for, it is exported again.
+  and which weights; for a weights file its path and sha256; for published weights the library's name of them).
+  When ``out`` holds an export of exactly that, nothing is written ("up to date"); when the checkpoint changed (the
+  run trained further) or other weights were asked for, it is exported again. An option that does not apply to
+  the source's kind is refused either way (export/source.py), never ignored because an export exists.
 - The new export is written into a sibling ``.NAME.new-PID`` and swapped in by two renames, so ``out`` holds the
   previous valid export until the new one is complete (other files in ``out`` move along into the new one). A
   kill between the two renames leaves the previous export in ``.NAME.old-PID``: ``recover`` (run first, every
@@ -129,12 +130,13 @@ def _refresh(src: Source | str, out: Path, check, options: dict[str, Any]) -> tu
     repairs = recover(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; give another --out")
+    options = {k: v for k, v in options.items() if v is not None}
     if isinstance(src, Source):
         if options:
             raise TypeError("options belong to identify(); an identified Source carries them")
         source = src
     else:
-        source = identify(src, **{k: v for k, v in options.items() if v is not None})
+        source = identify(src, **options)
     meta = read_meta_quietly(out)
     if meta is not None and all(meta.get(k) == v for k, v in source.identity().items()):
         return "up to date", meta, repairs

@@ -26,7 +26,7 @@ from classification.variants import get_variant
 from .files import BACKBONE_PTH, BACKBONE_ST, META, file_sha256
 from .layout import ExportError
 from .published import Published, export_published, file_source, is_published, lookup
-from .trained import export_backbone, is_run_checkpoint, run_checkpoint
+from .trained import WEIGHTS, export_backbone, is_run_checkpoint, run_checkpoint
 
 KINDS = ("published", "trained", "file")
 
@@ -97,12 +97,15 @@ def _kind(src: str) -> str:
 
 def identify(src: str | Path, *, checkpoint: str | None = None, weights: str | None = None,
              variant: str | None = None) -> Source:
-    """The source ``src`` names, with the options that apply to its kind; the others are refused, naming the kind."""
+    """The source ``src`` names, with the options that apply to its kind; the others are refused, naming the kind,
+    whether or not an export of it exists already (an option is refused or used, never ignored)."""
     src = str(src)
     kind = _kind(src)
     if kind == "trained":
         if variant is not None:
             raise ExportError(f"{src}: --variant is for weights files; a run of this toolkit records its variant")
+        if weights not in (None, *WEIGHTS):
+            raise ExportError(f"weights must be 'ema' or 'raw', got {weights!r}")
         return Source(src, kind, path=run_checkpoint(src, checkpoint), weights=weights)
     given = [opt for opt, value in (("--checkpoint", checkpoint), ("--weights", weights)) if value is not None]
     if given:
@@ -119,6 +122,7 @@ def identify(src: str | Path, *, checkpoint: str | None = None, weights: str | N
 
 def export_source(source: Source | str, out_dir: str | Path, **options: Any) -> dict[str, Any]:
     """Export ``source`` (a Source, or a spec and ``identify``'s options) into ``out_dir``; returns its meta."""
+    options = {k: v for k, v in options.items() if v is not None}
     if not isinstance(source, Source):
         source = identify(source, **options)
     elif options:

@@ -15,6 +15,8 @@ from classification.variants import get_variant
 from .files import file_sha256, write_export
 from .layout import ExportError, timm_to_mm
 
+WEIGHTS = ("raw", "ema")  # a run's weights: as trained (the default, what the paper reports) or their EMA
+
 
 def _source_top1(ckpt: dict[str, Any], path: Path, weights: str) -> float | None:
     """Top-1 of exactly these weights: the checkpoint's history row for its epoch, else the run's summary.json.
@@ -57,7 +59,7 @@ def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = 
     the exported weights. ``sha256``: the checkpoint's, where the caller hashed it already (export/source.py).
     """
     weights = weights or "raw"
-    if weights not in ("ema", "raw"):
+    if weights not in WEIGHTS:
         raise ExportError(f"weights must be 'ema' or 'raw', got {weights!r}")
     path = run_checkpoint(src, checkpoint)
     if not path.is_file():

@@ -292,22 +292,27 @@ def test_transfer_source_exports_published_weights_once(timm_d, fake_hf, tmp_pat
     assert "contradicts" in capsys.readouterr().err
 
 
-def test_transfer_source_reexports_a_run_whose_checkpoint_changed(tmp_path, monkeypatch):
-    """<run>/export is reused while it holds the run's last.pth; a newer checkpoint is exported beside the old export,
-    which stays valid until the new one is complete, then swapped in."""
+def save_run(run: Path, seed: int) -> None:
+    """A ResNet-50-B run dir of the trainer with one checkpoint: last.pth at epoch ``seed``, top-1 10 x ``seed``."""
     from classification.checkpoint import save_checkpoint
     from classification.config import Config
     from classification.models import build_model
 
     cfg = Config(variant="B", name="r50b_test")
+    torch.manual_seed(seed)
+    model = build_model("B", 3, zero_gamma=False, init="timm", mean=cfg.mean, std=cfg.std)
+    save_checkpoint(run / "last.pth", model=model.state_dict(), ema=None, optimizer={}, scaler={}, scheduler={},
+                    epoch=seed, step=0, history=[dict(epoch=seed, top1=10.0 * seed)], best_top1=0.0,
+                    config=cfg.to_dict(), num_classes=3, classes=["a", "b", "c"], world_size=1)
+
+
+def test_transfer_source_reexports_a_run_whose_checkpoint_changed(tmp_path, monkeypatch):
+    """<run>/export is reused while it holds the run's last.pth; a newer checkpoint is exported beside the old export,
+    which stays valid until the new one is complete, then swapped in."""
     run = tmp_path / "run"
 
     def save(seed: int) -> None:
-        torch.manual_seed(seed)
-        model = build_model("B", 3, zero_gamma=False, init="timm", mean=cfg.mean, std=cfg.std)
-        save_checkpoint(run / "last.pth", model=model.state_dict(), ema=None, optimizer={}, scaler={}, scheduler={},
-                        epoch=seed, step=0, history=[dict(epoch=seed, top1=10.0 * seed)], best_top1=0.0,
-                        config=cfg.to_dict(), num_classes=3, classes=["a", "b", "c"], world_size=1)
+        save_run(run, seed)
 
     save(1)
     out = Path(source.resolve(str(run)))
@@ -333,6 +338,26 @@ def test_transfer_source_reexports_a_run_whose_checkpoint_changed(tmp_path, monk
     _, meta = load_export(out)
     assert meta["source_top1"] == 20.0 and meta["sha256"] == file_sha256(run / "last.pth")
     assert sorted(p.name for p in run.iterdir()) == ["export", "last.pth"]  # nothing left beside it
+
+
+def test_an_option_that_does_not_fit_the_source_is_refused_even_when_its_export_is_up_to_date(timm_d, tmp_path):
+    """--variant for a run, --checkpoint / --weights for a weights file: refused whether or not an up-to-date export
+    exists (used or refused, never ignored); the export stays as it was."""
+    from export.refresh import refresh_export
+
+    run = tmp_path / "run"
+    save_run(run, 1)
+    assert refresh_export(str(run), tmp_path / "e_run")[0] == "exported"
+    with pytest.raises(ExportError, match="--variant is for weights files"):
+        refresh_export(str(run), tmp_path / "e_run", variant="B")
+    with pytest.raises(ExportError, match="weights must be 'ema' or 'raw'"):
+        refresh_export(str(run), tmp_path / "e_run", weights="best")
+    assert refresh_export(str(timm_d[1]), tmp_path / "e_file")[0] == "exported"
+    for option in ("checkpoint", "weights"):
+        with pytest.raises(ExportError, match=f"--{option} choose among a training run's|drop --{option}"):
+            refresh_export(str(timm_d[1]), tmp_path / "e_file", **{option: "best" if option == "checkpoint" else "ema"})
+    assert refresh_export(str(run), tmp_path / "e_run")[0] == "up to date"
+    assert refresh_export(str(timm_d[1]), tmp_path / "e_file")[0] == "up to date"
 
 
 def test_transfer_scripts_pass_the_source_and_variant(tmp_path):
