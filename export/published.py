@@ -52,7 +52,6 @@ TIMM_TOP1 = {
     "resnet50d.a3_in1k": 78.742,
     "resnet50d.ra2_in1k": 80.546,
 }
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # The ImageNet statistics both libraries default to (timm.data.IMAGENET_DEFAULT_MEAN / torchvision's transforms).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
