@@ -34,7 +34,7 @@ from lifecycle.stop_flag import Preempted
 from . import source as sources  # export_source looked up per call: a test replaces it
 from .files import EXPORT_FILES, META
 from .layout import ExportError
-from .source import Source, identify
+from .source import Source, as_source
 
 
 def read_meta_quietly(out: Path) -> dict[str, Any] | None:
@@ -130,13 +130,7 @@ def _refresh(src: Source | str, out: Path, check, options: dict[str, Any]) -> tu
     repairs = recover(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; give another --out")
-    options = {k: v for k, v in options.items() if v is not None}
-    if isinstance(src, Source):
-        if options:
-            raise TypeError("options belong to identify(); an identified Source carries them")
-        source = src
-    else:
-        source = identify(src, **options)
+    source = as_source(src, **options)  # within refresh_export's signal handlers, like the hashing below
     meta = read_meta_quietly(out)
     if meta is not None and all(meta.get(k) == v for k, v in source.identity().items()):
         return "up to date", meta, repairs

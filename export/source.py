@@ -120,13 +120,19 @@ def identify(src: str | Path, *, checkpoint: str | None = None, weights: str | N
     return Source(src, kind, published=pub)
 
 
+def as_source(src: Source | str | Path, **options: Any) -> Source:
+    """``src`` itself when already identified, else ``identify(src, **options)`` (options left at None dropped)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if not isinstance(src, Source):
+        return identify(src, **options)
+    if options:
+        raise TypeError("options belong to identify(); an identified Source carries them")
+    return src
+
+
 def export_source(source: Source | str, out_dir: str | Path, **options: Any) -> dict[str, Any]:
     """Export ``source`` (a Source, or a spec and ``identify``'s options) into ``out_dir``; returns its meta."""
-    options = {k: v for k, v in options.items() if v is not None}
-    if not isinstance(source, Source):
-        source = identify(source, **options)
-    elif options:
-        raise TypeError("options belong to identify(); an identified Source carries them")
+    source = as_source(source, **options)
     if source.kind == "trained":
         return export_backbone(source.path, out_dir, weights=source.weights, sha256=source.sha256)
     if source.kind == "file":
