@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn import functional as F
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
@@ -151,36 +152,48 @@ def raw_collate(batch: list) -> RawBatch:
 
 
 class DeviceAugment:
-    """Decodes a RawBatch on ``device`` and applies the rest of the train (or eval) transform there, batched."""
+    """Decodes a RawBatch on ``device`` and applies the rest of the train (or eval) transform there, batched.
+
+    Two costs shape it. The host's: a Python thread issues every kernel, sharing the interpreter with the training
+    step, so the per-image work is one view, one conversion and one resize. The device's: the augmentation runs
+    beside the step on a GPU, competing for its memory, so it works in 0-255 floats (no division pass) with as few
+    passes over the batch as the formulas allow: each image's jitter ops in its order (hue, which is off, dropped)
+    as three blend passes, lighting and normalisation as one multiply-add written channels-last."""
 
     def __init__(self, cfg: Config, device: torch.device, *, train: bool, skip_bad: bool):
         self.device, self.train, self.skip_bad = device, train, skip_bad
         self.size = cfg.image_size
         self.resize = round(cfg.image_size * cfg.eval_resize)
-        self.mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) / 255
-        self.std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) / 255
-        self.gray = torch.tensor(GRAY, device=device).view(1, 3, 1, 1)
+        self.jitter = cfg.color_jitter != 0
+        # Normalising 0-255 pixels x with lighting rgb (0-1 units): (x + 255 rgb - mean) / std = x scale + shift
+        self.mean, self.std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+        self.scale = (1 / self.std).to(device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def __call__(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(images float (n, 3, S, S) normalised, labels, unreadable images) on the device."""
         decoded, bad = self._decode(batch)
         keep = [k for k in range(len(batch.paths)) if k not in bad]
+        labels = batch.labels[keep].to(self.device, non_blocking=True)
+        if not keep:
+            return torch.empty(0, device=self.device), labels, batch.bad + len(bad)
+        draws = batch.draws[keep] if self.train else None
+        boxes = draws[:, :4].long().tolist() if self.train else [None] * len(keep)
         pixels = iter(batch.pixels)  # in batch order, for the images without JPEG bytes
         crops = []
-        for k in keep:
+        for k, box in zip(keep, boxes):
             if k in decoded:
-                crops.append(self._crop(decoded[k], batch.draws[k] if self.train else None))
-            else:
-                crops.append(next(pixels).to(self.device, non_blocking=True))
-        labels = batch.labels[keep].to(self.device, non_blocking=True)
-        if not crops:
-            return torch.empty(0, device=self.device), labels, batch.bad + len(bad)
-        x = torch.stack(crops).float().div_(255)
+                crops.append(self._crop(decoded[k], box))
+            else:  # decoded by Pillow and cropped in the worker
+                crops.append(next(pixels).to(self.device, non_blocking=True)[None].float())
+        x = torch.cat(crops)
+        shift = -self.mean.expand(len(keep), 3, 1, 1)
         if self.train:
-            x = self._augment(x, batch.draws[keep].float())
-        x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format), labels, batch.bad + len(bad)
+            x = self._augment(x, draws)
+            shift = shift + 255 * draws[:, 12:15].float().view(-1, 3, 1, 1)
+        out = torch.empty(x.shape, device=self.device, memory_format=self.memory_format)
+        torch.addcmul((shift / self.std).to(self.device, non_blocking=True), x, self.scale, out=out)
+        return out, labels, batch.bad + len(bad)
 
     def _decode(self, batch: RawBatch) -> tuple[dict[int, torch.Tensor], set[int]]:
         """{batch index: uint8 (3, H, W) on the device} for the JPEGs; the set of indices of unreadable ones.
@@ -212,35 +225,40 @@ class DeviceAugment:
                 bad.add(k)
         return out, bad
 
-    def _crop(self, img: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
-        if draws is None:  # evaluation: eval_transform's resize and centre crop
-            return TF.center_crop(TF.resize(img, self.resize, BILINEAR, antialias=True), self.size)
-        i, j, h, w = (int(v) for v in draws[:4].tolist())
-        return TF.resized_crop(img, i, j, h, w, [self.size, self.size], BILINEAR, antialias=True)
+    def _crop(self, img: torch.Tensor, box: list[int] | None) -> torch.Tensor:
+        """A decoded image, uint8 (3, H, W), to float (1, 3, S, S) in 0-255: its box resized (training; rounded with
+        the batch in _augment) or resized and centre-cropped (evaluation), with the bilinear antialiased filter."""
+        if box is None:  # eval_transform's steps
+            return TF.center_crop(TF.resize(img, self.resize, BILINEAR, antialias=True), self.size)[None].float()
+        i, j, h, w = box
+        return F.interpolate(img[None, :, i:i + h, j:j + w].float(), size=(self.size, self.size), mode="bilinear",
+                             align_corners=False, antialias=True)
 
     def _augment(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """Flip, ColorJitter (brightness, contrast, saturation in each image's own order) and PCA lighting, on 0-1
-        images, with torchvision's tensor formulas (functional_tensor adjust_*), per image factors. ``draws`` is on
-        the CPU: which steps to run is decided there, without waiting for the device."""
-        on_device = draws.to(self.device, non_blocking=True)
-        flip = on_device[:, 4].bool().view(-1, 1, 1, 1)
-        x = torch.where(flip, x.flip(-1), x)
-        factors, rgb = on_device[:, 9:12], on_device[:, 12:15]
+        """Round (Pillow's resize outputs 8-bit pixels), flip, then ColorJitter's brightness, contrast and saturation
+        in each image's own order, with torchvision's tensor formulas on 0-255 floats: each step is
+        ``_blend(x, other, f) = clamp(f x + (1 - f) other)``, ``other`` being 0 (brightness), the mean of the
+        grayscale (contrast) or the grayscale (saturation). Position p of every image is one pass whatever its op:
+        ``other = s gray + c mean(gray)`` with per-image s, c in {0, 1}. ``draws`` is on the CPU, where those
+        per-image coefficients are computed and from where they are sent once."""
+        n = len(x)
+        x.round_()
+        flips = draws[:, 4].nonzero().squeeze(1)
+        if len(flips):
+            flips = flips.to(self.device, non_blocking=True)
+            x.index_copy_(0, flips, x.index_select(0, flips).flip(-1))
+        if not self.jitter:
+            return x
         order = draws[:, 5:9].long()
-        for position in range(4):
-            for op in range(3):  # torchvision's fn_idx: 0 brightness, 1 contrast, 2 saturation, 3 hue (off)
-                chosen = order[:, position] == op
-                if not chosen.any():
-                    continue
-                pick = chosen.to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-                f = factors[:, op].view(-1, 1, 1, 1)
-                if op == 0:
-                    other = torch.zeros_like(x)
-                else:
-                    gray = (x * self.gray).sum(1, keepdim=True)
-                    other = gray.mean((1, 2, 3), keepdim=True) if op == 1 else gray
-                x = torch.where(pick, (f * x + (1 - f) * other).clamp_(0, 1), x)
-        return x + rgb.view(-1, 3, 1, 1)
+        ops = order[order != 3].view(n, 3)  # each image's order, hue (torchvision's op 3; off) left out
+        f = draws[:, 9:12].float().gather(1, ops)
+        coef = torch.stack([f, (1 - f) * (ops == 2), (1 - f) * (ops == 1)], 2).to(self.device, non_blocking=True)
+        for p in range(3):
+            f, s, c = (coef[:, p, q].view(n, 1, 1, 1) for q in range(3))
+            gray = (x[:, 2:3] * GRAY[2]).add_(x[:, 1:2], alpha=GRAY[1]).add_(x[:, 0:1], alpha=GRAY[0])
+            other = torch.addcmul(c * gray.mean((2, 3), keepdim=True), s, gray)
+            x = torch.addcmul(other, x, f).clamp_(0, 255)
+        return x
 
 
 class DeviceLoader:
