@@ -4,6 +4,8 @@ JPEGs, each decode path eager and compiled, and timm's own train.py on the same 
 
 Rows (bf16 AMP, channels_last, batch 256 by default):
 
+0. ``decode: gpu``'s own work in the training process on one batch (``--rows augment`` runs only this row, on a
+   GPU or a CPU): ms per batch to decode and to crop, resize and augment, and the host CPU time per image it takes;
 1. synthetic: our training step on one in-memory batch, eager and torch.compile'd: what the GPU can do;
 2. real JPEGs through our trainer (``python -m classification.train``, one process per row), ``decode: pil``
    (the loader workers decode and augment) and ``decode: gpu`` (the workers read bytes; nvjpeg decodes and the
@@ -14,11 +16,14 @@ Rows (bf16 AMP, channels_last, batch 256 by default):
    AMP, channels_last, torch.compile, its GPU prefetcher, pinned memory, the same workers; its last epoch's
    running images/s.
 
-The last line is ``real/synthetic: R (decode gpu, compile)``; each row is printed as it finishes (``--images``,
-``--epochs`` and ``--steps`` trade time for precision).
+The last line is ``real/synthetic: R (decode gpu, compile)``; each row is printed (and written to ``--out``) as it
+finishes, in the order augment, synthetic, decode gpu, timm, decode pil, so a run cut short keeps what matters most; a
+trainer process that fails or outlasts ``--row-timeout`` gives a row with its error, and the rest still run
+(``--images``, ``--epochs`` and ``--steps`` trade time for precision; ``--rows`` picks rows).
 
     python tools/bench_gpu.py --timm-train ../pytorch-image-models/train.py --out bench_gpu.json   # on a GPU
     python tools/bench_gpu.py --smoke       # anywhere: tiny sizes on the CPU (aot_eager compile); measures nothing
+    python tools/bench_gpu.py --rows augment --rounds 5   # row 0 alone
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,9 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from bench_cls import OurTrainer, _photo, timed  # noqa: E402
+from bench_cls import OurTrainer, _photo, sync, timed  # noqa: E402
 from bench_vs_timm import TIMM_RATE, timm_command  # noqa: E402
 
 from classification.config import load_config  # noqa: E402
@@ -71,6 +78,41 @@ def synthetic(args, device: torch.device, compile_: bool) -> dict:
                 warmup_s=warmup)
 
 
+def device_augment(args, device: torch.device) -> dict:
+    """``decode: gpu``'s work in the training process alone, on one batch of generated 500x375 JPEGs: the decode
+    (nvjpeg on a GPU, batched), the rest (crop and resize each image, flip, jitter, lighting, normalise), and the
+    host CPU time per image of the whole call: the thread that issues it shares the interpreter with the training
+    step, so on a GPU this is what the decode thread takes from the step's kernel launches."""
+    from classification.data import seeded_rng
+    from classification.device_data import DeviceAugment, RawImage, TrainDraws, raw_collate
+
+    cfg = load_config(None, [f"image_size={args.image_size}", "channels_last=true", "allow_synthetic=true"])
+    draws, raws = TrainDraws(cfg), []
+    for k in range(args.batch_size):
+        data = _photo(500, 375, k)
+        with seeded_rng(k):
+            raws.append((draws(RawImage(f"{k}.JPEG", jpeg=np.frombuffer(data, np.uint8), size=(375, 500))), k % 10))
+    batch = raw_collate(raws)
+    augment = DeviceAugment(cfg, device, train=True, skip_bad=False)
+    augment(batch)  # warm-up: nvjpeg's handle, cudnn, the allocator
+    decode, whole, host = [], [], []
+    for _ in range(args.rounds * 3):
+        sync(device)
+        t0 = time.perf_counter()
+        augment._decode(batch)
+        sync(device)
+        t1, c1 = time.perf_counter(), time.thread_time()
+        augment(batch)
+        c2 = time.thread_time()
+        sync(device)
+        decode.append(t1 - t0)
+        whole.append(time.perf_counter() - t1)
+        host.append(c2 - c1)
+    d, w, h = (sorted(v)[len(v) // 2] for v in (decode, whole, host))
+    return dict(input="decode gpu: the training process's decode and augmentation alone", img_s=args.batch_size / w,
+                decode_ms=d * 1e3, rest_ms=(w - d) * 1e3, host_us_per_image=h / args.batch_size * 1e6)
+
+
 def make_tree(root: Path, images: int, val: int, classes: int = 10) -> None:
     """``images`` training and ``val`` validation JPEGs of 500x375, written by all cores."""
     jobs = [(root / split / f"c{i % classes}" / f"{i}.JPEG", i) for split, n in (("train", images), ("val", val))
@@ -93,16 +135,35 @@ def ours(args, root: Path, work: Path, decode: str, compile_: bool) -> dict:
     recipe_file.write_text(yaml.safe_dump(recipe(args)))
     cmd = [sys.executable, "-m", "classification.train", str(recipe_file), "--data-root", str(root), "--work-dir",
            str(run), "--set", f"decode={decode}", f"compile={str(compile_).lower()}"]
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if out.returncode:
-        raise SystemExit(f"bench_gpu: {' '.join(cmd)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    row = dict(input=f"real JPEGs, decode {decode}", compile=compile_)
+    out = run_row(row, cmd, REPO, args.row_timeout)
+    if out is None:
+        return row
     last = json.loads((run / "summary.json").read_text())["history"][-1]
-    warm = FIRST_UPDATE.search(out.stdout)
-    return dict(input=f"real JPEGs, decode {decode}", compile=compile_, img_s=last["images_per_s"],
-                data_wait=last["data_wait_share"], first_update_s=float(warm.group(1)) if warm else None,
-                wall_s=wall)
+    warm = FIRST_UPDATE.search(out)
+    return dict(row, img_s=last["images_per_s"], data_wait=last["data_wait_share"],
+                first_update_s=float(warm.group(1)) if warm else None)
+
+
+def run_row(row: dict, cmd: list[str], cwd: Path, timeout: float) -> str | None:
+    """Run one row's process (its own process group: the loader workers too) and return its output; a failure or a
+    timeout is written into the row instead, and the rows after it still run (a GPU may be lent for minutes)."""
+    t0 = time.perf_counter()
+    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            row.update(error=f"timed out after {timeout:.0f} s")
+    row["wall_s"] = time.perf_counter() - t0
+    if proc.returncode and "error" not in row:
+        row["error"] = f"exit {proc.returncode}: {' '.join(cmd)}"
+    if "error" in row:
+        row["output"] = output[-3000:]
+        return None
+    return output
 
 
 def timm_row(args, root: Path, work: Path) -> dict:
@@ -113,14 +174,15 @@ def timm_row(args, root: Path, work: Path) -> dict:
         cmd.remove(flag)
     cmd += ["--amp", "--amp-dtype", "bfloat16", "--channels-last", "--pin-mem", "--torchcompile",
             args.compile_backend, "--log-interval", "50"]
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if out.returncode:
-        raise SystemExit(f"bench_gpu: timm's train.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    rates = TIMM_RATE.findall(out.stdout + out.stderr)
-    return dict(input="real JPEGs, timm train.py (bf16, channels_last, compiled, prefetcher)", compile=True,
-                img_s=float(rates[-1]) if rates else None, wall_s=wall)
+    row = dict(input="real JPEGs, timm train.py (bf16, channels_last, compiled, prefetcher)", compile=True)
+    out = run_row(row, cmd, work, args.row_timeout)
+    if out is not None:
+        rates = TIMM_RATE.findall(out)
+        row["img_s"] = float(rates[-1]) if rates else None
+    return row
+
+
+ROWS = ("augment", "synthetic", "gpu", "timm", "pil")  # the order they run in: what matters most first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,9 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--timm-train", help="timm's train.py (a checkout of huggingface/pytorch-image-models)")
     p.add_argument("--data", help="keep the generated JPEGs here (default: a temporary folder)")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"which rows, of {','.join(ROWS)} (augment: decode: gpu's own work, on a GPU or a CPU; "
+                   "gpu, pil: our trainer with that decode, eager and compiled)")
+    p.add_argument("--row-timeout", type=float, default=300, help="seconds for one trainer process")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
-    p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--out", help="also write the results as JSON here (after each row)")
     args = p.parse_args(argv)
+    rows = args.rows.split(",")
+    if set(rows) - set(ROWS):
+        p.error(f"--rows: {','.join(sorted(set(rows) - set(ROWS)))} is not one of {','.join(ROWS)}")
     if args.smoke:
         args.image_size, args.batch_size, args.steps, args.rounds, args.images = 32, 8, 2, 1, 32
         args.epochs, args.workers, args.compile_backend = 1, 2, "aot_eager"
@@ -151,29 +220,42 @@ def main(argv: list[str] | None = None) -> int:
     def add(row: dict) -> dict:
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
+        if args.out:  # after each row: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return row
 
-    synth = {c: add(synthetic(args, device, c)) for c in (False, True)}
+    if "augment" in rows:
+        add(device_augment(args, device))
+    synth = {c: add(synthetic(args, device, c)) for c in (False, True)} if "synthetic" in rows else {}
+    real, timm = {}, None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data or Path(tmp) / "imagenet")
-        if not (root / "train").is_dir():
+        if {"gpu", "pil", "timm"} & set(rows) and not (root / "train").is_dir():
             t0 = time.perf_counter()
             make_tree(root, args.images, 512 if not args.smoke else 10)
             print(f"generated {args.images} JPEGs in {time.perf_counter() - t0:.0f} s", flush=True)
-        real = {}
-        for decode in ("pil", "gpu"):
+        for decode in [r for r in ("gpu", "timm", "pil") if r in rows]:
+            if decode == "timm":
+                timm = add(timm_row(args, root, Path(tmp))) if args.timm_train else None
+                continue
             for compile_ in (False, True):
                 real[decode, compile_] = add(ours(args, root, Path(tmp), decode, compile_))
-        timm = add(timm_row(args, root, Path(tmp))) if args.timm_train else None
-    ratio = real["gpu", True]["img_s"] / synth[True]["img_s"]
-    result["real_over_synthetic"] = ratio
-    if timm and timm["img_s"]:
-        result["ours_over_timm"] = real["gpu", True]["img_s"] / timm["img_s"]
+    ratios = {}
+    if synth and real.get(("gpu", True), {}).get("img_s"):
+        ratios["real_over_synthetic"] = real["gpu", True]["img_s"] / synth[True]["img_s"]
+    if timm and timm.get("img_s") and real.get(("gpu", True), {}).get("img_s"):
+        ratios["ours_over_timm"] = real["gpu", True]["img_s"] / timm["img_s"]
+    result.update(ratios)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"real/synthetic: {ratio:.2f} (decode gpu, compile)")
-    return 0
+    if "real_over_synthetic" in ratios:
+        print(f"real/synthetic: {ratios['real_over_synthetic']:.2f} (decode gpu, compile)")
+    failed = [f"{r['input']}{', compiled' if r.get('compile') else ''}" for r in result["rows"] if "error" in r]
+    if failed:
+        print(f"bench_gpu: {len(failed)} row(s) failed: {'; '.join(failed)} (their errors are in the rows above)",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
