@@ -167,7 +167,7 @@ class DeviceAugment:
         self.jitter = cfg.color_jitter != 0
         # Normalising 0-255 pixels x with lighting rgb (0-1 units): (x + 255 rgb - mean) / std = x scale + shift
         self.mean, self.std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
-        self.scale = (1 / self.std).to(device)
+        self.scale, self.eval_shift = (1 / self.std).to(device), (-self.mean / self.std).to(device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def __call__(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -177,8 +177,12 @@ class DeviceAugment:
         labels = batch.labels[keep].to(self.device, non_blocking=True)
         if not keep:
             return torch.empty(0, device=self.device), labels, batch.bad + len(bad)
-        draws = batch.draws[keep] if self.train else None
-        boxes = draws[:, :4].long().tolist() if self.train else [None] * len(keep)
+        if self.train:  # sent before the batch's kernels are queued: a copy from pageable memory may wait for them
+            draws = batch.draws[keep]
+            boxes = draws[:, :4].long().tolist()
+            flips, coef, shift = self._parameters(draws)
+        else:
+            boxes, shift = [None] * len(keep), self.eval_shift
         pixels = iter(batch.pixels)  # in batch order, for the images without JPEG bytes
         crops = []
         for k, box in zip(keep, boxes):
@@ -187,13 +191,26 @@ class DeviceAugment:
             else:  # decoded by Pillow and cropped in the worker
                 crops.append(next(pixels).to(self.device, non_blocking=True)[None].float())
         x = torch.cat(crops)
-        shift = -self.mean.expand(len(keep), 3, 1, 1)
         if self.train:
-            x = self._augment(x, draws)
-            shift = shift + 255 * draws[:, 12:15].float().view(-1, 3, 1, 1)
+            x = self._augment(x, flips, coef)
         out = torch.empty(x.shape, device=self.device, memory_format=self.memory_format)
-        torch.addcmul((shift / self.std).to(self.device, non_blocking=True), x, self.scale, out=out)
+        torch.addcmul(shift, x, self.scale, out=out)
         return out, labels, batch.bad + len(bad)
+
+    def _parameters(self, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The batch's augmentation, computed from its draws on the CPU and sent: the flipped images' indices; for
+        each of the three jitter positions, per image ``(f, s, c)`` (see _augment; None without jitter); the
+        normalisation's per-image shift, lighting included."""
+        n = len(draws)
+        flips = draws[:, 4].nonzero().squeeze(1).to(self.device, non_blocking=True)
+        coef = None
+        if self.jitter:
+            order = draws[:, 5:9].long()
+            ops = order[order != 3].view(n, 3)  # each image's order, hue (torchvision's op 3; off) left out
+            f = draws[:, 9:12].float().gather(1, ops)
+            coef = torch.stack([f, (1 - f) * (ops == 2), (1 - f) * (ops == 1)], 2).to(self.device, non_blocking=True)
+        shift = (255 * draws[:, 12:15].float().view(n, 3, 1, 1) - self.mean) / self.std
+        return flips, coef, shift.to(self.device, non_blocking=True)
 
     def _decode(self, batch: RawBatch) -> tuple[dict[int, torch.Tensor], set[int]]:
         """{batch index: uint8 (3, H, W) on the device} for the JPEGs; the set of indices of unreadable ones.
@@ -234,25 +251,18 @@ class DeviceAugment:
         return F.interpolate(img[None, :, i:i + h, j:j + w].float(), size=(self.size, self.size), mode="bilinear",
                              align_corners=False, antialias=True)
 
-    def _augment(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, flips: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
         """Round (Pillow's resize outputs 8-bit pixels), flip, then ColorJitter's brightness, contrast and saturation
         in each image's own order, with torchvision's tensor formulas on 0-255 floats: each step is
         ``_blend(x, other, f) = clamp(f x + (1 - f) other)``, ``other`` being 0 (brightness), the mean of the
         grayscale (contrast) or the grayscale (saturation). Position p of every image is one pass whatever its op:
-        ``other = s gray + c mean(gray)`` with per-image s, c in {0, 1}. ``draws`` is on the CPU, where those
-        per-image coefficients are computed and from where they are sent once."""
-        n = len(x)
+        ``f x + (s gray + c mean(gray))`` with per-image s, c = (1 - f) or 0."""
         x.round_()
-        flips = draws[:, 4].nonzero().squeeze(1)
         if len(flips):
-            flips = flips.to(self.device, non_blocking=True)
             x.index_copy_(0, flips, x.index_select(0, flips).flip(-1))
-        if not self.jitter:
+        if coef is None:
             return x
-        order = draws[:, 5:9].long()
-        ops = order[order != 3].view(n, 3)  # each image's order, hue (torchvision's op 3; off) left out
-        f = draws[:, 9:12].float().gather(1, ops)
-        coef = torch.stack([f, (1 - f) * (ops == 2), (1 - f) * (ops == 1)], 2).to(self.device, non_blocking=True)
+        n = len(x)
         for p in range(3):
             f, s, c = (coef[:, p, q].view(n, 1, 1, 1) for q in range(3))
             gray = (x[:, 2:3] * GRAY[2]).add_(x[:, 1:2], alpha=GRAY[1]).add_(x[:, 0:1], alpha=GRAY[0])
@@ -298,9 +308,9 @@ class _Prefetch:
         self.thread.start()
 
     def _fill(self, batches, augment: DeviceAugment) -> None:
-        if self.stream is not None:
-            torch.cuda.set_device(augment.device)  # the current device is per thread
         try:
+            if self.stream is not None:
+                torch.cuda.set_device(augment.device)  # the current device is per thread
             for raw in batches:
                 if self.stream is None:
                     item = augment(raw)

@@ -20,7 +20,7 @@ from classification.data import DataError, build_loaders
 from classification.device_data import RawImage, TrainDraws, device_decodable, raw_collate
 
 # A GPU where there is one: not a skip on a machine without, the case is not there.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+DEVICES = ["cpu", *(["cuda:0"] if torch.cuda.is_available() else [])]  # the trainer names its GPU's index too
 
 
 @pytest.fixture(params=DEVICES)
@@ -188,8 +188,8 @@ def test_a_batch_the_device_refuses_is_decoded_image_by_image_then_on_the_cpu(ph
     x, _, bad = dev_train.augment(batch)
     assert refused == [4, 1, 1, 1, 1] and bad == 0
     # On a GPU, the resize's float rounding differs from the CPU's, so a pixel at a .5 boundary may round the other
-    # way: 1/255 of the range, 0.017 once normalised.
-    torch.testing.assert_close(x.cpu(), expected, rtol=0, atol=1e-5 if device.type == "cpu" else 0.02)
+    # way: 1 of 255, 0.018 once normalised, up to 1.4^3 times that after three jitter steps of factor up to 1.4.
+    torch.testing.assert_close(x.cpu(), expected, rtol=0, atol=1e-5 if device.type == "cpu" else 0.05)
 
     cut = batch.offsets[1] + (batch.offsets[2] - batch.offsets[1]) // 2  # image 1's bytes, truncated
     batch.data = torch.cat([batch.data[:cut], batch.data[batch.offsets[2]:]])
@@ -219,3 +219,17 @@ def test_the_loader_yields_device_batches_in_order_and_ends_early_cleanly(photos
     sampler.set_epoch(1)
     assert len(list(dev_train)) == len(dev_train)
     assert not it.thread.is_alive()
+
+
+def test_an_error_in_the_decoding_thread_is_raised_in_the_training_thread(photos, monkeypatch):
+    """The thread that decodes ahead hands its exception over: the training loop raises it, never waits forever."""
+    _, dev_train, _ = loaders(photos, "decode=gpu")
+
+    def refuse(batch):
+        raise RuntimeError("device decode failed")
+
+    monkeypatch.setattr(dev_train.augment, "_decode", refuse)
+    dev_train.sampler.set_epoch(0)
+    with pytest.raises(RuntimeError, match="device decode failed"):
+        next(iter(dev_train))
+    assert not dev_train.current.thread.is_alive()
