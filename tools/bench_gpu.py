@@ -79,38 +79,46 @@ def synthetic(args, device: torch.device, compile_: bool) -> dict:
 
 
 def device_augment(args, device: torch.device) -> dict:
-    """``decode: gpu``'s work in the training process alone, on one batch of generated 500x375 JPEGs: the decode
-    (nvjpeg on a GPU, batched), the rest (crop and resize each image, flip, jitter, lighting, normalise), and the
-    host CPU time per image of the whole call: the thread that issues it shares the interpreter with the training
-    step, so on a GPU this is what the decode thread takes from the step's kernel launches."""
+    """``decode: gpu``'s work in the training process alone, on one batch of generated 500x375 JPEGs: ms for the
+    decode (nvjpeg on a GPU, batched) and for the rest (crop and resize each image, flip, jitter, lighting,
+    normalise), and the host CPU time per image of the whole call. The thread that issues it shares the interpreter
+    with the training step, so on a GPU the host time is what it takes from the step's kernel launches. The same
+    batch of 20x15 JPEGs cropped to 8 px, where the kernels cost next to nothing even on a CPU, gives the host time
+    per image of everything but the decode: what the Python code itself costs."""
+    full = _augment_timings(args, device, (500, 375), args.image_size)
+    tiny = _augment_timings(args, device, (20, 15), 8)
+    return dict(input="decode gpu: the training process's decode and augmentation alone",
+                img_s=args.batch_size / full["whole"], decode_ms=full["decode"] * 1e3,
+                rest_ms=(full["whole"] - full["decode"]) * 1e3, host_us_per_image=full["host"] / args.batch_size * 1e6,
+                overhead_us_per_image=(tiny["host"] - tiny["decode_host"]) / args.batch_size * 1e6)
+
+
+def _augment_timings(args, device: torch.device, jpeg_size: tuple[int, int], image_size: int) -> dict:
+    """Medians over ``3 x rounds`` calls on one batch: seconds of the decode alone and of the whole call, and the
+    host's CPU seconds of each."""
     from classification.data import seeded_rng
     from classification.device_data import DeviceAugment, RawImage, TrainDraws, raw_collate
 
-    cfg = load_config(None, [f"image_size={args.image_size}", "channels_last=true", "allow_synthetic=true"])
+    cfg = load_config(None, [f"image_size={image_size}", "channels_last=true", "allow_synthetic=true"])
     draws, raws = TrainDraws(cfg), []
     for k in range(args.batch_size):
-        data = _photo(500, 375, k)
+        data = _photo(*jpeg_size, k)
         with seeded_rng(k):
-            raws.append((draws(RawImage(f"{k}.JPEG", jpeg=np.frombuffer(data, np.uint8), size=(375, 500))), k % 10))
+            raw = RawImage(f"{k}.JPEG", jpeg=np.frombuffer(data, np.uint8), size=jpeg_size[::-1])
+            raws.append((draws(raw), k % 10))
     batch = raw_collate(raws)
     augment = DeviceAugment(cfg, device, train=True, skip_bad=False)
     augment(batch)  # warm-up: nvjpeg's handle, cudnn, the allocator
-    decode, whole, host = [], [], []
+    times: dict[str, list[float]] = {"decode": [], "decode_host": [], "whole": [], "host": []}
     for _ in range(args.rounds * 3):
-        sync(device)
-        t0 = time.perf_counter()
-        augment._decode(batch)
-        sync(device)
-        t1, c1 = time.perf_counter(), time.thread_time()
-        augment(batch)
-        c2 = time.thread_time()
-        sync(device)
-        decode.append(t1 - t0)
-        whole.append(time.perf_counter() - t1)
-        host.append(c2 - c1)
-    d, w, h = (sorted(v)[len(v) // 2] for v in (decode, whole, host))
-    return dict(input="decode gpu: the training process's decode and augmentation alone", img_s=args.batch_size / w,
-                decode_ms=d * 1e3, rest_ms=(w - d) * 1e3, host_us_per_image=h / args.batch_size * 1e6)
+        for wall, host, call in (("decode", "decode_host", augment._decode), ("whole", "host", augment)):
+            sync(device)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            call(batch)
+            times[host].append(time.thread_time() - c0)  # before the sync: what the host spent issuing the work
+            sync(device)
+            times[wall].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def make_tree(root: Path, images: int, val: int, classes: int = 10) -> None:
