@@ -165,6 +165,9 @@ def run_row(row: dict, cmd: list[str], cwd: Path, timeout: float) -> str | None:
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
             row.update(error=f"timed out after {timeout:.0f} s")
+        except BaseException:  # Ctrl-C, or a SIGTERM (main makes it an exit): the row's processes end with this one
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     row["wall_s"] = time.perf_counter() - t0
     if proc.returncode and "error" not in row:
         row["error"] = f"exit {proc.returncode}: {' '.join(cmd)}"
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
     p.add_argument("--out", help="also write the results as JSON here (after each row)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so run_row ends its process group
     rows = args.rows.split(",")
     if set(rows) - set(ROWS):
         p.error(f"--rows: {','.join(sorted(set(rows) - set(ROWS)))} is not one of {','.join(ROWS)}")
