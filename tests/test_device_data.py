@@ -47,7 +47,8 @@ def test_the_device_path_gives_the_cpu_paths_images_within_tolerance(photos, dev
     Tolerance, in 0-255 units, per crop: mean |difference| <= 0.5 without colour jitter (measured 0.20: both decode
     with libjpeg-turbo and resize with the same bilinear antialiased filter, Pillow's and torchvision's), <= 2.5
     with it (measured 1.86: Pillow truncates to 8 bits after each of the three jitter steps, a bias of about -0.5
-    each, where the device path keeps floats). A different box or flip would differ by tens."""
+    each, where the device path keeps floats). A different box or flip would differ by tens. Measured on the CPU; on
+    a GPU nvjpeg decodes, with its own IDCT and chroma upsampling: the same bounds, not yet run on one."""
     for jitter, bound in ((0.0, 0.5), (0.4, 2.5)):
         for size in (48, 160):  # from 400x300 photos: downscaled crops and, at 160, some upscaled ones
             cfg, cpu_train, cpu_val = loaders(photos, f"image_size={size}", f"color_jitter={jitter}")
