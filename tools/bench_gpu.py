@@ -240,18 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         add(device_augment(args, device))
     synth = {c: add(synthetic(args, device, c)) for c in (False, True)} if "synthetic" in rows else {}
     real, timm = {}, None
+    on_jpegs = [r for r in ROWS if r in rows and r in ("gpu", "timm", "pil")]  # the rows on generated JPEGs
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data or Path(tmp) / "imagenet")
-        if {"gpu", "pil", "timm"} & set(rows) and not (root / "train").is_dir():
+        if on_jpegs and not (root / "train").is_dir():
             t0 = time.perf_counter()
             make_tree(root, args.images, 512 if not args.smoke else 10)
             print(f"generated {args.images} JPEGs in {time.perf_counter() - t0:.0f} s", flush=True)
-        for decode in [r for r in ("gpu", "timm", "pil") if r in rows]:
-            if decode == "timm":
+        for name in on_jpegs:
+            if name == "timm":
                 timm = add(timm_row(args, root, Path(tmp))) if args.timm_train else None
-                continue
-            for compile_ in (False, True):
-                real[decode, compile_] = add(ours(args, root, Path(tmp), decode, compile_))
+            else:
+                for compile_ in (False, True):
+                    real[name, compile_] = add(ours(args, root, Path(tmp), name, compile_))
     ratios = {}
     if synth and real.get(("gpu", True), {}).get("img_s"):
         ratios["real_over_synthetic"] = real["gpu", True]["img_s"] / synth[True]["img_s"]
