@@ -177,20 +177,21 @@ class DeviceAugment:
         labels = batch.labels[keep].to(self.device, non_blocking=True)
         if not keep:
             return torch.empty(0, device=self.device), labels, batch.bad + len(bad)
-        if self.train:  # sent before the batch's kernels are queued: a copy from pageable memory may wait for them
+        # Sent before the batch's kernels are queued: a copy from pageable memory waits for the stream's queued work.
+        pixels = iter(batch.pixels.to(self.device, non_blocking=True))  # batch order; the images without JPEG bytes
+        if self.train:
             draws = batch.draws[keep]
             boxes = draws[:, :4].long().tolist()
             flips, coef, shift = self._parameters(draws)
         else:
             boxes, shift = [None] * len(keep), self.eval_shift
-        pixels = iter(batch.pixels)  # in batch order, for the images without JPEG bytes
         crops = []
         for k, box in zip(keep, boxes):
             if k in decoded:
                 crops.append(self._crop(decoded[k], box))
             else:  # decoded by Pillow and cropped in the worker
-                crops.append(next(pixels).to(self.device, non_blocking=True)[None].float())
-        x = torch.cat(crops)
+                crops.append(next(pixels)[None].float())
+        x = torch.cat(crops).round_()  # Pillow's resize outputs 8-bit pixels (the Pillow-made crops are already)
         if self.train:
             x = self._augment(x, flips, coef)
         out = torch.empty(x.shape, device=self.device, memory_format=self.memory_format)
@@ -243,21 +244,25 @@ class DeviceAugment:
         return out, bad
 
     def _crop(self, img: torch.Tensor, box: list[int] | None) -> torch.Tensor:
-        """A decoded image, uint8 (3, H, W), to float (1, 3, S, S) in 0-255: its box resized (training; rounded with
-        the batch in _augment) or resized and centre-cropped (evaluation), with the bilinear antialiased filter."""
-        if box is None:  # eval_transform's steps
-            return TF.center_crop(TF.resize(img, self.resize, BILINEAR, antialias=True), self.size)[None].float()
+        """A decoded image, uint8 (3, H, W), to float (1, 3, S, S) in 0-255 (rounded with the batch): its box resized
+        (training) or the image resized and centre-cropped (evaluation), with the bilinear antialiased filter. (The
+        filter's weights are non-negative and sum to 1, so the values stay in 0-255.)"""
+        if box is None:  # eval_transform's steps: the shorter side to `resize` as torchvision sizes it, then the crop
+            height, width = img.shape[1:]
+            short, long = sorted((height, width))
+            long = int(self.resize * long / short)
+            size = (self.resize, long) if height <= width else (long, self.resize)
+            return TF.center_crop(F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False,
+                                                antialias=True), self.size)
         i, j, h, w = box
         return F.interpolate(img[None, :, i:i + h, j:j + w].float(), size=(self.size, self.size), mode="bilinear",
                              align_corners=False, antialias=True)
 
     def _augment(self, x: torch.Tensor, flips: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
-        """Round (Pillow's resize outputs 8-bit pixels), flip, then ColorJitter's brightness, contrast and saturation
-        in each image's own order, with torchvision's tensor formulas on 0-255 floats: each step is
-        ``_blend(x, other, f) = clamp(f x + (1 - f) other)``, ``other`` being 0 (brightness), the mean of the
-        grayscale (contrast) or the grayscale (saturation). Position p of every image is one pass whatever its op:
-        ``f x + (s gray + c mean(gray))`` with per-image s, c = (1 - f) or 0."""
-        x.round_()
+        """Flip, then ColorJitter's brightness, contrast and saturation in each image's own order, with torchvision's
+        tensor formulas on 0-255 floats: each step is ``_blend(x, other, f) = clamp(f x + (1 - f) other)``, ``other``
+        being 0 (brightness), the mean of the grayscale (contrast) or the grayscale (saturation). Position p of every
+        image is one pass whatever its op: ``f x + (s gray + c mean(gray))`` with per-image s, c = (1 - f) or 0."""
         if len(flips):
             x.index_copy_(0, flips, x.index_select(0, flips).flip(-1))
         if coef is None:
