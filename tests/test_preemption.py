@@ -152,14 +152,16 @@ def test_stop_signal_to_the_whole_group_with_loader_workers_saves_and_resumes_bi
     same_weights(straight_cls / "last.pth", work / "last.pth")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_to_a_two_process_torchrun_group_saves_the_current_update_and_resumes(folder, tmp_path, sig):
+@pytest.mark.parametrize("sig,decode", [(signal.SIGTERM, "pil"), (signal.SIGUSR1, "gpu")])
+def test_stop_signal_to_a_two_process_torchrun_group_saves_the_current_update_and_resumes(folder, tmp_path, sig,
+                                                                                          decode):
     """tools/train_cls.sh with GPUS=2 (torchrun, gloo on CPU, two loader workers per rank): the signal reaches the
     launcher, both ranks and their workers (as from Slurm), twice; torchrun forwards it too (it does so only for the
     signals it is told to), the ranks agree on the update to stop at, rank 0 saves it, both exit 75 and so does the
-    launcher; the rerun continues from that update and ends equal to an uninterrupted run."""
+    launcher; the rerun continues from that update and ends equal to an uninterrupted run. With decode=gpu each rank
+    also has its decoding thread, which the stop must not leave hanging."""
     env = {**ENV, "GPUS": "2"}
-    sets = ["global_batch=8", "epochs=2", "checkpoint_interval=0", "workers=2"]
+    sets = ["global_batch=8", "epochs=2", "checkpoint_interval=0", "workers=2", f"decode={decode}"]
 
     def cmd(work):
         return ["bash", str(REPO / "tools/train_cls.sh"), str(REPO / "configs/classification/demo/smoke.yaml"),
