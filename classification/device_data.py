@@ -172,12 +172,16 @@ class DeviceAugment:
 
     def __call__(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(images float (n, 3, S, S) normalised, labels, unreadable images) on the device."""
-        decoded, bad = self._decode(batch)
+        return self.finish(batch, *self.decode(batch))
+
+    def finish(self, batch: RawBatch, decoded: dict[int, torch.Tensor], bad: set[int]
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The rest, after ``decode``: crop, resize, augment, normalise."""
         keep = [k for k in range(len(batch.paths)) if k not in bad]
         labels = batch.labels[keep].to(self.device, non_blocking=True)
         if not keep:
             return torch.empty(0, device=self.device), labels, batch.bad + len(bad)
-        # Sent before the batch's kernels are queued: a copy from pageable memory waits for the stream's queued work.
+        # Sent before the batch's kernels are queued: a copy from pageable memory may wait for them.
         pixels = iter(batch.pixels.to(self.device, non_blocking=True))  # batch order; the images without JPEG bytes
         if self.train:
             draws = batch.draws[keep]
@@ -213,7 +217,7 @@ class DeviceAugment:
         shift = (255 * draws[:, 12:15].float().view(n, 3, 1, 1) - self.mean) / self.std
         return flips, coef, shift.to(self.device, non_blocking=True)
 
-    def _decode(self, batch: RawBatch) -> tuple[dict[int, torch.Tensor], set[int]]:
+    def decode(self, batch: RawBatch) -> tuple[dict[int, torch.Tensor], set[int]]:
         """{batch index: uint8 (3, H, W) on the device} for the JPEGs; the set of indices of unreadable ones.
         One batched call; if the device refuses it, image by image, then Pillow for what still fails."""
         ks = [k for k in range(len(batch.paths)) if batch.offsets[k] < batch.offsets[k + 1]]
@@ -278,8 +282,10 @@ class DeviceAugment:
 
 class DeviceLoader:
     """A DataLoader of RawBatches that yields (images, labels, unreadable) on the device, like the CPU path's
-    loader. A thread decodes the next batches while the model trains on this one (on a side CUDA stream on a
-    GPU: the decode's kernels run beside the step's); ``prefetch`` batches are kept ready."""
+    loader. Two threads prepare the next batches while the model trains on this one (on a side CUDA stream on a
+    GPU: their kernels run beside the step's): one decodes a batch while the other crops and augments the one
+    before, since torchvision's batched nvjpeg call holds its thread until the batch is decoded (the interpreter
+    released), and the augmentation's Python is what issues its kernels. ``prefetch`` batches are kept ready."""
 
     def __init__(self, loader, augment: DeviceAugment, prefetch: int = 2):
         self.loader, self.augment, self.prefetch = loader, augment, prefetch
@@ -292,8 +298,8 @@ class DeviceLoader:
         return len(self.loader)
 
     def __iter__(self):
-        # An epoch left early (a stop signal, max_steps) leaves its thread reading the DataLoader's iterator, which
-        # persistent workers reuse for the next epoch: that thread ends first.
+        # An epoch left early (a stop signal, max_steps) leaves its threads reading the DataLoader's iterator, which
+        # persistent workers reuse for the next epoch: those threads end first.
         if self.current is not None:
             self.current.close()
         self.current = _Prefetch(iter(self.loader), self.augment, self.prefetch)
@@ -301,44 +307,71 @@ class DeviceLoader:
 
 
 class _Prefetch:
+    """Batches -> decode thread -> (one decoded batch) -> augment thread -> (``depth`` ready) -> the training
+    thread. An exception in either thread travels the same way, after the batches before it."""
     _END = object()
 
     def __init__(self, batches, augment: DeviceAugment, depth: int):
+        self.decoded: queue.Queue = queue.Queue(maxsize=1)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
-        device = augment.device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.thread = threading.Thread(target=self._fill, args=(batches, augment), daemon=True,
-                                       name="device-decode")
-        self.thread.start()
+        self.device = augment.device
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stages = ((self._decode, self.decoded, (batches, augment), "device-decode"),
+                  (self._augment, self.queue, (augment,), "device-augment"))
+        self.threads = [threading.Thread(target=self._run, args=(stage, out, *args), daemon=True, name=name)
+                        for stage, out, args, name in stages]
+        for thread in self.threads:
+            thread.start()
 
-    def _fill(self, batches, augment: DeviceAugment) -> None:
+    def _run(self, stage, out: queue.Queue, *args) -> None:
         try:
-            if self.stream is not None:
-                torch.cuda.set_device(augment.device)  # the current device is per thread
-            for raw in batches:
-                if self.stream is None:
-                    item = augment(raw)
-                else:
-                    with torch.cuda.stream(self.stream):
-                        item = augment(raw)
-                        event = torch.cuda.Event()
-                        event.record(self.stream)
-                    item = (*item, event)
-                if not self._put(item):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # handed to the training thread, which raises it
-            self._put(e)
+            if self.stream is None:
+                stage(*args)
+            else:
+                torch.cuda.set_device(self.device)  # the current device and stream are per thread
+                with torch.cuda.stream(self.stream):
+                    stage(*args)
+            self._put(out, self._END)
+        except BaseException as e:  # handed on, and raised in the training thread
+            self._put(out, e)
+        finally:
+            if out is self.queue:  # the augmentation ended (or failed): the decoding has no one to hand to
+                self.stop.set()
 
-    def _put(self, item) -> bool:
+    def _decode(self, batches, augment: DeviceAugment) -> None:
+        for raw in batches:
+            if not self._put(self.decoded, (raw, *augment.decode(raw))):
+                return
+
+    def _augment(self, augment: DeviceAugment) -> None:
+        while (item := self._get(self.decoded)) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            item = augment.finish(*item)
+            if self.stream is not None:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                item = (*item, event)
+            if not self._put(self.queue, item):
+                return
+
+    def _put(self, q: queue.Queue, item) -> bool:
         while not self.stop.is_set():
             try:
-                self.queue.put(item, timeout=0.1)
+                q.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
+
+    def _get(self, q: queue.Queue):
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return self._END
 
     def __iter__(self):
         return self
@@ -360,4 +393,5 @@ class _Prefetch:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join()
+        for thread in self.threads:
+            thread.join()

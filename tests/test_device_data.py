@@ -6,6 +6,7 @@ everywhere; on a machine with a GPU, the tests of the device's work run there to
 import io
 import math
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -219,18 +220,55 @@ def test_the_loader_yields_device_batches_in_order_and_ends_early_cleanly(photos
     next(it)  # left after one batch
     sampler.set_epoch(1)
     assert len(list(dev_train)) == len(dev_train)
-    assert not it.thread.is_alive()
+    assert not any(t.is_alive() for t in it.threads)
 
 
-def test_an_error_in_the_decoding_thread_is_raised_in_the_training_thread(photos, monkeypatch):
-    """The thread that decodes ahead hands its exception over: the training loop raises it, never waits forever."""
+@pytest.mark.parametrize("stage", ["decode", "finish"])
+def test_an_error_in_a_preparing_thread_is_raised_in_the_training_thread_after_the_batches_before_it(
+        photos, monkeypatch, stage):
+    """The threads that decode and augment ahead hand an exception over in order: the training loop gets the batch
+    before it, then raises it; it never waits forever, and both threads end."""
     _, dev_train, _ = loaders(photos, "decode=gpu")
+    real, calls = getattr(dev_train.augment, stage), []
 
-    def refuse(batch):
-        raise RuntimeError("device decode failed")
+    def second_fails(*args):
+        calls.append(stage)
+        if len(calls) == 2:
+            raise RuntimeError(f"device {stage} failed")
+        return real(*args)
 
-    monkeypatch.setattr(dev_train.augment, "_decode", refuse)
+    monkeypatch.setattr(dev_train.augment, stage, second_fails)
     dev_train.sampler.set_epoch(0)
-    with pytest.raises(RuntimeError, match="device decode failed"):
-        next(iter(dev_train))
-    assert not dev_train.current.thread.is_alive()
+    it = iter(dev_train)
+    assert len(next(it)[0]) == 4
+    with pytest.raises(RuntimeError, match=f"device {stage} failed"):
+        next(it)
+    for thread in it.threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+def test_the_next_batch_is_decoded_while_this_one_is_augmented(photos, monkeypatch):
+    """On a GPU, torchvision's batched nvjpeg call holds its thread until the batch is decoded: the augmentation of
+    the batch before runs meanwhile, in the other thread (here: batch 0's augmentation waits until batch 1's decode
+    has begun, which a single thread would never reach)."""
+    _, dev_train, _ = loaders(photos, "decode=gpu")
+    augment, decoding, overlapped = dev_train.augment, threading.Event(), []
+    decode, finish = augment.decode, augment.finish
+
+    def counting_decode(batch):
+        if getattr(counting_decode, "calls", 0) == 1:
+            decoding.set()
+        counting_decode.calls = getattr(counting_decode, "calls", 0) + 1
+        return decode(batch)
+
+    def waiting_finish(*args):
+        if not overlapped:
+            overlapped.append(decoding.wait(timeout=20))
+        return finish(*args)
+
+    monkeypatch.setattr(augment, "decode", counting_decode)
+    monkeypatch.setattr(augment, "finish", waiting_finish)
+    dev_train.sampler.set_epoch(0)
+    assert len(list(dev_train)) == len(dev_train) >= 2
+    assert overlapped == [True]
