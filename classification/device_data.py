@@ -171,7 +171,8 @@ class DeviceAugment:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def __call__(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(images float (n, 3, S, S) normalised, labels, unreadable images) on the device."""
+        """(images float (n, 3, S, S) normalised, labels, unreadable images) on the device. On a GPU, after the
+        previous call's kernels are done (nvjpeg's output may reuse its memory at once), or through DeviceLoader."""
         return self.finish(batch, *self.decode(batch))
 
     def finish(self, batch: RawBatch, decoded: dict[int, torch.Tensor], bad: set[int]
@@ -316,21 +317,27 @@ class _Prefetch:
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.device = augment.device
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        stages = ((self._decode, self.decoded, (batches, augment), "device-decode"),
-                  (self._augment, self.queue, (augment,), "device-augment"))
-        self.threads = [threading.Thread(target=self._run, args=(stage, out, *args), daemon=True, name=name)
-                        for stage, out, args, name in stages]
+        # On a GPU, a side stream for each thread. torchvision allocates nvjpeg's output on the calling thread's
+        # stream, but nvjpeg writes it on its own: on the augmenting thread's stream, memory freed with its kernels
+        # still queued would come back to the next decode at once. On their own stream the decoded images are
+        # reused only once the augmenting stream, recorded on them, is done with them.
+        self.decode_stream = self.stream = None
+        if self.device.type == "cuda":
+            self.decode_stream, self.stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+        stages = ((self._decode, self.decoded, self.decode_stream, (batches, augment), "device-decode"),
+                  (self._augment, self.queue, self.stream, (augment,), "device-augment"))
+        self.threads = [threading.Thread(target=self._run, args=(stage, out, stream, *args), daemon=True, name=name)
+                        for stage, out, stream, args, name in stages]
         for thread in self.threads:
             thread.start()
 
-    def _run(self, stage, out: queue.Queue, *args) -> None:
+    def _run(self, stage, out: queue.Queue, stream, *args) -> None:
         try:
-            if self.stream is None:
+            if stream is None:
                 stage(*args)
             else:
                 torch.cuda.set_device(self.device)  # the current device and stream are per thread
-                with torch.cuda.stream(self.stream):
+                with torch.cuda.stream(stream):
                     stage(*args)
             self._put(out, self._END)
         except BaseException as e:  # handed on, and raised in the training thread
@@ -341,14 +348,24 @@ class _Prefetch:
 
     def _decode(self, batches, augment: DeviceAugment) -> None:
         for raw in batches:
-            if not self._put(self.decoded, (raw, *augment.decode(raw))):
+            decoded, bad = augment.decode(raw)
+            ready = None
+            if self.decode_stream is not None:  # after the decode (and any copy of a Pillow-decoded image)
+                ready = torch.cuda.Event()
+                ready.record(self.decode_stream)
+            if not self._put(self.decoded, (raw, decoded, bad, ready)):
                 return
 
     def _augment(self, augment: DeviceAugment) -> None:
         while (item := self._get(self.decoded)) is not self._END:
             if isinstance(item, BaseException):
                 raise item
-            item = augment.finish(*item)
+            raw, decoded, bad, ready = item
+            if ready is not None:
+                self.stream.wait_event(ready)
+                for img in decoded.values():
+                    img.record_stream(self.stream)  # not reused before this stream's kernels reading it are done
+            item = augment.finish(raw, decoded, bad)
             if self.stream is not None:
                 event = torch.cuda.Event()
                 event.record(self.stream)
