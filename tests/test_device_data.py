@@ -253,13 +253,13 @@ def test_the_next_batch_is_decoded_while_this_one_is_augmented(photos, monkeypat
     the batch before runs meanwhile, in the other thread (here: batch 0's augmentation waits until batch 1's decode
     has begun, which a single thread would never reach)."""
     _, dev_train, _ = loaders(photos, "decode=gpu")
-    augment, decoding, overlapped = dev_train.augment, threading.Event(), []
+    augment, decoding, overlapped, decodes = dev_train.augment, threading.Event(), [], []
     decode, finish = augment.decode, augment.finish
 
     def counting_decode(batch):
-        if getattr(counting_decode, "calls", 0) == 1:
+        if len(decodes) == 1:  # batch 1's
             decoding.set()
-        counting_decode.calls = getattr(counting_decode, "calls", 0) + 1
+        decodes.append(batch)
         return decode(batch)
 
     def waiting_finish(*args):

@@ -95,20 +95,27 @@ def device_augment(args, device: torch.device) -> dict:
                 overhead_us_per_image=(tiny["host"] - tiny["decode_host"]) / args.batch_size * 1e6)
 
 
-def _augment_timings(args, device: torch.device, jpeg_size: tuple[int, int], image_size: int) -> dict:
-    """Medians over ``3 x rounds`` calls on one batch: seconds of the decode alone and of the whole call, and the
-    host's CPU seconds of each; over ``rounds`` runs of the DeviceLoader's threads: seconds per batch."""
+def raw_batch(n: int, jpeg_size: tuple[int, int], image_size: int):
+    """(config, RawBatch): ``n`` generated JPEGs of ``jpeg_size`` (width, height) with their training draws, as the
+    loader workers hand them over for ``decode: gpu`` (the classification package already imported is used)."""
     from classification.data import seeded_rng
-    from classification.device_data import DeviceAugment, RawImage, TrainDraws, _Prefetch, raw_collate
+    from classification.device_data import RawImage, TrainDraws, raw_collate
 
     cfg = load_config(None, [f"image_size={image_size}", "channels_last=true", "allow_synthetic=true"])
     draws, raws = TrainDraws(cfg), []
-    for k in range(args.batch_size):
-        data = _photo(*jpeg_size, k)
+    for k in range(n):
         with seeded_rng(k):
-            raw = RawImage(f"{k}.JPEG", jpeg=np.frombuffer(data, np.uint8), size=jpeg_size[::-1])
+            raw = RawImage(f"{k}.JPEG", jpeg=np.frombuffer(_photo(*jpeg_size, k), np.uint8), size=jpeg_size[::-1])
             raws.append((draws(raw), k % 10))
-    batch = raw_collate(raws)
+    return cfg, raw_collate(raws)
+
+
+def _augment_timings(args, device: torch.device, jpeg_size: tuple[int, int], image_size: int) -> dict:
+    """Medians over ``3 x rounds`` calls on one batch: seconds of the decode alone and of the whole call, and the
+    host's CPU seconds of each; over ``rounds`` runs of the DeviceLoader's threads: seconds per batch."""
+    from classification.device_data import DeviceAugment, _Prefetch
+
+    cfg, batch = raw_batch(args.batch_size, jpeg_size, image_size)
     augment = DeviceAugment(cfg, device, train=True, skip_bad=False)
     augment(batch)  # warm-up: nvjpeg's handle, cudnn, the allocator
     times: dict[str, list[float]] = {"decode": [], "decode_host": [], "whole": [], "host": []}

@@ -28,27 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def child(args) -> None:
     """One process: the checkout's DeviceAugment and prefetching threads (its classification package first on the
-    path, imported before this repo's bench_cls, which puts this checkout on the path too)."""
+    path, imported before this repo's bench_gpu, which puts this checkout on the path too)."""
     sys.path.insert(0, str(args.checkout))
-    import numpy as np
     import torch
 
-    from classification.config import load_config
-    from classification.data import seeded_rng
-    from classification.device_data import DeviceAugment, RawImage, TrainDraws, _Prefetch, raw_collate
+    from classification.device_data import DeviceAugment, _Prefetch
 
     sys.path.insert(0, str(REPO / "tools"))
-    from bench_cls import _photo
+    from bench_gpu import raw_batch
 
     model_gpu = args.decode_wait_ms is not None
-    (width, height), size = ((20, 15), 8) if model_gpu else ((500, 375), 224)
-    cfg = load_config(None, [f"image_size={size}", "channels_last=true", "allow_synthetic=true"])
-    draws, raws = TrainDraws(cfg), []
-    for k in range(args.batch_size):
-        with seeded_rng(k):
-            raw = RawImage(f"{k}.JPEG", jpeg=np.frombuffer(_photo(width, height, k), np.uint8), size=(height, width))
-            raws.append((draws(raw), k % 10))
-    batch = raw_collate(raws)
+    cfg, batch = raw_batch(args.batch_size, (20, 15) if model_gpu else (500, 375), 8 if model_gpu else 224)
     augment = DeviceAugment(cfg, torch.device("cpu"), train=True, skip_bad=False)
     name = "decode" if hasattr(augment, "decode") else "_decode"  # named _decode before 2026-12-06
     if model_gpu:
