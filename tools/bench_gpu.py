@@ -5,8 +5,8 @@ JPEGs, each decode path eager and compiled, and timm's own train.py on the same 
 Rows (bf16 AMP, channels_last, batch 256 by default):
 
 0. ``decode: gpu``'s own work in the training process (``--rows augment`` runs only this row, on a GPU or a CPU):
-   the images/s its threads prepare without training, ms per batch to decode and to crop, resize and augment, and
-   the host CPU time per image it takes;
+   the images/s its threads prepare without training, ms per batch to decode and to crop, resize and augment, the
+   host CPU time per image it takes, and how far the device's pixels are from the CPU's (nvjpeg, libjpeg-turbo);
 1. synthetic: our training step on one in-memory batch, eager and torch.compile'd: what the GPU can do;
 2. real JPEGs through our trainer (``python -m classification.train``, one process per row), ``decode: pil``
    (the loader workers decode and augment) and ``decode: gpu`` (the workers read bytes; nvjpeg decodes and the
@@ -86,13 +86,32 @@ def device_augment(args, device: torch.device) -> dict:
     one call, and the host CPU time per image of that call. The thread that issues it shares the interpreter
     with the training step, so on a GPU the host time is what it takes from the step's kernel launches. The same
     batch of 20x15 JPEGs cropped to 8 px, where the kernels cost next to nothing even on a CPU, gives the host time
-    per image of everything but the decode: what the Python code itself costs."""
-    full = _augment_timings(args, device, (500, 375), args.image_size)
-    tiny = _augment_timings(args, device, (20, 15), 8)
+    per image of everything but the decode: what the Python code itself costs. On a GPU, the same batch decoded and
+    augmented on the CPU too gives how far nvjpeg's pixels are from libjpeg-turbo's (the CPU paths' decoder)."""
+    cfg, batch = raw_batch(args.batch_size, (500, 375), args.image_size)
+    full = _augment_timings(cfg, batch, device, args.rounds)
+    tiny = _augment_timings(*raw_batch(args.batch_size, (20, 15), 8), device, args.rounds)
     return dict(input="decode gpu: the training process's decode and augmentation alone",
                 img_s=args.batch_size / full["pipelined"], decode_ms=full["decode"] * 1e3,
                 rest_ms=(full["whole"] - full["decode"]) * 1e3, host_us_per_image=full["host"] / args.batch_size * 1e6,
-                overhead_us_per_image=(tiny["host"] - tiny["decode_host"]) / args.batch_size * 1e6)
+                overhead_us_per_image=(tiny["host"] - tiny["decode_host"]) / args.batch_size * 1e6,
+                **against_cpu(cfg, batch, device))
+
+
+def against_cpu(cfg, batch, device: torch.device) -> dict:
+    """The batch decoded, then augmented, on ``device`` and on the CPU by the same code, in 0-255 units: the decoded
+    pixels' mean and largest |difference| (nvjpeg against libjpeg-turbo, with its own IDCT and chroma upsampling),
+    and the mean |difference| of the batch the model gets (the same draws; float kernels on each side)."""
+    from classification.device_data import DeviceAugment
+
+    sides = [DeviceAugment(cfg, d, train=True, skip_bad=False) for d in (device, torch.device("cpu"))]
+    (decoded, _), (reference, _) = (side.decode(batch) for side in sides)
+    diffs = [(decoded[k].cpu().float() - reference[k].float()).abs() for k in reference]
+    (x, _, _), (ref, _, _) = (side(batch) for side in sides)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    return dict(decode_vs_cpu_mean=torch.cat([d.flatten() for d in diffs]).mean().item(),
+                decode_vs_cpu_max=max(d.max().item() for d in diffs),
+                batch_vs_cpu_mean=((x.cpu() - ref) * std).abs().mean().item())
 
 
 def raw_batch(n: int, jpeg_size: tuple[int, int], image_size: int):
@@ -110,16 +129,15 @@ def raw_batch(n: int, jpeg_size: tuple[int, int], image_size: int):
     return cfg, raw_collate(raws)
 
 
-def _augment_timings(args, device: torch.device, jpeg_size: tuple[int, int], image_size: int) -> dict:
+def _augment_timings(cfg, batch, device: torch.device, rounds: int) -> dict:
     """Medians over ``3 x rounds`` calls on one batch: seconds of the decode alone and of the whole call, and the
     host's CPU seconds of each; over ``rounds`` runs of the DeviceLoader's threads: seconds per batch."""
     from classification.device_data import DeviceAugment, _Prefetch
 
-    cfg, batch = raw_batch(args.batch_size, jpeg_size, image_size)
     augment = DeviceAugment(cfg, device, train=True, skip_bad=False)
     augment(batch)  # warm-up: nvjpeg's handle, cudnn, the allocator
     times: dict[str, list[float]] = {"decode": [], "decode_host": [], "whole": [], "host": []}
-    for _ in range(args.rounds * 3):
+    for _ in range(rounds * 3):
         for wall, host, call in (("decode", "decode_host", augment.decode), ("whole", "host", augment)):
             sync(device)
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -128,7 +146,7 @@ def _augment_timings(args, device: torch.device, jpeg_size: tuple[int, int], ima
             sync(device)
             times[wall].append(time.perf_counter() - t0)
     times["pipelined"] = []
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         sync(device)
         t0 = time.perf_counter()
         for _ in _Prefetch(iter([batch] * 8), augment, depth=2):  # the DeviceLoader's threads, fed by a list
