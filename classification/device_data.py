@@ -121,6 +121,14 @@ class EvalDraws:
         return raw
 
 
+def with_index(device: torch.device) -> torch.device:
+    """"cuda" as the calling thread's current GPU, named: the current device is per thread, and DeviceLoader's
+    threads set theirs from it (a thread starts on GPU 0; ``torch.cuda.set_device`` refuses "cuda")."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
@@ -161,6 +169,7 @@ class DeviceAugment:
     as three blend passes, lighting and normalisation as one multiply-add written channels-last."""
 
     def __init__(self, cfg: Config, device: torch.device, *, train: bool, skip_bad: bool):
+        device = with_index(device)
         self.device, self.train, self.skip_bad = device, train, skip_bad
         self.size = cfg.image_size
         self.resize = round(cfg.image_size * cfg.eval_resize)

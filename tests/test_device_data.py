@@ -20,8 +20,9 @@ from classification.config import load_config
 from classification.data import DataError, build_loaders
 from classification.device_data import RawImage, TrainDraws, device_decodable, raw_collate
 
-# A GPU where there is one: not a skip on a machine without, the case is not there.
-DEVICES = ["cpu", *(["cuda:0"] if torch.cuda.is_available() else [])]  # the trainer names its GPU's index too
+# A GPU where there is one: not a skip on a machine without, the case is not there. The trainer names its GPU's
+# index; "cuda" without one (as a user or a benchmark may write) must reach the same GPU from the loader's threads.
+DEVICES = ["cpu", *(["cuda:0", "cuda"] if torch.cuda.is_available() else [])]
 
 
 @pytest.fixture(params=DEVICES)
@@ -202,6 +203,15 @@ def test_a_batch_the_device_refuses_is_decoded_image_by_image_then_on_the_cpu(ph
     dev_train.augment.skip_bad = True
     x, labels, bad = dev_train.augment(batch)
     assert bad == 1 and len(x) == len(labels) == 3
+
+
+def test_an_unindexed_gpu_is_the_callers_current_gpu_named(monkeypatch):
+    """DeviceLoader's threads set their GPU from the device (a new thread's is GPU 0), and torch.cuda.set_device
+    refuses "cuda" without an index: the one the caller meant is named when the DeviceAugment is made."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert device_data.with_index(torch.device("cuda")) == torch.device("cuda", 3)
+    assert device_data.with_index(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert device_data.with_index(torch.device("cpu")) == torch.device("cpu")
 
 
 def test_the_loader_yields_device_batches_in_order_and_ends_early_cleanly(photos, device):
