@@ -12,7 +12,9 @@ Rows (bf16 AMP, channels_last, batch 256 by default):
    (the loader workers decode and augment) and ``decode: gpu`` (the workers read bytes; nvjpeg decodes and the
    device augments), each eager and compiled: ``--epochs`` epochs over ``--images`` generated ImageNet-sized JPEGs
    (500x375, quality 90) with persistent workers, validation on 512; the row is the last epoch's images/s and data
-   wait as the trainer logs them (the first epoch holds the workers' start and the compilation, logged apart);
+   wait as the trainer logs them (the first epoch holds the workers' start and the compilation, logged apart; the
+   rows share inductor's on-disk caches, on by default, so a later row's warm-up can be a cached one, as a second
+   run's is: the synthetic compiled row's is the first compile);
 3. timm's train.py (``--timm-train``; it is not in the timm wheel) on the same data with its fastest flags: bf16
    AMP, channels_last, torch.compile, its GPU prefetcher, pinned memory, the same workers; its last epoch's
    running images/s.
