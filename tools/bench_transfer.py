@@ -21,6 +21,7 @@ the ``max_images_per_gpu`` that fits a GPU: the row's ``per_image_gib`` is the m
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -83,10 +84,13 @@ def bench(name: str, data: Path, work: Path, args, device: str, images: int | No
     cfg.resume = False
 
     class Timer(Hook):
-        priority = "LOWEST"
+        # Before LoggerHook: on a GPU, mmengine's log processor reads the peak memory and then resets it
+        # (mmengine/device/utils.py get_max_cuda_memory), so the peaks are read after every iteration, ahead of it.
+        priority = "VERY_HIGH"
 
         def __init__(self):
             self.images, self.t0, self.t1 = 0, None, None
+            self.peak_allocated = self.peak_reserved = 0
 
         def _sync(self):
             if device == "cuda":
@@ -98,6 +102,9 @@ def bench(name: str, data: Path, work: Path, args, device: str, images: int | No
                 torch.cuda.reset_peak_memory_stats()
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if device == "cuda":
+                self.peak_allocated = max(self.peak_allocated, torch.cuda.max_memory_allocated())
+                self.peak_reserved = max(self.peak_reserved, torch.cuda.max_memory_reserved())
             done = runner.iter + 1
             if done == args.warmup:
                 self.t0 = self._sync()
@@ -106,6 +113,9 @@ def bench(name: str, data: Path, work: Path, args, device: str, images: int | No
                 if done == iters:
                     self.t1 = self._sync()
 
+    if device == "cuda":  # the previous row's Runner (a reference cycle) and its cached blocks are not this row's
+        gc.collect()
+        torch.cuda.empty_cache()
     runner = Runner.from_cfg(cfg)
     timer = Timer()
     runner.register_hook(timer)
@@ -115,8 +125,8 @@ def bench(name: str, data: Path, work: Path, args, device: str, images: int | No
                img_s=round(timer.images / (timer.t1 - timer.t0), 2), s_per_iter=round((timer.t1 - timer.t0) /
                                                                                         args.iters, 4))
     if device == "cuda":
-        row.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
+        row.update(peak_allocated_gib=round(timer.peak_allocated / 2**30, 2),
+                   peak_reserved_gib=round(timer.peak_reserved / 2**30, 2))
     else:  # ru_maxrss: KiB on Linux; the peak of the process so far (one recipe and size per process is exact)
         import resource
 
