@@ -3,17 +3,19 @@ it are run here through their ``--smoke`` (tiny sizes on the CPU; it measures no
 reports what the docs say it reports)."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*argv: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=REPO, timeout=900)
+def run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=cwd, timeout=900)
     assert proc.returncode == 0, f"{' '.join(argv)}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -33,6 +35,32 @@ def test_bench_gpu_runs_every_row_and_ends_with_the_ratio(tmp_path):
     assert rows[0]["decode_vs_cpu_max"] == 0 and rows[0]["batch_vs_cpu_mean"] == 0
     assert result["real_over_synthetic"] == pytest.approx(rows[4]["img_s"] / rows[2]["img_s"])
     assert proc.stdout.splitlines()[-1] == f"real/synthetic: {result['real_over_synthetic']:.2f} (decode gpu, compile)"
+
+
+def test_bench_gpu_runs_timm_train_py_given_relative_to_the_folder_it_is_started_in(tmp_path):
+    """The timm row runs in a temporary folder; its train.py (here a stand-in printing timm's log line) is found."""
+    fake = tmp_path / "pytorch-image-models" / "train.py"
+    fake.parent.mkdir()
+    fake.write_text('import sys\nassert "--torchcompile" in sys.argv and "--data-dir" in sys.argv\n'
+                    'print("Train: 0 [   3/4 (100%)]  Loss: 2.3 (2.3)  Time: 0.100s, 80.00/s  (0.125s,   64.00/s)")\n')
+    run(str(REPO / "tools/bench_gpu.py"), "--smoke", "--rows", "timm", "--timm-train",
+        "pytorch-image-models/train.py", "--out", "out.json", cwd=tmp_path)
+    (row,) = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert "error" not in row and row["img_s"] == 64.0
+
+
+def test_the_benchmarks_trainer_gives_the_signal_handlers_back():
+    """bench_gpu ends a row's processes on SIGTERM with its own handler; the trainer's stop flag, installed for each
+    epoch the benchmark times, must not leave its handler in place."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_cls import OurTrainer
+
+    from classification.config import load_config
+
+    cfg = load_config(None, ["image_size=32", "global_batch=2", "device_batch=2", "allow_synthetic=true"])
+    trainer, mine = OurTrainer(cfg, torch.device("cpu"), 1), signal.getsignal(signal.SIGTERM)
+    trainer.epoch([(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), 0)])
+    assert signal.getsignal(signal.SIGTERM) is mine
 
 
 @pytest.mark.parametrize("model", [[], ["--decode-wait-ms", "5"]], ids=["cpu", "modelled-gpu"])

@@ -123,7 +123,11 @@ class OurTrainer:
         state = train.TrainState(self.cfg, self.task, self.model, self.opt, self.sched, self.scaler,
                                  build_mixup(self.cfg, 10), None, Dist(), self.device, self.cfg.batch_plan(1), n,
                                  guard=train.NonFiniteGuard(self.cfg.max_nonfinite_steps, self.device))
-        stats = train.train_one_epoch(state, batches, 0, 0, train.StopFlag())
+        stop = train.StopFlag()  # its signal handlers last until closed: the benchmark's own come back after
+        try:
+            stats = train.train_one_epoch(state, batches, 0, 0, stop)
+        finally:
+            stop.close()
         assert "stopped_at" not in stats
         return n * self.cfg.device_batch
 

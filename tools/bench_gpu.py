@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the results as JSON here (after each row)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so run_row ends its process group
+    # The rows run in other folders (timm's in a temporary one): paths given relative to here are made absolute.
+    args.timm_train, args.data = (str(Path(a).resolve()) if a else a for a in (args.timm_train, args.data))
     rows = args.rows.split(",")
     if set(rows) - set(ROWS):
         p.error(f"--rows: {','.join(sorted(set(rows) - set(ROWS)))} is not one of {','.join(ROWS)}")
