@@ -20,6 +20,7 @@ the device still fails on is decoded on the CPU, then treated by ``bad_images`` 
 from __future__ import annotations
 
 import io
+import logging
 import queue
 import threading
 import warnings
@@ -42,6 +43,7 @@ from .config import Config
 # pinned here and on the GPU machines measured (docs/performance.md).
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 BILINEAR = InterpolationMode.BILINEAR
+log = logging.getLogger("classification")
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (Pillow's "L": 0.299, 0.587, 0.114)
 
 
@@ -178,6 +180,7 @@ class DeviceAugment:
         self.mean, self.std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
         self.scale, self.eval_shift = (1 / self.std).to(device), (-self.mean / self.std).to(device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.refused = False  # the device refused a batch once (said once: a run decoding with Pillow is slower)
 
     def __call__(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(images float (n, 3, S, S) normalised, labels, unreadable images) on the device. On a GPU, after the
@@ -236,8 +239,11 @@ class DeviceAugment:
             return {}, set()
         try:
             return dict(zip(ks, decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device))), set()
-        except RuntimeError:
-            pass
+        except RuntimeError as e:
+            if not self.refused:
+                self.refused = True
+                log.warning("decode: gpu: %s refused a batch of %d JPEGs (%s); decoding it image by image, then with "
+                            "Pillow what still fails (said once)", self.device, len(ks), str(e).splitlines()[0])
         out, bad = {}, set()
         for k, blob in zip(ks, blobs):
             try:
@@ -300,6 +306,7 @@ class DeviceLoader:
     def __init__(self, loader, augment: DeviceAugment, prefetch: int = 2):
         self.loader, self.augment, self.prefetch = loader, augment, prefetch
         self.current: _Prefetch | None = None
+        self.streams = None  # the threads' CUDA streams, made once (see _Prefetch)
 
     def __getattr__(self, name):  # dataset, sampler, batch_size: the DataLoader's
         return getattr(self.loader, name)
@@ -312,8 +319,17 @@ class DeviceLoader:
         # persistent workers reuse for the next epoch: those threads end first.
         if self.current is not None:
             self.current.close()
-        self.current = _Prefetch(iter(self.loader), self.augment, self.prefetch)
+        if self.streams is None and self.augment.device.type == "cuda":
+            self.streams = side_streams(self.augment.device)
+        self.current = _Prefetch(iter(self.loader), self.augment, self.prefetch, self.streams)
         return self.current
+
+
+def side_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """The decoding and the augmenting thread's streams. Made once per loader, not per epoch: torch hands out
+    streams from a pool of 32 in turn, and nvjpeg's decoder holds one of them; new ones every epoch would come round
+    to it, and each decode (which begins by waiting for nvjpeg's stream) would then wait for queued augmentation."""
+    return torch.cuda.Stream(device), torch.cuda.Stream(device)
 
 
 class _Prefetch:
@@ -321,7 +337,7 @@ class _Prefetch:
     thread. An exception in either thread travels the same way, after the batches before it."""
     _END = object()
 
-    def __init__(self, batches, augment: DeviceAugment, depth: int):
+    def __init__(self, batches, augment: DeviceAugment, depth: int, streams: tuple | None = None):
         self.decoded: queue.Queue = queue.Queue(maxsize=1)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
@@ -332,7 +348,7 @@ class _Prefetch:
         # reused only once the augmenting stream, recorded on them, is done with them.
         self.decode_stream = self.stream = None
         if self.device.type == "cuda":
-            self.decode_stream, self.stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+            self.decode_stream, self.stream = streams or side_streams(self.device)
         stages = ((self._decode, self.decoded, self.decode_stream, (batches, augment), "device-decode"),
                   (self._augment, self.queue, self.stream, (augment,), "device-augment"))
         self.threads = [threading.Thread(target=self._run, args=(stage, out, stream, *args), daemon=True, name=name)
@@ -411,7 +427,7 @@ class _Prefetch:
         if self.stream is None:
             return item
         x, y, bad, event = item
-        current = torch.cuda.current_stream()
+        current = torch.cuda.current_stream(self.device)
         current.wait_event(event)
         x.record_stream(current)  # made on the side stream: not reused before the step that reads it is done
         y.record_stream(current)

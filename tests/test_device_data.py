@@ -175,7 +175,7 @@ def test_files_nvjpeg_does_not_take_are_decoded_on_the_cpu_or_handled_as_bad_ima
             strict.dataset[(i, 0)]
 
 
-def test_a_batch_the_device_refuses_is_decoded_image_by_image_then_on_the_cpu(photos, monkeypatch, device):
+def test_a_batch_the_device_refuses_is_decoded_image_by_image_then_on_the_cpu(photos, monkeypatch, device, caplog):
     """nvjpeg failing on a JPEG that passed the header checks: never a crash; the same pixels from Pillow, or the
     file named (bad_images=error) or counted (skip) when Pillow fails too."""
     _, dev_train, _ = loaders(photos, "decode=gpu", "workers=0", device=device)
@@ -191,6 +191,8 @@ def test_a_batch_the_device_refuses_is_decoded_image_by_image_then_on_the_cpu(ph
     monkeypatch.setattr(device_data, "decode_jpeg", decode_jpeg)
     x, _, bad = dev_train.augment(batch)
     assert refused == [4, 1, 1, 1, 1] and bad == 0
+    said = [r.getMessage() for r in caplog.records if "refused a batch" in r.getMessage()]
+    assert len(said) == 1 and "nvjpeg: simulated failure" in said[0]  # a run decoding with Pillow is told why
     # On a GPU, the resize's float rounding differs from the CPU's, so a pixel at a .5 boundary may round the other
     # way: 1 of 255, 0.018 once normalised, up to 1.4^3 times that after three jitter steps of factor up to 1.4.
     torch.testing.assert_close(x.cpu(), expected, rtol=0, atol=1e-5 if device.type == "cpu" else 0.05)
@@ -203,6 +205,7 @@ def test_a_batch_the_device_refuses_is_decoded_image_by_image_then_on_the_cpu(ph
     dev_train.augment.skip_bad = True
     x, labels, bad = dev_train.augment(batch)
     assert bad == 1 and len(x) == len(labels) == 3
+    assert sum("refused a batch" in r.getMessage() for r in caplog.records) == 1  # once per loader
 
 
 def test_an_unindexed_gpu_is_the_callers_current_gpu_named(monkeypatch):
