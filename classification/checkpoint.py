@@ -32,8 +32,8 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's GPU only: a resume may see fewer GPUs (another node, a requeue)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -43,8 +43,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
                          npst["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda") if torch.cuda.is_available() else None
+    if isinstance(cuda, list):  # an older checkpoint: every visible GPU's, this process's at its index
+        here = torch.cuda.current_device()
+        cuda = cuda[here] if here < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

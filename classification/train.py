@@ -326,6 +326,10 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+        if cfg.decode == "gpu" and device.type == "cuda":
+            # nvjpeg writes each image on its own stream into a tensor torchvision makes on ours, unordered: the fill
+            # of new memory this mode adds (255 for uint8) could land after the pixels. Results stay deterministic.
+            torch.utils.deterministic.fill_uninitialized_memory = False
     else:
         torch.backends.cudnn.benchmark = True
 

@@ -109,6 +109,25 @@ def test_a_compiled_run_resumes_an_eager_checkpoint_and_back(folder, tmp_path, c
     assert [r["train_loss"] for r in b["history"]] == pytest.approx([r["train_loss"] for r in a["history"]], rel=1e-3)
 
 
+def test_the_gpu_generator_saved_is_this_processs_and_restores_where_fewer_gpus_are_seen(monkeypatch):
+    """A resume may land on a machine that sees fewer GPUs (a requeued job, another node): the checkpoint holds this
+    process's GPU generator only, and an older one holding every visible GPU's restores this process's alone."""
+    from classification import checkpoint
+
+    mine, restored = torch.tensor([7], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": mine)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    state = checkpoint.rng_state()
+    checkpoint.set_rng_state(state)
+    older = dict(state, cuda=[torch.tensor([i], dtype=torch.uint8) for i in range(8)])  # 8 GPUs seen when written
+    checkpoint.set_rng_state(older)  # on a machine with one GPU: its generator is index 0's
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    checkpoint.set_rng_state(dict(state, cuda=older["cuda"][:1]))  # a GPU the older checkpoint has no state for
+    assert restored == [7, 0]
+
+
 def test_rerun_of_complete_run_does_nothing_and_changed_config_is_refused(folder, tmp_path, capsys):
     assert run_train(folder, tmp_path / "r", "epochs=1") == 0
     before = (tmp_path / "r" / "summary.json").read_bytes()
