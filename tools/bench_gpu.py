@@ -264,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs, args.workers, args.compile_backend = 1, 2, "aot_eager"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.backends.cudnn.benchmark = True
+    import timm
+    import torchvision
+
     result = dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
+                  torchvision=torchvision.__version__, timm=timm.__version__,  # a GPU machine's own may not be ours
                   cpus=os.cpu_count(), image_size=args.image_size, batch_size=args.batch_size, amp=args.amp,
                   workers=args.workers, images=args.images, epochs=args.epochs, rows=[])
 
