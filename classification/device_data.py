@@ -306,7 +306,7 @@ class DeviceLoader:
     def __init__(self, loader, augment: DeviceAugment, prefetch: int = 2):
         self.loader, self.augment, self.prefetch = loader, augment, prefetch
         self.current: _Prefetch | None = None
-        self.streams = None  # the threads' CUDA streams, made once (see _Prefetch)
+        self.streams = side_streams(augment.device) if augment.device.type == "cuda" else None  # once (see there)
 
     def __getattr__(self, name):  # dataset, sampler, batch_size: the DataLoader's
         return getattr(self.loader, name)
@@ -319,8 +319,6 @@ class DeviceLoader:
         # persistent workers reuse for the next epoch: those threads end first.
         if self.current is not None:
             self.current.close()
-        if self.streams is None and self.augment.device.type == "cuda":
-            self.streams = side_streams(self.augment.device)
         self.current = _Prefetch(iter(self.loader), self.augment, self.prefetch, self.streams)
         return self.current
 

@@ -49,9 +49,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torchvision  # noqa: E402
 import yaml  # noqa: E402
 from bench_cls import OurTrainer, _photo, sync, timed  # noqa: E402
 from bench_vs_timm import TIMM_RATE, timm_command  # noqa: E402
+from timm import __version__ as timm_version  # noqa: E402
 
 from classification.config import load_config  # noqa: E402
 
@@ -107,9 +109,10 @@ def against_cpu(cfg, batch, device: torch.device) -> dict:
     from classification.device_data import DeviceAugment
 
     sides = [DeviceAugment(cfg, d, train=True, skip_bad=False) for d in (device, torch.device("cpu"))]
-    (decoded, _), (reference, _) = (side.decode(batch) for side in sides)
-    diffs = [(decoded[k].cpu().float() - reference[k].float()).abs() for k in reference]
-    (x, _, _), (ref, _, _) = (side(batch) for side in sides)
+    (decoded, bad), (reference, ref_bad) = (side.decode(batch) for side in sides)
+    diffs = [(decoded[k].cpu().float() - reference[k].float()).abs() for k in reference]  # .cpu(): decode done
+    (x, _, _), (ref, _, _) = (side.finish(batch, d, b) for side, d, b in zip(sides, (decoded, reference),
+                                                                             (bad, ref_bad)))
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)
     return dict(decode_vs_cpu_mean=torch.cat([d.flatten() for d in diffs]).mean().item(),
                 decode_vs_cpu_max=max(d.max().item() for d in diffs),
@@ -134,9 +137,10 @@ def raw_batch(n: int, jpeg_size: tuple[int, int], image_size: int):
 def _augment_timings(cfg, batch, device: torch.device, rounds: int) -> dict:
     """Medians over ``3 x rounds`` calls on one batch: seconds of the decode alone and of the whole call, and the
     host's CPU seconds of each; over ``rounds`` runs of the DeviceLoader's threads: seconds per batch."""
-    from classification.device_data import DeviceAugment, _Prefetch
+    from classification.device_data import DeviceAugment, _Prefetch, side_streams
 
     augment = DeviceAugment(cfg, device, train=True, skip_bad=False)
+    streams = side_streams(device) if device.type == "cuda" else None  # once, as DeviceLoader makes them
     augment(batch)  # warm-up: nvjpeg's handle, cudnn, the allocator
     times: dict[str, list[float]] = {"decode": [], "decode_host": [], "whole": [], "host": []}
     for _ in range(rounds * 3):
@@ -151,7 +155,7 @@ def _augment_timings(cfg, batch, device: torch.device, rounds: int) -> dict:
     for _ in range(rounds):
         sync(device)
         t0 = time.perf_counter()
-        for _ in _Prefetch(iter([batch] * 8), augment, depth=2):  # the DeviceLoader's threads, fed by a list
+        for _ in _Prefetch(iter([batch] * 8), augment, 2, streams):  # the DeviceLoader's threads, fed by a list
             pass
         sync(device)
         times["pipelined"].append((time.perf_counter() - t0) / 8)
@@ -264,11 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs, args.workers, args.compile_backend = 1, 2, "aot_eager"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.backends.cudnn.benchmark = True
-    import timm
-    import torchvision
-
     result = dict(device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
-                  torchvision=torchvision.__version__, timm=timm.__version__,  # a GPU machine's own may not be ours
+                  torchvision=torchvision.__version__, timm=timm_version,  # a GPU machine's own may not be ours
                   cpus=os.cpu_count(), image_size=args.image_size, batch_size=args.batch_size, amp=args.amp,
                   workers=args.workers, images=args.images, epochs=args.epochs, rows=[])
 
