@@ -1,4 +1,5 @@
-"""The mmcv ops the pipeline runs, from torchvision, so that mmcv-lite (mmcv without compiled ops) is enough.
+"""The mmcv ops the pipeline runs, from torchvision and torch, so that mmcv-lite (mmcv without compiled ops) is
+enough.
 
 mmcv's Python ops (``mmcv.ops.nms``, ``batched_nms``, ``RoIAlign``, ...) call functions of one compiled extension,
 ``mmcv._ext``, which mmcv-lite does not ship, so ``import mmcv.ops`` (and with it MMDetection's models) fails there.
@@ -6,7 +7,9 @@ mmcv's Python ops (``mmcv.ops.nms``, ``batched_nms``, ``RoIAlign``, ...) call fu
 torchvision's kernels (CPU and CUDA), and raises :class:`MissingMmcvOp` (one line: the op, and how to get the compiled
 build) for any other op when it is called. Verified by running every shipped config with a recording module
 (``tests/test_mmcv_ops.py``): Faster R-CNN, FPN and C4, calls ``nms`` and ``roi_align_forward`` /
-``roi_align_backward`` (average mode); FCN calls none.
+``roi_align_backward`` (average mode); FCN calls none. Beyond the shipped configs, the sigmoid focal loss (what
+MMDetection's and MMSegmentation's ``FocalLoss`` call on CUDA tensors: RetinaNet, FCOS, ATSS heads) is provided from
+torch's elementwise ops, so such a config trains on a GPU with mmcv-lite too.
 
 Same algorithms, not approximations:
 - ``nms``: greedy NMS in score order, a box suppressed when its IoU with a kept box is above the threshold; equal
@@ -15,9 +18,16 @@ Same algorithms, not approximations:
 - ``roi_align_forward`` / ``roi_align_backward`` with ``pool_mode`` average: both libraries implement Detectron's
   RoIAlign (bilinear samples, adaptive ``ceil(roi / bin)`` grid when ``sampling_ratio`` is 0, samples beyond one
   pixel outside the map contribute zero, ``aligned`` shifts by half a pixel). Max pooling is not provided.
+- ``sigmoid_focal_loss_forward`` / ``_backward``: mmcv's CUDA kernel's formulas, term for term (its CPU build has
+  none): ``p = 1 / (1 + exp(-x))``, logs of ``p`` and ``1 - p`` clamped at float32's smallest normal (so a confident
+  wrong logit's loss stops at ``-log(FLT_MIN)`` = 87.3 times its alpha, where the textbook loss grows on), the
+  analytic gradient, the optional per-class weight.
 Half and bfloat16 inputs are computed in float32 and written back in the input's type (torchvision's CPU kernels
-have no bfloat16 and its CPU NMS no half; float32 is also what torchvision's own autocast runs RoIAlign in).
-``tests/test_mmcv_ops.py`` compares outputs and gradients with the compiled mmcv's, stored as fixtures.
+have no bfloat16 and its CPU NMS no half; float32 is also what torchvision's own autocast runs RoIAlign in; mmcv's
+focal loss kernel computes half in half, and has no bfloat16).
+``tests/test_mmcv_ops.py`` compares NMS's and RoIAlign's outputs and gradients with the compiled mmcv's CPU ops,
+stored as fixtures; the focal loss (no CPU kernel in mmcv to compare with) with MMDetection's own PyTorch focal loss,
+its autograd gradient, and the kernel's clamped values.
 
 Two ways in, so that every entry point has it before MMDetection / MMSegmentation import ``mmcv.ops``:
 - ``tools/setup_env.sh`` (mmcv-lite) writes ``mmcv/_ext.py`` into the installed mmcv (:func:`write_shim`), which
@@ -42,10 +52,12 @@ import torchvision  # noqa: F401 - loads torchvision's kernels into torch.ops.to
 from lifecycle.errors import UserError
 
 EXT = "mmcv._ext"
-PROVIDED = ("nms", "roi_align_forward", "roi_align_backward")
+PROVIDED = ("nms", "roi_align_forward", "roi_align_backward", "sigmoid_focal_loss_forward",
+            "sigmoid_focal_loss_backward")
 COMPILED, TORCHVISION, ABSENT = "compiled", "torchvision", "absent"
 FULL_BUILD_FIX = "install mmcv with its compiled ops: MMCV=full tools/setup_env.sh"
 _REDUCED = (torch.float16, torch.bfloat16)
+_FLT_MIN = torch.finfo(torch.float32).tiny  # the clamp in mmcv's focal loss kernel (FLT_MIN)
 
 
 class MissingMmcvOp(UserError):
@@ -102,10 +114,44 @@ def roi_align_backward(grad_output: torch.Tensor, rois: torch.Tensor, argmax_y: 
                                                               ratio, aligned))
 
 
+def _focal_terms(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float, alpha: float,
+                 gradient: bool) -> torch.Tensor:
+    """Per element (N x C logits, N labels in 0..C, C meaning background), the loss or its gradient (half and
+    bfloat16 computed in float32)."""
+    x = input.float() if input.dtype in _REDUCED else input
+    if weight.numel() and bool((target == x.shape[1]).any()):  # mmcv's kernel would read past the weights' end
+        raise ValueError("sigmoid focal loss: a per-class weight needs every label below the number of classes "
+                         "(background labels have no weight)")
+    p = 1.0 / (1.0 + torch.exp(-x))
+    log_p, log_q = p.clamp(min=_FLT_MIN).log(), (1.0 - p).clamp(min=_FLT_MIN).log()
+    if gradient:
+        pos = -alpha * (1.0 - p).pow(gamma) * (1.0 - p - gamma * p * log_p)
+        neg = -(1.0 - alpha) * p.pow(gamma) * (gamma * (1.0 - p) * log_q - p)
+    else:
+        pos = -alpha * (1.0 - p).pow(gamma) * log_p
+        neg = -(1.0 - alpha) * p.pow(gamma) * log_q
+    out = torch.where(target[:, None] == torch.arange(x.shape[1], device=x.device), pos, neg)
+    return out * weight.to(x.dtype)[target, None] if weight.numel() else out
+
+
+def sigmoid_focal_loss_forward(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                               output: torch.Tensor, gamma: float, alpha: float) -> None:
+    """mmcv's ``ext_module.sigmoid_focal_loss_forward``: fills ``output`` (N x C) with each element's loss;
+    ``weight`` is empty (mmcv's convention for none) or one weight per class."""
+    output.copy_(_focal_terms(input, target, weight, gamma, alpha, gradient=False))
+
+
+def sigmoid_focal_loss_backward(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                                grad_input: torch.Tensor, gamma: float, alpha: float) -> None:
+    """mmcv's ``ext_module.sigmoid_focal_loss_backward``: fills ``grad_input`` with d(loss)/d(input), element by
+    element (mmcv's Python layer scales it by the incoming gradient and the reduction)."""
+    grad_input.copy_(_focal_terms(input, target, weight, gamma, alpha, gradient=True))
+
+
 def _missing(name: str):
     def op(*args, **kwargs):
         raise MissingMmcvOp(f"mmcv op '{name}' needs mmcv's compiled ops, which are not installed (mmcv-lite, with "
-                            f"{', '.join(PROVIDED)} from torchvision); {FULL_BUILD_FIX}")
+                            f"{', '.join(PROVIDED)} from torchvision and torch); {FULL_BUILD_FIX}")
 
     op.__name__ = name
     return op
@@ -176,4 +222,4 @@ def write_shim() -> Path:
 if __name__ == "__main__":
     if sys.argv[1:] != ["write-shim"]:
         raise SystemExit("usage: python -m mmstack.mmcv_ops write-shim")
-    print(f"wrote {write_shim()}: mmcv's {', '.join(PROVIDED)} from torchvision")
+    print(f"wrote {write_shim()}: mmcv's {', '.join(PROVIDED)} from torchvision and torch")

@@ -1,4 +1,4 @@
-"""mmstack/mmcv_ops.py: the mmcv ops the pipeline uses, from torchvision, against the compiled mmcv.
+"""mmstack/mmcv_ops.py: the mmcv ops the pipeline uses, from torchvision and torch, against the compiled mmcv.
 
 The reference values (tests/fixtures/mmcv_ops_reference.pt) were computed by mmcv 2.1.0's compiled CPU ops
 (tests/fixtures/make_mmcv_ops_reference.py); the tests call our functions directly, so they test the replacement
@@ -15,6 +15,7 @@ whichever mmcv is installed. Tolerances:
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,11 @@ x = torch.arange(16.0).view(1, 1, 4, 4).requires_grad_(True)
 out = RoIAlign((1, 1), spatial_scale=1.0, sampling_ratio=1, aligned=False)(x, torch.tensor([[0, 0, 0, 4, 4.0]]))
 out.sum().backward()
 print(out.item(), x.grad[0, 0, 2, 2].item(), x.grad.sum().item())
+from mmcv.ops import sigmoid_focal_loss
+logits = torch.zeros(1, 2, requires_grad=True)
+loss = sigmoid_focal_loss(logits, torch.tensor([0]), 2.0, 0.25, None, "mean")
+loss.backward()
+print(f"{loss.item():.4f} {logits.grad[0, 0].item():.4f} {logits.grad[0, 1].item():.4f}")
 try:
     deform_conv2d(x, torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 1, 1))
 except mmcv_ops.MissingMmcvOp as e:
@@ -117,14 +123,17 @@ except mmcv_ops.MissingMmcvOp as e:
 
 
 def test_mmcv_python_ops_run_on_the_torchvision_extension():
-    """mmcv's own Python layer (batched_nms, the RoIAlign module with autograd) on our extension, in a fresh
-    process; any other op imports and raises MissingMmcvOp when called."""
+    """mmcv's own Python layer (batched_nms, the RoIAlign module and the sigmoid focal loss with autograd) on our
+    extension, in a fresh process; any other op imports and raises MissingMmcvOp when called."""
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     assert lines[0] == "[3, 0, 2] [3, 2]"  # class 1's box is kept beside class 0's; one class: the duplicate goes
     assert lines[1] == "10.0 1.0 1.0"  # one sample, at the box centre (2, 2); its gradient goes there alone
-    assert lines[2] == "MissingMmcvOp mmcv op 'deform_conv_forward' needs mmcv"
+    # p = 1/2 for both classes: (1/4)(1/2)^2 ln 2 + (3/4)(1/2)^2 ln 2 = ln(2) / 4, and the analytic gradients
+    # -(1/4)(1/2)^2 (1/2 + ln 2) and -(3/4)(1/2)^2 (-ln 2 - 1/2)
+    assert lines[2] == "0.1733 -0.0746 0.2237"
+    assert lines[3] == "MissingMmcvOp mmcv op 'deform_conv_forward' needs mmcv"
 
 
 CONFIGS = ["configs/detection/faster-rcnn_r50_fpn_voc0712.py", "configs/detection/faster-rcnn_r50_c4_voc0712.py",
@@ -186,3 +195,64 @@ def test_shipped_configs_call_only_the_provided_ops(config, tiny_data, monkeypat
     assert len(results) == 1
     expected = {"nms", "roi_align_forward", "roi_align_backward"} if det else set()
     assert set(called) == expected, sorted(set(called))
+
+
+def _focal(x, target, weight=None, gamma=2.0, alpha=0.25):
+    """Our focal loss ops, per element: (loss, gradient)."""
+    weight = x.new_empty(0) if weight is None else weight
+    loss, grad = torch.empty_like(x), torch.empty_like(x)
+    mmcv_ops.sigmoid_focal_loss_forward(x, target, weight, loss, gamma=gamma, alpha=alpha)
+    mmcv_ops.sigmoid_focal_loss_backward(x, target, weight, grad, gamma=gamma, alpha=alpha)
+    return loss, grad
+
+
+@pytest.mark.parametrize("gamma,alpha", [(2.0, 0.25), (0.0, 0.5), (1.5, 0.75)])
+def test_sigmoid_focal_loss_matches_mmdetections_pytorch_focal_loss_and_its_gradient(gamma, alpha):
+    """mmcv has no CPU kernel to compare with; MMDetection's own PyTorch focal loss (from binary cross-entropy with
+    logits, another route to the same loss) and autograd's gradient of it are the reference where the kernel's
+    clamp does not act. Labels 0..C, C being background (all negative), as the detection heads pass them. In float64
+    (which the kernel also takes): in float32 the kernel's ``1 - p`` loses digits that the reference keeps (relative
+    1.8e-5 at logits near 8), a difference of rounding, not of formula."""
+    from mmdet.models.losses.focal_loss import py_sigmoid_focal_loss
+
+    torch.manual_seed(0)
+    x = (torch.rand(64, 5, dtype=torch.float64) * 16 - 8).requires_grad_(True)
+    target = torch.randint(0, 6, (64,))
+    target[:3] = 5  # background rows, certainly
+    ref = py_sigmoid_focal_loss(x, torch.nn.functional.one_hot(target, 6)[:, :5].double(), gamma=gamma,
+                                alpha=alpha, reduction="none")
+    ref_grad, = torch.autograd.grad(ref.sum(), x)
+    loss, grad = _focal(x.detach(), target, gamma=gamma, alpha=alpha)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_sigmoid_focal_loss_keeps_the_kernels_clamp_weights_and_reduced_precision():
+    """Confidently wrong logits: the kernel's logs are clamped at FLT_MIN (2**-126), so the loss stops at
+    alpha * 126 * ln 2 where the textbook loss (100 * alpha) goes on; the gradient is its finite limit. Per-class
+    weights scale each row by its label's weight; a background label with weights is refused (the kernel would read
+    past the weights). Half is computed in float32, so within half's rounding of the float32 result on the
+    same logits."""
+    x = torch.tensor([[-100.0, 100.0], [-100.0, 100.0]])
+    target = torch.tensor([0, 1])  # row 0: class 0 wrongly at -100, class 1 wrongly at +100; row 1 both right
+    loss, grad = _focal(x, target, gamma=2.0, alpha=0.25)
+    clamp = 126 * math.log(2)
+    torch.testing.assert_close(loss, torch.tensor([[0.25 * clamp, 0.75 * clamp], [0.0, 0.0]]))
+    torch.testing.assert_close(grad, torch.tensor([[-0.25, 0.75], [0.0, 0.0]]))
+
+    torch.manual_seed(1)
+    x, target = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    weight = torch.tensor([1.0, 3.0, 0.5])
+    plain, plain_grad = _focal(x, target)
+    weighted, weighted_grad = _focal(x, target, weight)
+    torch.testing.assert_close(weighted, plain * weight[target, None])
+    torch.testing.assert_close(weighted_grad, plain_grad * weight[target, None])
+    with pytest.raises(ValueError, match="label below the number of classes"):
+        _focal(x, torch.full((8,), 3), weight)
+
+    half, half_grad = _focal(x.half(), target)
+    single, single_grad = _focal(x.half().float(), target)  # the same (rounded) logits in float32
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), single, rtol=ULP[torch.float16], atol=1e-7)
+    torch.testing.assert_close(half_grad.float(), single_grad, rtol=ULP[torch.float16], atol=1e-7)
+

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print({mmcv_ops.COMPILED: "mmcv build: mmcv with OpenMMLab's compiled ops (MMCV=full)",
-           mmcv_ops.TORCHVISION: f"mmcv build: mmcv-lite, {', '.join(mmcv_ops.PROVIDED)} from torchvision "
+           mmcv_ops.TORCHVISION: f"mmcv build: mmcv-lite, {', '.join(mmcv_ops.PROVIDED)} from torchvision and torch "
                                  f"(mmstack/mmcv_ops.py); for mmcv's other ops, {mmcv_ops.FULL_BUILD_FIX}",
            mmcv_ops.ABSENT: "mmcv build: none installed"}[build])
     try:
