@@ -5,8 +5,9 @@ torch 2.6+ and C++20 torch headers. Each fix below says why it exists and when i
 
 Two kinds of fix live here:
 - build time: ``python mmstack/compat.py patch-mmcv-source DIR`` edits an unpacked mmcv sdist before
-  tools/setup_env.sh compiles it (this file is run as a script there, before anything is installed, so the
-  build-time part uses the standard library only);
+  tools/setup_env.sh compiles it, and ``python mmstack/compat.py mmcv-ops`` names which ops that build will
+  compile (this file is run as a script there, before the stack is installed, so the build-time part uses the
+  standard library only, and torch once it is installed);
 - run time: ``apply()``, called by the detection and segmentation stages before they touch mmengine, and by every
   module that imports MMDetection / MMSegmentation. With mmcv-lite (the default set-up) it first provides the mmcv
   ops the pipeline uses from torchvision (``mmstack/mmcv_ops.py``).
@@ -45,6 +46,21 @@ def patch_mmcv_source(src_dir: str | Path) -> None:
             raise SystemExit(f"{path}: expected '{old}' ({why}); the pinned mmcv changed, update mmstack/compat.py")
         path.write_text(text.replace(old, new))
         print(f"patched {path}: '{old}' -> '{new}' ({why})")
+
+
+def mmcv_ops_target() -> str:
+    """What mmcv's build compiles its ops for, decided as its setup.py decides (CUDA where torch sees a GPU or
+    ``FORCE_CUDA=1``, else CPU only): ``cu<torch's CUDA version>`` or ``cpu``. tools/setup_env.sh keys its cached
+    wheel by it and passes it on to the build as FORCE_CUDA, so that a wheel built on a node without a GPU (a
+    login node, in a home folder the GPU nodes share) is never reused where CUDA ops are wanted, nor one built for
+    another CUDA. Run with the venv's python once torch is installed there."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1":
+        return f"cu{torch.version.cuda}"  # cuNone: a CPU-only torch with FORCE_CUDA=1, which mmcv can't build
+    return "cpu"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,6 +167,9 @@ def apply() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "patch-mmcv-source":
-        raise SystemExit("usage: python mmstack/compat.py patch-mmcv-source MMCV_SOURCE_DIR")
-    patch_mmcv_source(sys.argv[2])
+    if sys.argv[1:2] == ["patch-mmcv-source"] and len(sys.argv) == 3:
+        patch_mmcv_source(sys.argv[2])
+    elif sys.argv[1:] == ["mmcv-ops"]:
+        print(mmcv_ops_target())
+    else:
+        raise SystemExit("usage: python mmstack/compat.py patch-mmcv-source MMCV_SOURCE_DIR | mmcv-ops")

@@ -16,6 +16,7 @@ whichever mmcv is installed. Tolerances:
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,17 @@ def test_sigmoid_focal_loss_keeps_the_kernels_clamp_weights_and_reduced_precisio
     torch.testing.assert_close(half.float(), single, rtol=ULP[torch.float16], atol=1e-7)
     torch.testing.assert_close(half_grad.float(), single_grad, rtol=ULP[torch.float16], atol=1e-7)
 
+
+@pytest.mark.parametrize("force_cuda", [None, "0", "1"])
+def test_the_mmcv_wheel_cache_key_follows_what_mmcvs_build_compiles(force_cuda):
+    """tools/setup_env.sh keys its cached compiled mmcv by `python mmstack/compat.py mmcv-ops`, run as it runs it:
+    CUDA ops (and which CUDA) where mmcv's setup.py would compile them (torch sees a GPU, or FORCE_CUDA=1), else
+    cpu; FORCE_CUDA=0 is no request for CUDA (mmcv tests for '1')."""
+    env = {k: v for k, v in os.environ.items() if k != "FORCE_CUDA"}
+    if force_cuda is not None:
+        env["FORCE_CUDA"] = force_cuda
+    run = subprocess.run([sys.executable, "mmstack/compat.py", "mmcv-ops"], capture_output=True, text=True,
+                         cwd=REPO, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cuda = force_cuda == "1" or torch.cuda.is_available()
+    assert run.stdout.strip() == (f"cu{torch.version.cuda}" if cuda else "cpu")

@@ -6,7 +6,8 @@
 #                (NMS, RoIAlign) come from torchvision (mmstack/mmcv_ops.py). No compiler, set-up in minutes.
 #   MMCV=full    mmcv with OpenMMLab's compiled ops, built from source once (about 20 min on 2 cores) into a
 #                wheel cache outside the repo (WHEEL_CACHE, default ~/.cache/bot-toolkit/wheels); later set-ups
-#                reuse the wheel. FORCE_CUDA=1 builds its CUDA ops too (needs nvcc).
+#                reuse the wheel. Its CUDA ops are built where torch sees a GPU, or anywhere with FORCE_CUDA=1
+#                (needs nvcc); the cache keeps one wheel per torch version and ops target (cu<CUDA> or cpu).
 #   UV_HOME      where the pinned uv is installed, once per machine (default ~/.cache/bot-toolkit/uv-VERSION)
 # The venv is created and filled by uv (https://github.com/astral-sh/uv): it resolves and links the ~60 wheels
 # from its cache in seconds where pip spent minutes unpacking torch. uv is pinned in requirements/constraints.txt
@@ -29,8 +30,6 @@ esac
 MMCV_VERSION=$(pin "$MMCV_DIST")
 TORCH_VERSION=$(pin torch)
 UV_VERSION=$(pin uv)
-# mmcv's compiled ops link against torch's ABI: one cached wheel per torch version (and CUDA or not).
-WHEEL_DIR=${WHEEL_CACHE:-$HOME/.cache/bot-toolkit/wheels}/torch-${TORCH_VERSION}${FORCE_CUDA:+-cuda}
 UV_HOME=${UV_HOME:-$HOME/.cache/bot-toolkit/uv-$UV_VERSION}
 
 # Everything that decides what gets installed; the stamp records its hash.
@@ -116,18 +115,25 @@ build_mmcv() {
     local pip=("$VENV/bin/python" -m pip --disable-pip-version-check) build rc=0
     build=$(mktemp -d) || return
     # --no-build-isolation: mmcv's setup.py imports torch, which must be the venv's.
-    "${install[@]}" pip setuptools wheel ninja torch torchvision &&
-        "${pip[@]}" download --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build" &&
+    "${pip[@]}" download --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build" &&
         tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build" &&
         "$VENV/bin/python" mmstack/compat.py patch-mmcv-source "$build/mmcv-$MMCV_VERSION" &&
         mkdir -p "$WHEEL_DIR" &&
-        MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+        MMCV_WITH_OPS=1 FORCE_CUDA=$force_cuda MAX_JOBS=${MAX_JOBS:-$(nproc)} \
             "${pip[@]}" wheel --no-deps --no-build-isolation -w "$WHEEL_DIR" "$build/mmcv-$MMCV_VERSION" || rc=$?
     rm -rf "$build"
     return "$rc"
 }
 mmcv=("$MMCV_DIST==$MMCV_VERSION")
 if [[ $MMCV == full ]]; then
+    # mmcv's compiled ops link against torch's ABI and, with CUDA ops, its CUDA: one cached wheel per torch version
+    # and ops target, decided as mmcv's build decides (mmstack/compat.py mmcv-ops) and passed on to it, so that a
+    # CPU-only wheel built on a login node is never taken for a GPU node's, nor a cu12 wheel for a cu13 torch.
+    step "install torch $TORCH_VERSION (it decides mmcv's build)" \
+        "${install[@]}" pip setuptools wheel ninja torch torchvision
+    ops=$("$VENV/bin/python" mmstack/compat.py mmcv-ops)
+    force_cuda=$([[ $ops == cpu ]] && echo 0 || echo 1)
+    WHEEL_DIR=${WHEEL_CACHE:-$HOME/.cache/bot-toolkit/wheels}/torch-$TORCH_VERSION-$ops
     if ! ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl >/dev/null 2>&1; then
         step "build mmcv $MMCV_VERSION with its compiled ops into $WHEEL_DIR (about 20 min on 2 cores, once)" \
             build_mmcv
@@ -142,7 +148,7 @@ remove_mmcv() {
 }
 step "remove any other mmcv build" remove_mmcv
 # One resolution for the whole stack, then our package.
-step "install the pinned stack ($MMCV_DIST $MMCV_VERSION${FORCE_CUDA:+, CUDA ops}) and this toolkit" \
+step "install the pinned stack ($MMCV_DIST $MMCV_VERSION${ops:+, ops for $ops}) and this toolkit" \
     "${install[@]}" pip setuptools wheel ninja "${mmcv[@]}" -e ".[mm,dev]"
 if [[ $MMCV == lite ]]; then  # mmcv's extension module, from torchvision: for every process (mmstack/mmcv_ops.py)
     step "provide mmcv's NMS and RoIAlign from torchvision (mmcv/_ext.py)" \
