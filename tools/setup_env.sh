@@ -7,7 +7,8 @@
 #   MMCV=full    mmcv with OpenMMLab's compiled ops, built from source once (about 20 min on 2 cores) into a
 #                wheel cache outside the repo (WHEEL_CACHE, default ~/.cache/bot-toolkit/wheels); later set-ups
 #                reuse the wheel. Its CUDA ops are built where torch sees a GPU, or anywhere with FORCE_CUDA=1
-#                (needs nvcc); the cache keeps one wheel per torch version and ops target (cu<CUDA> or cpu).
+#                (needs nvcc; without a GPU, torch also needs TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0"); the cache
+#                keeps one wheel per torch version and ops target (cu<CUDA> or cpu).
 #   UV_HOME      where the pinned uv is installed, once per machine (default ~/.cache/bot-toolkit/uv-VERSION)
 # The venv is created and filled by uv (https://github.com/astral-sh/uv): it resolves and links the ~60 wheels
 # from its cache in seconds where pip spent minutes unpacking torch. uv is pinned in requirements/constraints.txt
