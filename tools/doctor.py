@@ -8,6 +8,7 @@ and that its NMS and RoIAlign run, accelerators, and each known incompatibility.
 from __future__ import annotations
 
 import importlib.metadata as md
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
            mmcv_ops.ABSENT: "mmcv build: none installed"}[build])
     try:
         mmcv_ops.install()
-        from mmcv.ops import RoIAlign, nms
+        from mmcv.ops import RoIAlign, nms, sigmoid_focal_loss
 
         for dev in devices:
             boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60.0]], device=dev)
@@ -74,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
                 feats, torch.tensor([[0, 0, 0, 4, 4.0]], device=dev))
             if abs(out.item() - feats[0, 0, 2, 2].item()) > 1e-4:  # one sample at the box centre (2, 2)
                 problems.append(f"mmcv RoIAlign on {dev}: {out.item()} != {feats[0, 0, 2, 2].item()}; rebuild mmcv")
-            print(f"mmcv ops: nms and RoIAlign run on {dev}")
+            if dev == "cpu":  # mmcv's focal loss is a CUDA op (MMDetection computes it in PyTorch on the CPU)
+                print(f"mmcv ops: nms and RoIAlign run on {dev}")
+                continue
+            loss = sigmoid_focal_loss(torch.zeros(1, 2, device=dev), torch.tensor([0], device=dev), 2.0, 0.25, None,
+                                      "mean").item()
+            if abs(loss - math.log(2) / 4) > 1e-4:  # p = 1/2: (1/4 + 3/4) (1/2)^2 ln 2
+                problems.append(f"mmcv sigmoid_focal_loss on {dev}: {loss} != ln(2) / 4; rebuild mmcv")
+            print(f"mmcv ops: nms, RoIAlign and sigmoid_focal_loss run on {dev}")
     except (ImportError, RuntimeError) as e:  # mmcv missing, or its compiled extension built for another torch
         problems.append(f"mmcv ops: {str(e).splitlines()[0]}; {FIX_INSTALL}")
 
