@@ -271,3 +271,22 @@ def test_the_mmcv_wheel_cache_key_follows_what_mmcvs_build_compiles(force_cuda):
     assert run.returncode == 0, run.stderr[-2000:]
     cuda = force_cuda == "1" or torch.cuda.is_available()
     assert run.stdout.strip() == (f"cu{torch.version.cuda}" if cuda else "cpu")
+
+
+def test_mmdetections_focal_loss_gives_on_the_gpu_path_what_it_gives_on_the_cpu_path():
+    """MMDetection's FocalLoss computes in PyTorch on the CPU and calls mmcv's op on CUDA tensors: its CUDA branch
+    (the function it picks there, called here on CPU tensors, so our op) against its CPU branch, as a RetinaNet head
+    calls it (labels 0..C with C background, per-anchor weights, avg_factor), loss and gradient, in float32."""
+    from mmdet.models.losses.focal_loss import FocalLoss, sigmoid_focal_loss
+
+    torch.manual_seed(2)
+    head = FocalLoss(use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0)
+    logits = (torch.randn(500, 20) * 3).requires_grad_(True)
+    labels, weights = torch.randint(0, 21, (500,)), (torch.rand(500) > 0.1).float()
+    cpu_branch = head(logits, labels, weights, avg_factor=37.0)
+    cpu_grad, = torch.autograd.grad(cpu_branch, logits)
+    gpu_branch = head.loss_weight * sigmoid_focal_loss(logits, labels, weights, gamma=2.0, alpha=0.25,
+                                                       reduction="mean", avg_factor=37.0)
+    gpu_grad, = torch.autograd.grad(gpu_branch, logits)
+    torch.testing.assert_close(gpu_branch, cpu_branch, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-4, atol=1e-7)
