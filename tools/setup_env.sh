@@ -152,7 +152,7 @@ step "remove any other mmcv build" remove_mmcv
 step "install the pinned stack ($MMCV_DIST $MMCV_VERSION${ops:+, ops for $ops}) and this toolkit" \
     "${install[@]}" pip setuptools wheel ninja "${mmcv[@]}" -e ".[mm,dev]"
 if [[ $MMCV == lite ]]; then  # mmcv's extension module, from torchvision: for every process (mmstack/mmcv_ops.py)
-    step "provide mmcv's NMS and RoIAlign from torchvision (mmcv/_ext.py)" \
+    step "provide mmcv's NMS, RoIAlign and sigmoid focal loss from torchvision and torch (mmcv/_ext.py)" \
         "$VENV/bin/python" -m mmstack.mmcv_ops write-shim
 fi
 echo "$want" > $VENV/.stamp
