@@ -18,7 +18,7 @@ setup(
     install_requires=[
         "torch",
         "torchvision",
-        "timm",
+        "timm>=1.0.27",  # timm.task's trainable_module and compile; the tested pin: requirements/constraints.txt
         "numpy",
         "pillow",
         "pyyaml",
