@@ -120,7 +120,7 @@ build_mmcv() {
         tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build" &&
         "$VENV/bin/python" mmstack/compat.py patch-mmcv-source "$build/mmcv-$MMCV_VERSION" &&
         mkdir -p "$WHEEL_DIR" &&
-        MMCV_WITH_OPS=1 FORCE_CUDA=$force_cuda MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+        MMCV_WITH_OPS=1 FORCE_CUDA=$([[ $ops == cpu ]] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-$(nproc)} \
             "${pip[@]}" wheel --no-deps --no-build-isolation -w "$WHEEL_DIR" "$build/mmcv-$MMCV_VERSION" || rc=$?
     rm -rf "$build"
     return "$rc"
@@ -133,7 +133,6 @@ if [[ $MMCV == full ]]; then
     step "install torch $TORCH_VERSION (it decides mmcv's build)" \
         "${install[@]}" pip setuptools wheel ninja torch torchvision
     ops=$("$VENV/bin/python" mmstack/compat.py mmcv-ops)
-    force_cuda=$([[ $ops == cpu ]] && echo 0 || echo 1)
     WHEEL_DIR=${WHEEL_CACHE:-$HOME/.cache/bot-toolkit/wheels}/torch-$TORCH_VERSION-$ops
     if ! ls "$WHEEL_DIR"/mmcv-"$MMCV_VERSION"-*.whl >/dev/null 2>&1; then
         step "build mmcv $MMCV_VERSION with its compiled ops into $WHEEL_DIR (about 20 min on 2 cores, once)" \
