@@ -57,7 +57,9 @@ class Config:
     # JPEG decode: "pil" (in the loader workers); "simplejpeg": to the crop, DCT-scaled; "gpu": workers read the
     # bytes, the training process decodes (nvjpeg) and augments on its device (docs/performance.md)
     decode: str = "pil"
-    workers: int = 4  # data loader processes per GPU
+    # data loader processes per GPU: a number, or "auto": this process's share of the CPUs it may run on, less one
+    # for itself, at most 16 (classification/data.py loader_workers)
+    workers: int | str = "auto"
     pin_memory: bool = True
     persistent_workers: bool = True
     bad_images: str = "error"  # "error": stop naming the file; "skip": drop it from the batch and count it
@@ -144,6 +146,7 @@ CHOICES = {
     "amp": ("none", "fp16", "bf16"),
     "decode": ("pil", "simplejpeg", "gpu"),
 }
+AUTO = ("workers",)  # int keys that also take "auto" (decided by the machine at run time)
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _TYPES = get_type_hints(Config)
 
@@ -151,8 +154,12 @@ _TYPES = get_type_hints(Config)
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Check (and for numbers, widen) one value against the field's type; no silent string->number casts."""
     typ = _TYPES[key]
-    bad = ConfigError(f"{source}: '{key}' must be {typ.__name__ if hasattr(typ, '__name__') else typ}, "
-                      f"got {value!r}")
+    if key in AUTO:
+        if value == "auto":
+            return value
+        typ = int
+    what = typ.__name__ if hasattr(typ, "__name__") else typ
+    bad = ConfigError(f"{source}: '{key}' must be {what}{' or auto' if key in AUTO else ''}, got {value!r}")
     if get_origin(typ) is list:
         (item,) = get_args(typ)
         if not isinstance(value, list):
@@ -248,9 +255,11 @@ def validate(cfg: Config) -> None:
         at_least(key, 0, strict=True)
     for key in ("base_lr", "step_gamma", "distill_temperature"):
         at_least(key, 0, strict=True)
-    for key in ("workers", "weight_decay", "momentum", "color_jitter", "pca_lighting", "mixup_alpha", "seed",
+    for key in ("weight_decay", "momentum", "color_jitter", "pca_lighting", "mixup_alpha", "seed",
                 "checkpoint_interval", "max_steps", "distill_weight", "task_weight", "warmup_epochs"):
         at_least(key, 0)
+    if cfg.workers != "auto":
+        at_least("workers", 0)
     need(cfg.momentum < 1, f"'momentum' must be < 1, got {cfg.momentum!r}")
     need(0 < cfg.crop_min_area <= 1, f"'crop_min_area' must be in (0, 1], got {cfg.crop_min_area!r}")
     need(cfg.eval_resize >= 1, f"'eval_resize' must be >= 1 (resize, then crop image_size), got {cfg.eval_resize!r}")

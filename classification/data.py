@@ -335,6 +335,48 @@ def _worker_init(worker_id: int, owner: int) -> None:
     random.seed(seed)
 
 
+MAX_AUTO_WORKERS = 16  # a node without CPU limits (no cgroup, no affinity) would otherwise start one per core
+
+
+def process_cpus() -> int:
+    """The CPUs this training process may use: those it may run on (Slurm's cgroup or affinity, taskset), at most
+    the job step's ``SLURM_CPUS_PER_TASK``, shared among the node's training processes (torchrun's
+    LOCAL_WORLD_SIZE)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus = min(cpus, int(slurm))
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def loader_workers(cfg: Config) -> int:
+    """``workers``, with "auto" decided here: every CPU of this process but one (the training process's own, which
+    issues the GPU's work), at most MAX_AUTO_WORKERS, at least one. With ``decode: pil`` each worker decodes and
+    augments 120-250 images/s (docs/performance.md), so a GPU needs all it can get; with ``decode: gpu``
+    a few are enough. A runtime key: any value resumes the same run with the same images."""
+    if cfg.workers != "auto":
+        return cfg.workers
+    return max(1, min(MAX_AUTO_WORKERS, process_cpus() - 1))
+
+
+def loader_advice(data_wait_share: float, cfg: Config, workers: int, cpus: int, device: torch.device) -> str | None:
+    """What to change when a GPU waited for the loader for at least a fifth of an epoch, or None. (Not on a CPU,
+    whose training step shares its cores with the workers: more workers there can slow the step.)"""
+    if data_wait_share < 0.2 or device.type == "cpu":
+        return None
+    fixes = []
+    if workers < cpus - 1:
+        fixes.append(f"more loader workers (workers={workers}; this process has {cpus} CPUs: workers=auto uses "
+                     f"{min(MAX_AUTO_WORKERS, cpus - 1)})")
+    if cfg.decode != "gpu":
+        fixes.append("decode=gpu (the workers then only read the files; the device decodes and augments)")
+    if not fixes:
+        fixes.append("more CPUs per GPU or faster storage (the workers read the files; tools/bench_gpu.py times the "
+                     "reading, nvjpeg and the augmentation apart)")
+    return (f"the device waited for the loader {100 * data_wait_share:.0f} % of the time (decode {cfg.decode}, "
+            f"{workers} workers): try {', or '.join(fixes)}; docs/performance.md")
+
+
 def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool, device: str | torch.device = "cpu"):
     """(train loader of device_batch passes, val loader, train sampler, class names).
     With ``decode: gpu`` both loaders yield batches already decoded and augmented on ``device``."""
@@ -362,10 +404,11 @@ def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool, dev
                         f"({cfg.global_batch}); lower global_batch")
     sampler = EpochSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed,
                            device_batch=cfg.device_batch, accumulation=cfg.batch_plan(world_size).accumulation)
-    common = dict(num_workers=cfg.workers, pin_memory=pin_memory and not on_device,
+    workers = loader_workers(cfg)
+    common = dict(num_workers=workers, pin_memory=pin_memory and not on_device,
                   collate_fn=raw_collate if on_device else collate,
                   worker_init_fn=functools.partial(_worker_init, owner=os.getpid()),
-                  persistent_workers=cfg.persistent_workers and cfg.workers > 0)
+                  persistent_workers=cfg.persistent_workers and workers > 0)
     train = DataLoader(train_set, batch_size=cfg.device_batch, sampler=sampler, drop_last=True, **common)
     # Evaluation: each rank takes every world_size-th image, no padding, so the reduced counts are exact.
     val = DataLoader(val_set, batch_size=cfg.device_batch, sampler=list(range(rank, len(val_set), world_size)),

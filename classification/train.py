@@ -38,7 +38,7 @@ from lifecycle.stop_flag import StopFlag
 
 from .checkpoint import BEST, LAST, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config
-from .data import DataError, build_loaders
+from .data import DataError, build_loaders, loader_advice, process_cpus
 from .models import build_model
 from .run_dir import (
     check_resumable,
@@ -351,7 +351,7 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
                      device=None) if cfg.ema_decay > 0 else None
     mixup = build_mixup(cfg, len(classes))
 
-    epoch, first_step, history, best_top1, wall_before, carry = 0, 0, [], -1.0, 0.0, None
+    epoch, first_step, history, best_top1, wall_before, carry, advised = 0, 0, [], -1.0, 0.0, None, False
     last = run_dir / LAST
     if d.is_main:  # what a save killed mid-write (SIGKILL, power loss) left behind: never a valid file
         for tmp in remove_stale_temporaries(run_dir):
@@ -404,8 +404,10 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     if d.is_main:
         with writing(run_dir / "config.yaml"):
             atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        log.info("%s: %s; ResNet-50-%s, %d classes, %d updates/epoch, device %s", cfg.name,
-                 cfg.batch_line(d.world_size), cfg.variant, len(classes), ipe, device)
+        log.info("%s: %s; ResNet-50-%s, %d classes, %d updates/epoch, device %s, decode %s, %d loader workers%s",
+                 cfg.name, cfg.batch_line(d.world_size), cfg.variant, len(classes), ipe, device, cfg.decode,
+                 train_loader.num_workers, f" (auto: {process_cpus()} CPUs for this process)"
+                 if cfg.workers == "auto" else "")
     tb = None
     if d.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -424,6 +426,11 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
                      out["reason"], epoch, out["stopped_at"], last)
             return EXIT_INTERRUPTED if out["reason"] == "signal" else 0
         stats = out["tally"].stats()
+        if d.is_main and not advised:
+            advice = loader_advice(stats["data_wait_share"], cfg, train_loader.num_workers, process_cpus(), device)
+            if advice:
+                log.warning("epoch %d: %s (said once)", epoch + 1, advice)
+                advised = True
         scores = evaluate(model, val_loader, device, cfg, stop)
         ema_scores = evaluate(ema.module, val_loader, device, cfg, stop) if ema and scores else None
         if scores is None or (ema and ema_scores is None):  # a signal during the evaluation: it is redone on resume

@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                       ("--partition", str, None, ""), ("--account", str, None, ""),
                                       ("--time", int, 4320, "minutes per allocation (then requeued)")):
         p.add_argument(flag, type=kind, default=default, help=f"slurm: {what or flag[2:]}")
-    p.add_argument("--cpus-per-gpu", type=int, default=8, help="slurm: CPUs per GPU (the loader workers and the main "
-                   "process; a recipe's workers=4 default needs 5-6)")
+    p.add_argument("--cpus-per-gpu", type=int, default=8, help="slurm: CPUs per GPU (the training process and its "
+                   "loader workers: workers=auto, the classification default, starts one per CPU but one)")
     p.add_argument("--mem-per-gpu", type=int, default=64, help="slurm: GB of host memory per GPU")
     p.add_argument("--slurm", nargs="+", default=[], metavar="KEY=VALUE", help="slurm: more sbatch parameters")
     return p.parse_args(argv)

@@ -58,7 +58,8 @@ IMAGENET_CLASSES = 1000
 # (ImageNet images per class, VOC/ADE20K fraction of the real count) per size. At least 2 per class: the recipe's
 # global batch (1,024) must fit in one epoch of the smallest tree.
 SIZES = {"full": ([5, 20, 50], [0.05, 0.25, 1.0]), "quick": ([2, 10], [0.02, 0.1])}
-CLS_RECIPE = REPO / "configs/classification/r50d_cosine_ls_mixup.yaml"  # Table 6 "+ mixup": batch 128, 4 workers
+CLS_RECIPE = REPO / "configs/classification/r50d_cosine_ls_mixup.yaml"  # Table 6 "+ mixup": batch 128
+CLS_WORKERS = 4  # the first batch's loader workers in docs/scale.md (the recipe's "auto" depends on the machine)
 DET_CONFIG = REPO / "configs/detection/faster-rcnn_r50_fpn_voc0712.py"
 SEG_CONFIG = REPO / "configs/segmentation/fcn_r50-d8_ade20k-512x512.py"
 
@@ -268,7 +269,7 @@ def _cls_first_batch(root: Path, workers: int | None) -> list[float]:
     from classification.config import load_config
     from classification.data import build_loaders
 
-    cfg = load_config(CLS_RECIPE, [f"data_root={root}"] + ([f"workers={workers}"] if workers is not None else []))
+    cfg = load_config(CLS_RECIPE, [f"data_root={root}", f"workers={CLS_WORKERS if workers is None else workers}"])
 
     def loader():
         train, _, sampler, _ = build_loaders(cfg, 0, 1, pin_memory=False)
@@ -350,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the smallest sizes only (a few minutes)")
     p.add_argument("--sets", default="imagenet,voc,ade20k", help="comma-separated subset of imagenet,voc,ade20k")
     p.add_argument("--workers", type=int, default=None,
-                   help="loader workers for the first batch (default: each recipe's own: 4, 2, 4)")
+                   help=f"loader workers for the first batch (default: {CLS_WORKERS} for classification, the recipe's "
+                        "own for detection (2) and segmentation (4))")
     p.add_argument("--keep", metavar="DIR", help="generate into DIR and keep it (default: a temporary folder)")
     p.add_argument("--json", metavar="FILE", help="also write the measurements here")
     args = p.parse_args(argv)

@@ -1,0 +1,103 @@
+"""``workers: auto`` (the default): the loader uses the CPUs this process has, as a scheduler grants them; and the
+trainer says once what to change when a GPU waited for the loader."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from classification import data, train
+from classification.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A machine of `cpus` CPUs for this process, without Slurm or torchrun unless a test sets them."""
+    for var in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def set_cpus(cpus: int, **env: str) -> None:
+        monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+
+    return set_cpus
+
+
+def test_workers_is_auto_by_default_and_takes_a_count_or_auto():
+    assert load_config(None).workers == "auto"
+    assert load_config(None, ["workers=3"]).workers == 3
+    assert load_config(None, ["workers=0"]).workers == 0
+    assert load_config(None, ["workers=5", "workers=auto"]).workers == "auto"
+    for bad, words in (("workers=many", "'workers' must be int or auto, got 'many'"),
+                       ("workers=2.5", "'workers' must be int or auto, got 2.5"),
+                       ("workers=-1", "'workers' must be >= 0, got -1")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, [bad])
+
+
+@pytest.mark.parametrize("cpus, env, workers", [
+    (16, {}, 15),                                                  # one GPU, 16 CPUs: all but the training process's
+    (128, {"LOCAL_WORLD_SIZE": "8"}, 15),                          # 8 torchrun processes share the node
+    (96, {"LOCAL_WORLD_SIZE": "8"}, 11),
+    (64, {"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "32"}, 3),  # Slurm granted 32 of the node's 64 CPUs
+    (256, {}, data.MAX_AUTO_WORKERS),                              # a node without CPU limits: capped
+    (2, {}, 1), (1, {}, 1), (4, {"LOCAL_WORLD_SIZE": "8"}, 1),     # never 0: the loading stays beside the step
+])
+def test_auto_workers_are_this_processs_share_of_its_cpus_but_one(machine, cpus, env, workers):
+    machine(cpus, **env)
+    assert data.loader_workers(load_config(None)) == workers
+    assert data.loader_workers(load_config(None, ["workers=7"])) == 7  # a number is taken as it is
+
+
+def test_auto_reaches_both_loaders(machine, photos):
+    machine(24, LOCAL_WORLD_SIZE="4")  # 6 CPUs per process: 5 workers
+    cfg = load_config(None, [f"data_root={photos}", "image_size=32", "global_batch=4", "device_batch=4",
+                             "allow_synthetic=true"])
+    train_loader, val_loader, _, _ = data.build_loaders(cfg, 0, 1, pin_memory=False)
+    assert train_loader.num_workers == val_loader.num_workers == 5
+    assert train_loader.persistent_workers
+
+
+GPU = torch.device("cuda", 0)  # only its type is read
+
+
+def test_advice_names_what_would_feed_the_gpu(photos):
+    pil = load_config(None, ["workers=4"])
+    assert data.loader_advice(0.19, pil, 4, 16, GPU) is None  # under a fifth of the epoch: nothing to say
+    assert data.loader_advice(0.9, pil, 4, 16, torch.device("cpu")) is None  # a CPU's step shares the workers' cores
+    advice = data.loader_advice(0.52, pil, 4, 16, GPU)
+    assert advice.startswith("the device waited for the loader 52 % of the time (decode pil, 4 workers): try ")
+    assert "more loader workers (workers=4; this process has 16 CPUs: workers=auto uses 15)" in advice
+    assert "decode=gpu" in advice and "docs/performance.md" in advice
+    # All CPUs in use: only the decode is left to move.
+    advice = data.loader_advice(0.52, pil, 15, 16, GPU)
+    assert "more loader workers" not in advice and "decode=gpu" in advice
+    # decode: gpu with every CPU busy: the storage or the node is the limit, and the benchmark times the parts.
+    advice = data.loader_advice(0.3, load_config(None, ["decode=gpu"]), 15, 16, GPU)
+    assert "decode=gpu" not in advice and "more CPUs per GPU or faster storage" in advice
+    assert "tools/bench_gpu.py" in advice
+
+
+def test_the_trainer_logs_its_workers_and_the_advice_once(photos, tmp_path, monkeypatch, capsys, machine):
+    """The trainer asks for advice after every epoch with its own figures until there is some, and says it once."""
+    machine(3)
+    calls = []
+
+    def advice(share, cfg, workers, cpus, device):
+        calls.append((share, workers, cpus, device.type))
+        return f"advice {len(calls)}" if len(calls) == 2 else None  # the second epoch's only
+
+    monkeypatch.setattr(train, "loader_advice", advice)
+    assert train.main([str(REPO / "configs/classification/demo/smoke.yaml"), "--data-root", str(photos),
+                       "--work-dir", str(tmp_path / "r"), "--set", "image_size=32", "global_batch=4",
+                       "device_batch=4", "init=timm", "epochs=3", "step_epochs=[1]", "allow_synthetic=true",
+                       "workers=auto"]) == 0
+    assert [(w, c, d) for _, w, c, d in calls] == [(2, 3, "cpu")] * 2  # auto: 3 CPUs, all but one; none after
+    assert all(0 <= share <= 1 for share, *_ in calls)
+    out = capsys.readouterr().out
+    assert "device cpu, decode pil, 2 loader workers (auto: 3 CPUs for this process)\n" in out
+    assert [line.split(" ", 1)[1] for line in out.splitlines() if "advice" in line] == ["epoch 2: advice 2 (said once)"]
+
