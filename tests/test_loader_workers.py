@@ -1,6 +1,9 @@
-"""``workers: auto`` (the default): the loader uses the CPUs this process has, as a scheduler grants them; and the
-trainer says once what to change when a GPU waited for the loader."""
+"""``workers: auto`` (the default): the loader uses the CPUs this process has, as a scheduler grants them; the
+trainer says once what to change when a GPU waited for the loader; and the workers share the dataset's list of
+files instead of copying it (PackedSamples)."""
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,35 @@ def test_the_trainer_logs_its_workers_and_the_advice_once(photos, tmp_path, monk
     assert "device cpu, decode pil, 2 loader workers (auto: 3 CPUs for this process)\n" in out
     assert [line.split(" ", 1)[1] for line in out.splitlines() if "advice" in line] == ["epoch 2: advice 2 (said once)"]
 
+
+def test_packed_samples_give_back_every_path_and_label(tmp_path):
+    names = ["a.jpg", "b c.JPEG", "ü/é.png", os.fsdecode(b"bad-\xff-utf8.jpg"), ""]
+    items = [(str(tmp_path / name), i * 400) for i, name in enumerate(names)]
+    packed = data.PackedSamples(items)
+    assert len(packed) == len(items) and list(packed) == items
+    assert packed[-1] == items[-1] and packed[2] == items[2] and isinstance(packed[0][1], int)
+    with pytest.raises(IndexError):
+        packed[len(items)]
+    assert list(data.PackedSamples([])) == []
+
+
+def test_the_dataset_lists_what_torchvisions_imagefolder_lists(photos):
+    from torchvision.datasets import ImageFolder
+
+    ours = data.ImageFolderData(photos / "train", None, seed=0, skip_bad=False)
+    assert isinstance(ours.folder.samples, data.PackedSamples)
+    assert list(ours.folder.samples) == ImageFolder(str(photos / "train")).samples
+    assert ours.folder.targets.tolist() == ImageFolder(str(photos / "train")).targets
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux's /proc/self/smaps_rollup")
+def test_a_forked_worker_reading_its_share_copies_no_list():
+    """tools/bench_scale.py's measurement at a sixth of ImageNet's size: the control (torchvision's list of tuples)
+    shows the copy the measurement catches; the packed items are read without one."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from bench_scale import _worker_memory
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    memory = _worker_memory(files=200_000)
+    assert memory["list of tuples"] > 20 and memory["packed"] < 2, memory

@@ -10,9 +10,10 @@ For each size it measures the fixed costs of a stage's start: the ImageFolder sc
 detection/segmentation data check (first, and again on the unchanged tree), MMDetection's and MMSegmentation's
 dataset construction, the time to the first training batch, and a ResNet-50 checkpoint save and load. Each
 stage's growth is fitted as seconds = a + b x (thousands of files) over the sizes and extrapolated to the real
-datasets, one line per stage; the last line names the worst stage at real size. Real sizes (files as the checks
-count them): ImageNet 1,281,167 train + 50,000 val images; VOC07+12 21,503 images + as many XMLs; ADE20K
-20,210 + 2,000 images + as many masks.
+datasets, one line per stage; then the worst stage at real size, and (Linux) the memory a forked loader worker
+copies by reading its share of ImageNet's (path, label) items, as torchvision's list of tuples and packed. Real
+sizes (files as the checks count them): ImageNet 1,281,167 train + 50,000 val images; VOC07+12 21,503 images + as
+many XMLs; ADE20K 20,210 + 2,000 images + as many masks.
 
 How the trees are made fast: one JPEG per dataset, of its typical size (ImageNet and VOC 500x375, ADE20K 683x512,
 quality 90, a textured picture so its size and decode time are realistic) and one mask PNG, hard-linked under
@@ -301,6 +302,38 @@ def _checkpoint(out: Path) -> tuple[list[float], list[float]]:
     return save, load
 
 
+def _private_dirty_mib() -> float:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Private_Dirty:")) / 1024
+
+
+def _worker_memory(files: int = 1_281_167, workers: int = 15) -> dict[str, float]:
+    """MiB of private memory a forked loader worker adds by reading its share (1/workers, at random) of an
+    ImageFolder's (path, label) items, at ImageNet's size: stored as torchvision's list of tuples, and packed
+    (classification/data.py PackedSamples). No files: the paths are generated names of ImageNet's length."""
+    from classification.data import PackedSamples
+
+    items = [(f"/datasets/imagenet/train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG", i % 1000) for i in range(files)]
+    # Drawn here, as an array: the worker's iteration over it writes no reference count into this process's pages.
+    indices = np.random.default_rng(0).choice(files, files // workers, replace=False)
+    out = {}
+    for name, samples in (("list of tuples", items), ("packed", PackedSamples(items))):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: the items it reads over an epoch, in random order
+            try:
+                before = _private_dirty_mib()
+                for index in indices:
+                    path, label = samples[int(index)]  # as ImageFolderData.__getitem__ reads it
+                os.write(write, f"{_private_dirty_mib() - before:.1f}".encode())
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        out[name] = float(os.read(read, 64).decode())
+        os.close(read), os.close(write)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- fit + report
 
 
@@ -379,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     stages: dict[str, Stage] = {}
     tools: dict[str, Stage] = {}
+    memory: dict[str, float] = {}
 
     def add(name: str, dataset: str, where: str, files: int, seconds: list[float], into=stages) -> None:
         into.setdefault(name, Stage(name, dataset, where)).points.append((files, seconds))
@@ -427,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                         timed(lambda cfg=cfg, scope=scope: _mm_datasets(cfg, scope)))
                     add(f"{stage} first batch", kind, "every rank", n, _mm_first_batch(cfg, scope))
                 shutil.rmtree(root.parent)
+        if "imagenet" in sets and Path("/proc/self/smaps_rollup").exists():  # Linux
+            memory = _worker_memory()
         save, load = _checkpoint(base)
         add("ResNet-50 checkpoint save (model + momentum)", "", "rank 0", 0, save)
         add("ResNet-50 checkpoint load", "", "every rank", 0, load)
@@ -438,10 +474,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{'--quick, ' if args.quick else ''}measured in {time.perf_counter() - t_start:.0f} s; "
               f"extrapolated linearly per 1,000 files")
     lines = report(list(stages.values()), list(tools.values()), header)
+    if memory:
+        lines.append(f"a loader worker's own memory after reading 1/15 of ImageNet's (path, label) items: "
+                     f"{memory['list of tuples']:.0f} MiB as a list of tuples, {memory['packed']:.1f} MiB packed")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
-            version=version, quick=args.quick, cores=os.cpu_count(),
+            version=version, quick=args.quick, cores=os.cpu_count(), worker_memory_mib=memory,
             stages=[dict(name=s.name, dataset=s.dataset, where=s.where, points=s.points, per_1k=s.fit()[1],
                          flat=s.fit()[2], at_real=s.at_real(), real_files=REAL_FILES.get(s.dataset))
                     for s in [*tools.values(), *stages.values()]]), indent=1))
