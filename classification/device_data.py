@@ -149,15 +149,18 @@ class RawBatch:
 
 
 def raw_collate(batch: list) -> RawBatch:
+    """In shared memory in a loader worker, as ``collate`` (classification/data.py ``shared``)."""
+    from .data import shared, stacked
+
     good = [(raw, y) for raw, y in batch if y >= 0]
     raws = [raw for raw, _ in good]
     lengths = [0 if r.jpeg is None else len(r.jpeg) for r in raws]
     data = np.concatenate([r.jpeg for r in raws if r.jpeg is not None] or [np.zeros(0, np.uint8)])
     pixels = [r.pixels for r in raws if r.pixels is not None]
-    return RawBatch(labels=torch.tensor([y for _, y in good], dtype=torch.long), paths=[r.path for r in raws],
-                    data=torch.from_numpy(data), offsets=np.concatenate([[0], np.cumsum(lengths)]).tolist(),
-                    pixels=torch.stack(pixels) if pixels else torch.zeros(0, dtype=torch.uint8),
-                    draws=torch.stack([r.draws for r in raws]) if raws and raws[0].draws is not None else None,
+    return RawBatch(labels=shared(torch.tensor([y for _, y in good], dtype=torch.long)), paths=[r.path for r in raws],
+                    data=shared(torch.from_numpy(data)), offsets=np.concatenate([[0], np.cumsum(lengths)]).tolist(),
+                    pixels=stacked(pixels) if pixels else shared(torch.zeros(0, dtype=torch.uint8)),
+                    draws=stacked([r.draws for r in raws]) if raws and raws[0].draws is not None else None,
                     bad=len(batch) - len(good))
 
 

@@ -59,6 +59,8 @@ _ERRNO = re.compile(r"\[Errno (\d+)\] ([^:]+)(?:: '(.*)')?")
 _MIB = 2**20
 # What torch.save raises when its zip writer cannot write (no errno, no path): a full disk, most often.
 _TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "inline_container", "basic_ios::clear")
+# A worker's batch that does not fit in /dev/shm: torch's allocation error, or the Bus error its pages raise after.
+_SHM_FULL = ("unable to allocate shared memory", "out of shared memory", "insufficient shared memory")
 
 
 def _worker_original(exc: BaseException) -> str | None:
@@ -170,6 +172,8 @@ def _line_of(exc: BaseException) -> str | None:
             code, strerror, filename = (int(m[1]), m[2], m[3]) if m else (None, message, None)
         else:
             code, strerror, filename = exc.errno, exc.strerror or str(exc), exc.filename
+            if code == errno.ENOSPC and filename is None and _raised_in_multiprocessing(exc):
+                return _shm_full()  # its queues' semaphores live in /dev/shm too
             if filename is None and code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS):
                 filename = _path_from_frames(exc)
         line = _oserror(code, strerror, None if filename is None else str(filename))
@@ -197,9 +201,31 @@ def _line_of(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and any(m in message for m in _TORCH_WRITE_FAILED):
         return (f"could not write a torch file: {_first_line(message)}; the disk is probably full: free space or "
                 f"write elsewhere (--work-dir)")
+    if isinstance(exc, RuntimeError) and any(m in message for m in _SHM_FULL):
+        return _shm_full()
     if worker is not None:
         return f"{_first_line(message)} (in a data loader worker)"
     return None
+
+
+def _shm_full() -> str:
+    try:
+        st = os.statvfs("/dev/shm")
+        kib = st.f_blocks * st.f_frsize // 1024
+        size = f"/dev/shm: {kib // 1024:,} MiB" if kib >= 1024 else f"/dev/shm: {kib} KiB"
+    except OSError:
+        size = "/dev/shm"
+    return (f"the data loader's workers ran out of shared memory ({size}, where they hand over their batches): "
+            f"enlarge it (a container's --shm-size; tools/doctor.py says how much) or lower workers")
+
+
+def _raised_in_multiprocessing(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("multiprocessing."):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -130,6 +130,22 @@ def test_os_errors_are_one_line(code, words):
     assert words in errors.known_line(OSError(code, os.strerror(code), "/p"))
 
 
+def test_a_full_shared_memory_is_named_however_it_shows():
+    """torch's Bus error of a worker writing a batch into a full /dev/shm, and a multiprocessing queue that cannot
+    create its semaphore there (ENOSPC without a file name): both name /dev/shm and the fix, not a disk."""
+    bus = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's "
+                       "workers are out of shared memory. Please try to raise your shared memory limit.")
+    scope = {"__name__": "multiprocessing.synchronize", "errno": errno}
+    exec("def make_semaphore():\n    raise OSError(errno.ENOSPC, 'No space left on device')", scope)  # noqa: S102
+    try:
+        scope["make_semaphore"]()
+    except OSError as e:
+        semaphore = e
+    for exc in (bus, semaphore):
+        assert errors.known_line(exc).startswith("the data loader's workers ran out of shared memory (/dev/shm")
+    assert errors.known_line(OSError(errno.ENOSPC, "No space left on device")).startswith("disk full")
+
+
 class _Bad(torch.utils.data.Dataset):
     def __init__(self, exc):
         self.exc = exc

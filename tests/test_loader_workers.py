@@ -3,9 +3,12 @@ trainer says once what to change when a GPU waited for the loader; and the worke
 files instead of copying it (PackedSamples)."""
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +139,75 @@ def test_a_forked_worker_reading_its_share_copies_no_list():
         sys.path.remove(str(REPO / "tools"))
     memory = _worker_memory(files=200_000)
     assert memory["list of tuples"] > 20 and memory["packed"] < 2, memory
+
+
+SHM_FULL = "unable to allocate shared memory(shm) for file </torch_1_2_0>: No space left on device (28)"
+
+
+def _refusing_shared_memory(monkeypatch) -> None:
+    """Every move of a tensor to shared memory fails as torch's does when /dev/shm is full; forked workers inherit
+    it."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError(SHM_FULL)
+
+    monkeypatch.setattr(torch.UntypedStorage, "_share_fd_cpu_", refuse)
+    monkeypatch.setattr(torch.UntypedStorage, "_new_using_fd_cpu", classmethod(refuse))
+
+
+class _Images(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 8, 8), i % 2
+
+
+@pytest.mark.parametrize("collate", ["ours", "raw"])
+def test_a_full_shared_memory_stops_the_loader_with_its_cause(monkeypatch, collate):
+    """Our collate functions move the batch to shared memory in the worker, so a full /dev/shm is raised in the
+    training process and named; the control, a collate that leaves the move to torch's queue thread, loses the
+    batch and the loader waits for it (here until its timeout)."""
+    from classification.device_data import RawImage, raw_collate
+    from lifecycle import errors
+
+    class Raw(_Images):
+        def __getitem__(self, i):
+            return RawImage(f"{i}.jpg", jpeg=np.zeros(100, np.uint8), size=(8, 8), draws=torch.zeros(15)), i % 2
+
+    _refusing_shared_memory(monkeypatch)
+    dataset, fn = (_Images(), data.collate) if collate == "ours" else (Raw(), raw_collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=fn, timeout=20)
+    with pytest.raises(RuntimeError) as info:
+        next(iter(loader))
+    assert errors.known_line(info.value).startswith("the data loader's workers ran out of shared memory (/dev/shm")
+    assert errors.known_line(info.value).endswith(
+        "enlarge it (a container's --shm-size; tools/doctor.py says how much) or lower workers")
+
+    def stack(batch):
+        return torch.stack([x for x, _ in batch]), torch.tensor([y for _, y in batch])
+
+    control = torch.utils.data.DataLoader(_Images(), batch_size=4, num_workers=1, collate_fn=stack, timeout=3)
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 3 seconds"):
+        next(iter(control))
+
+
+def _can_mount_a_small_shm() -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_a_small_shm(), reason="needs `unshare -m` and mount (root, as on CI)")
+def test_the_trainer_under_a_1_mib_shm_stops_in_one_line(photos, tmp_path):
+    """The real thing: the trainer with 2 workers in a mount namespace whose /dev/shm is a 1 MiB tmpfs, where a
+    batch of 4 images at 224 px (2.4 MB) does not fit. (Before, it printed the worker's error and waited forever.)"""
+    cmd = (f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} -m classification.train "
+           f"{REPO}/configs/classification/demo/smoke.yaml --data-root {photos} --work-dir {tmp_path / 'r'} --set "
+           f"image_size=224 global_batch=4 device_batch=4 workers=2")
+    out = subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == (
+        "error: the data loader's workers ran out of shared memory (/dev/shm: 1 MiB, where they hand over their "
+        "batches): enlarge it (a container's --shm-size; tools/doctor.py says how much) or lower workers"
+    ), out.stderr
+
