@@ -381,25 +381,31 @@ def _worker_init(worker_id: int, owner: int) -> None:
 MAX_AUTO_WORKERS = 16  # a node without CPU limits (no cgroup, no affinity) would otherwise start one per core
 
 
-def process_cpus() -> int:
+def process_cpus(processes: int | None = None) -> int:
     """The CPUs this training process may use: those it may run on (Slurm's cgroup or affinity, taskset), at most
-    the job step's ``SLURM_CPUS_PER_TASK``, shared among the node's training processes (torchrun's
-    LOCAL_WORLD_SIZE)."""
+    the job step's ``SLURM_CPUS_PER_TASK``, shared among the node's ``processes`` (default: torchrun's
+    LOCAL_WORLD_SIZE, else 1)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     if slurm.isdigit() and int(slurm) > 0:
         cpus = min(cpus, int(slurm))
-    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, cpus // max(1, processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def loader_workers(cfg: Config) -> int:
+def loader_workers(cfg: Config, cpus: int | None = None) -> int:
     """``workers``, with "auto" decided here: every CPU of this process but one (the training process's own, which
     issues the GPU's work), at most MAX_AUTO_WORKERS, at least one. With ``decode: pil`` each worker decodes and
     augments 120-250 images/s (docs/performance.md), so a GPU needs all it can get; with ``decode: gpu``
     a few are enough. A runtime key: any value resumes the same run with the same images."""
     if cfg.workers != "auto":
         return cfg.workers
-    return max(1, min(MAX_AUTO_WORKERS, process_cpus() - 1))
+    return max(1, min(MAX_AUTO_WORKERS, (cpus or process_cpus()) - 1))
+
+
+def shm_in_flight(cfg: Config, workers: int) -> int:
+    """Bytes of /dev/shm a training process's loader can fill at once with ``decode: pil`` or ``simplejpeg``: each
+    worker keeps up to torch's prefetch_factor (2) batches of device_batch float32 images in flight."""
+    return workers * 2 * cfg.device_batch * 3 * cfg.image_size**2 * 4
 
 
 def loader_advice(data_wait_share: float, cfg: Config, workers: int, cpus: int, device: torch.device) -> str | None:

@@ -211,3 +211,14 @@ def test_the_trainer_under_a_1_mib_shm_stops_in_one_line(photos, tmp_path):
         "batches): enlarge it (a container's --shm-size; tools/doctor.py says how much) or lower workers"
     ), out.stderr
 
+
+@pytest.mark.skipif(not _can_mount_a_small_shm(), reason="needs `unshare -m` and mount (root, as on CI)")
+def test_the_doctor_names_a_shm_too_small_for_the_paper_recipes():
+    """Docker's default /dev/shm (64 MiB) is smaller than one batch of 128 images at 224 px (77 MB)."""
+    cmd = f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} tools/doctor.py"
+    out = subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("problem: ")]
+    assert line.startswith("problem: /dev/shm is 64 MiB, less than the ")
+    assert line.endswith("r50d_cosine_ls_mixup.yaml can fill here: enlarge it (a container's --shm-size) or set "
+                         "workers lower")

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Check the installed stack: versions, which mmcv build (mmcv-lite with torchvision's ops, or mmcv's compiled ops)
-and that its NMS and RoIAlign run, accelerators, and each known incompatibility.
+and that its NMS and RoIAlign run, accelerators, the loader's CPUs and shared memory, and each known
+incompatibility.
 
     python tools/doctor.py        # exit 0 when all is well; else one line per problem with its fix, exit 1
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +30,10 @@ def pinned() -> dict[str, str]:
             name, version = line.split("==")
             out[name.strip().lower()] = version.strip()
     return out
+
+
+def size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.0f} MiB"
 
 
 @cli  # a crash of the doctor itself is one line too; --debug shows the traceback
@@ -97,6 +103,28 @@ def main(argv: list[str] | None = None) -> int:
         print("CPU bf16 autocast: available")
     except RuntimeError as e:
         print(f"CPU bf16 autocast: unavailable ({e})")
+
+    # The loader's share of this machine: its workers hand their batches over through /dev/shm (lifecycle/errors.py
+    # names a full one); a container's default (Docker: 64 MiB) is smaller than one batch of a paper recipe.
+    from classification.config import load_config
+    from classification.data import loader_workers, process_cpus, shm_in_flight
+
+    recipe = REPO / "configs/classification/r50d_cosine_ls_mixup.yaml"
+    cfg, gpus = load_config(recipe), max(1, torch.cuda.device_count())
+    cpus = process_cpus(gpus)  # one training process per GPU
+    workers = loader_workers(cfg, cpus)
+    need = gpus * shm_in_flight(cfg, workers)
+    try:
+        st = os.statvfs("/dev/shm")
+        shm = st.f_blocks * st.f_frsize
+    except OSError:
+        shm = None
+    print(f"loader: {cpus} CPUs per GPU's process, workers=auto starts {workers} per GPU; /dev/shm "
+          f"{'absent' if shm is None else size(shm)}, {recipe.name} can fill {size(need)} ({gpus} GPU(s) x {workers} "
+          f"workers x 2 batches of {cfg.device_batch} images at {cfg.image_size} px)")
+    if shm is not None and shm < need:
+        problems.append(f"/dev/shm is {size(shm)}, less than the {size(need)} the loaders of {recipe.name} can fill "
+                        f"here: enlarge it (a container's --shm-size) or set workers lower")
 
     # Known incompatibilities of the old OpenMMLab stack on current torch (mmstack/compat.py).
     try:
