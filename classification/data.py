@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 
 from datakit.files import DECODE_ERRORS, ImageModeError, class_folders, class_mismatch, image_files, load_rgb
 from datakit.synthetic import synthetic_problem
 from lifecycle.errors import UserError
+from lifecycle.shared_memory import shared, stacked
 from lifecycle.stop_flag import shield_child
 
 from .config import Config
@@ -341,21 +342,6 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return (self.updates - self.skip_updates) * self.accumulation * self.device_batch
-
-
-def shared(tensor: torch.Tensor) -> torch.Tensor:
-    """In a loader worker, ``tensor`` moved to shared memory now, in the collate function. A batch travels to the
-    training process through /dev/shm; when that is full, the move fails here and torch raises it in the training
-    process (lifecycle/errors.py names the cause and the fix). Left to torch's queue thread, the same failure is
-    only printed, the batch is lost, and the training process waits for it forever (seen with a 1 MiB /dev/shm:
-    tests/test_loader_workers.py; Docker's default is 64 MiB, and a batch of 128 images at 224 px is 77 MB)."""
-    return tensor.share_memory_() if get_worker_info() is not None else tensor
-
-
-def stacked(tensors) -> torch.Tensor:
-    """torch.stack; in a loader worker written straight into shared memory (torch's default_collate: the same
-    failure as ``shared`` raised in the worker, and one copy of the batch fewer)."""
-    return default_collate(list(tensors))
 
 
 def collate(batch):

@@ -36,6 +36,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from datakit.files import DECODE_ERRORS, ImageModeError, to_rgb
+from lifecycle.shared_memory import shared, stacked
 
 from .config import Config
 
@@ -149,9 +150,7 @@ class RawBatch:
 
 
 def raw_collate(batch: list) -> RawBatch:
-    """In shared memory in a loader worker, as ``collate`` (classification/data.py ``shared``)."""
-    from .data import shared, stacked
-
+    """In shared memory in a loader worker (lifecycle/shared_memory.py), as ``collate``."""
     good = [(raw, y) for raw, y in batch if y >= 0]
     raws = [raw for raw, _ in good]
     lengths = [0 if r.jpeg is None else len(r.jpeg) for r in raws]

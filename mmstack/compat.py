@@ -10,7 +10,8 @@ Two kinds of fix live here:
   standard library only, and torch once it is installed);
 - run time: ``apply()``, called by the detection and segmentation stages before they touch mmengine, and by every
   module that imports MMDetection / MMSegmentation. With mmcv-lite (the default set-up) it first provides the mmcv
-  ops the pipeline uses from torchvision (``mmstack/mmcv_ops.py``).
+  ops the pipeline uses from torchvision (``mmstack/mmcv_ops.py``). One run-time fix is not about versions: the
+  loader's batches in shared memory before they leave the worker (``_shared_pseudo_collate``).
 """
 
 from __future__ import annotations
@@ -145,6 +146,19 @@ def _find_latest_checkpoint(original):
     return find_latest_checkpoint
 
 
+def _shared_pseudo_collate(original):
+    """mmengine's default collate function, ``pseudo_collate`` (looked up by name in its FUNCTIONS registry), with
+    the batch moved to shared memory in the loader worker: with a full /dev/shm, torch's queue thread lost the batch
+    and the Runner waited for it forever (the detection stage under a 1 MiB /dev/shm); now the failure stops the run
+    in one line (lifecycle/shared_memory.py). Not a torch-version fix: it goes when torch raises that error itself."""
+    from lifecycle.shared_memory import share_all
+
+    def pseudo_collate(data_batch):
+        return share_all(original(data_batch))
+
+    return pseudo_collate
+
+
 def apply() -> None:
     """Apply every run-time fix once; the detection and segmentation stages call this before using mmengine, and
     the hooks their generated configs import call it too (so MMDetection's / MMSegmentation's own tools get them)."""
@@ -163,6 +177,10 @@ def apply() -> None:
     HistoryBuffer.__setstate__ = _history_buffer_setstate
     mm_runner.save_checkpoint = _atomic_save_checkpoint(mm_runner.save_checkpoint)  # what Runner.save_checkpoint calls
     mm_runner.find_latest_checkpoint = _find_latest_checkpoint(mm_runner.find_latest_checkpoint)  # and resume
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import FUNCTIONS
+
+    FUNCTIONS.register_module("pseudo_collate", module=_shared_pseudo_collate(pseudo_collate), force=True)
     _applied = True
 
 

@@ -222,3 +222,65 @@ def test_the_doctor_names_a_shm_too_small_for_the_paper_recipes():
     assert line.startswith("problem: /dev/shm is 64 MiB, less than the ")
     assert line.endswith("r50d_cosine_ls_mixup.yaml can fill here: enlarge it (a container's --shm-size) or set "
                          "workers lower")
+
+
+class _MmSamples(torch.utils.data.Dataset):
+    """Packed samples as MMDetection's and MMSegmentation's pipelines hand them to the collate function."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        from mmdet.structures import DetDataSample
+        from mmdet.structures.bbox import HorizontalBoxes
+        from mmengine.structures import InstanceData, PixelData
+        from mmseg.structures import SegDataSample
+
+        det = DetDataSample(metainfo=dict(img_path=f"{i}.jpg", img_shape=(8, 8)))
+        det.gt_instances = InstanceData(bboxes=HorizontalBoxes(torch.rand(3, 4)), labels=torch.arange(3))
+        seg = SegDataSample(gt_sem_seg=PixelData(data=torch.zeros(1, 8, 8, dtype=torch.long)))
+        return dict(inputs=torch.zeros(3, 8, 8, dtype=torch.uint8), data_samples=det, seg=seg)
+
+
+def test_mmengines_collate_moves_every_tensor_of_a_batch_to_shared_memory(monkeypatch):
+    """With mmstack/compat.py applied, mmengine's default collate (looked up by name, as its Runner does) leaves
+    nothing for torch's queue thread to move, boxes and data samples included: a move there fails here, and the
+    batch arrives. mmengine's own collate (the control) leaves them to that thread, which loses the batch."""
+    import threading
+
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import FUNCTIONS
+
+    from mmstack import compat
+
+    compat.apply()
+    share_fd = torch.UntypedStorage._share_fd_cpu_
+
+    def not_in_the_queue_thread(self, *args, **kwargs):
+        if not self.is_shared() and threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(SHM_FULL)
+        return share_fd(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.UntypedStorage, "_share_fd_cpu_", not_in_the_queue_thread)
+    ours = torch.utils.data.DataLoader(_MmSamples(), batch_size=2, num_workers=1, timeout=30,
+                                       collate_fn=FUNCTIONS.get("pseudo_collate"))
+    batch = next(iter(ours))
+    assert batch["data_samples"][1].gt_instances.bboxes.tensor.shape == (3, 4)
+    assert batch["seg"][0].gt_sem_seg.data.shape == (1, 8, 8)
+    control = torch.utils.data.DataLoader(_MmSamples(), batch_size=2, num_workers=1, timeout=3,
+                                          collate_fn=pseudo_collate)
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 3 seconds"):
+        next(iter(control))
+
+
+@pytest.mark.skipif(not _can_mount_a_small_shm(), reason="needs `unshare -m` and mount (root, as on CI)")
+def test_the_detection_stage_under_a_1_mib_shm_stops_in_one_line(tiny_data, tmp_path):
+    """The demo's detection stage (MMDetection's Runner) in a mount namespace with a 1 MiB /dev/shm: before, it
+    printed the worker's error and waited forever."""
+    cmd = (f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec tools/transfer_det.sh none --config "
+           f"configs/detection/demo/faster-rcnn_r50_fpn_voc0712_demo.py --data-root {tiny_data / 'VOCdevkit'} "
+           f"--work-dir {tmp_path / 'w'}")
+    out = subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1].startswith(
+        "error: the data loader's workers ran out of shared memory (/dev/shm: 1 MiB, "), out.stderr[-2000:]
