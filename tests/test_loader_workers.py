@@ -1,6 +1,7 @@
-"""``workers: auto`` (the default): the loader uses the CPUs this process has, as a scheduler grants them; the
-trainer says once what to change when a GPU waited for the loader; and the workers share the dataset's list of
-files instead of copying it (PackedSamples)."""
+"""The loader's workers at real size: ``workers: auto`` (the default) uses the CPUs this process has, as a
+scheduler grants them; the trainer says once what to change when a GPU waited for the loader; the workers share
+the dataset's list of files instead of copying it (PackedSamples); and a full /dev/shm stops a run in one line
+instead of hanging it (lifecycle/shared_memory.py)."""
 
 import os
 import shutil
