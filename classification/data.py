@@ -385,7 +385,11 @@ def loader_workers(cfg: Config, cpus: int | None = None) -> int:
     a few are enough. A runtime key: any value resumes the same run with the same images."""
     if cfg.workers != "auto":
         return cfg.workers
-    return max(1, min(MAX_AUTO_WORKERS, (cpus or process_cpus()) - 1))
+    return _auto_workers(cpus or process_cpus())
+
+
+def _auto_workers(cpus: int) -> int:
+    return max(1, min(MAX_AUTO_WORKERS, cpus - 1))
 
 
 def shm_in_flight(cfg: Config, workers: int) -> int:
@@ -402,7 +406,7 @@ def loader_advice(data_wait_share: float, cfg: Config, workers: int, cpus: int, 
     fixes = []
     if workers < cpus - 1:
         fixes.append(f"more loader workers (workers={workers}; this process has {cpus} CPUs: workers=auto uses "
-                     f"{min(MAX_AUTO_WORKERS, cpus - 1)})")
+                     f"{_auto_workers(cpus)})")
     if cfg.decode != "gpu":
         fixes.append("decode=gpu (the workers then only read the files; the device decodes and augments)")
     if not fixes:

@@ -128,15 +128,19 @@ def _oserror(code: int | None, strerror: str, filename: str | None) -> str | Non
 _PATH_LOCALS = ("filepath", "filename", "file_path", "path", "f", "fname")
 
 
-def _path_from_frames(exc: BaseException) -> str | None:
-    """The file a write was for, from the innermost frame that holds one: ``f.write`` raises ENOSPC without a name,
-    e.g. inside mmengine's LocalBackend.put(obj, filepath) while a Runner saves its checkpoint."""
-    frames = []
-    tb = exc.__traceback__
+def _frames(exc: BaseException) -> list:
+    """The frames of ``exc``'s traceback, outermost first."""
+    frames, tb = [], exc.__traceback__
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
-    for frame in reversed(frames):
+    return frames
+
+
+def _path_from_frames(exc: BaseException) -> str | None:
+    """The file a write was for, from the innermost frame that holds one: ``f.write`` raises ENOSPC without a name,
+    e.g. inside mmengine's LocalBackend.put(obj, filepath) while a Runner saves its checkpoint."""
+    for frame in reversed(_frames(exc)):
         for name in _PATH_LOCALS:
             value = frame.f_locals.get(name)
             if isinstance(value, (str, os.PathLike)) and os.fspath(value):
@@ -149,13 +153,11 @@ def _path_from_frames(exc: BaseException) -> str | None:
 def _torch_load_path(exc: BaseException) -> str | None:
     """The file torch.load was reading when ``exc`` was raised (its ``f`` argument, from the traceback's frames):
     mmengine loads a backbone's checkpoint deep inside the Runner, and torch's message names no file."""
-    tb, path = exc.__traceback__, None
-    while tb is not None:
-        frame = tb.tb_frame
+    path = None
+    for frame in _frames(exc):
         if frame.f_code.co_name == "load" and frame.f_globals.get("__name__") == "torch.serialization":
             f = frame.f_locals.get("f")
             path = os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", path)
-        tb = tb.tb_next
     return str(path) if path else None
 
 
@@ -209,23 +211,17 @@ def _line_of(exc: BaseException) -> str | None:
 
 
 def _shm_full() -> str:
-    try:
-        st = os.statvfs("/dev/shm")
-        kib = st.f_blocks * st.f_frsize // 1024
-        size = f"/dev/shm: {kib // 1024:,} MiB" if kib >= 1024 else f"/dev/shm: {kib} KiB"
-    except OSError:
-        size = "/dev/shm"
+    from lifecycle.shared_memory import shm_bytes  # torch: loaded already wherever a loader ran
+
+    total = shm_bytes()
+    size = "/dev/shm" if total is None else (f"/dev/shm: {total // _MIB:,} MiB" if total >= _MIB else
+                                             f"/dev/shm: {total // 1024} KiB")
     return (f"the data loader's workers ran out of shared memory ({size}, where they hand over their batches): "
             f"enlarge it (a container's --shm-size; tools/doctor.py says how much) or lower workers")
 
 
 def _raised_in_multiprocessing(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("multiprocessing."):
-            return True
-        tb = tb.tb_next
-    return False
+    return any(str(f.f_globals.get("__name__", "")).startswith("multiprocessing.") for f in _frames(exc))
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

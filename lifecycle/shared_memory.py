@@ -10,11 +10,21 @@ lifecycle/errors.py names /dev/shm and the fix. Outside a worker (``workers: 0``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import default_collate, get_worker_info
+
+
+def shm_bytes() -> int | None:
+    """The size of /dev/shm, or None where there is none."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize
 
 
 def shared(tensor: torch.Tensor) -> torch.Tensor:

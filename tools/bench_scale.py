@@ -330,7 +330,8 @@ def _worker_memory(files: int = 1_281_167, workers: int = 15) -> dict[str, float
                 os._exit(0)
         os.waitpid(pid, 0)
         out[name] = float(os.read(read, 64).decode())
-        os.close(read), os.close(write)
+        os.close(read)
+        os.close(write)
     return out
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -108,17 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     # names a full one); a container's default (Docker: 64 MiB) is smaller than one batch of a paper recipe.
     from classification.config import load_config
     from classification.data import loader_workers, process_cpus, shm_in_flight
+    from lifecycle.shared_memory import shm_bytes
 
     recipe = REPO / "configs/classification/r50d_cosine_ls_mixup.yaml"
     cfg, gpus = load_config(recipe), max(1, torch.cuda.device_count())
     cpus = process_cpus(gpus)  # one training process per GPU
     workers = loader_workers(cfg, cpus)
-    need = gpus * shm_in_flight(cfg, workers)
-    try:
-        st = os.statvfs("/dev/shm")
-        shm = st.f_blocks * st.f_frsize
-    except OSError:
-        shm = None
+    need, shm = gpus * shm_in_flight(cfg, workers), shm_bytes()
     print(f"loader: {cpus} CPUs per GPU's process, workers=auto starts {workers} per GPU; /dev/shm "
           f"{'absent' if shm is None else size(shm)}, {recipe.name} can fill {size(need)} ({gpus} GPU(s) x {workers} "
           f"workers x 2 batches of {cfg.device_batch} images at {cfg.image_size} px)")
