@@ -33,12 +33,22 @@ TORCH_VERSION=$(pin torch)
 UV_VERSION=$(pin uv)
 UV_HOME=${UV_HOME:-$HOME/.cache/bot-toolkit/uv-$UV_VERSION}
 
-# Everything that decides what gets installed; the stamp records its hash.
+# Everything that decides what gets installed; the stamp records its hash. With MMCV=full that includes the ops
+# target (cu<CUDA> or cpu, as mmcv's build decides; see below): a venv set up on a node without a GPU (a login node,
+# in a folder the GPU nodes share) holds CPU-only ops, so a GPU node's set-up must not take it as done.
 stamp_inputs=(tools/setup_env.sh "$CONSTRAINTS" setup.py mmstack/compat.py mmstack/mmcv_ops.py)
-want=$({ cat "${stamp_inputs[@]}"; echo "MMCV=$MMCV FORCE_CUDA=${FORCE_CUDA:-} $("$PYTHON" -V 2>&1)"; } |
-    sha256sum | cut -c1-16)
-if [[ -f $VENV/.stamp && $(cat $VENV/.stamp) == "$want" ]]; then
-    exit 0
+stamp() {  # stamp OPS_TARGET
+    { cat "${stamp_inputs[@]}"; echo "MMCV=$MMCV FORCE_CUDA=${FORCE_CUDA:-} ops=$1 $("$PYTHON" -V 2>&1)"; } |
+        sha256sum | cut -c1-16
+}
+if [[ -f $VENV/.stamp ]]; then
+    ops_here=
+    if [[ $MMCV == full ]]; then  # torch is in the venv (the stamp says it was set up)
+        ops_here=$("$VENV/bin/python" mmstack/compat.py mmcv-ops 2>/dev/null) || ops_here=unknown
+    fi
+    if [[ $(cat $VENV/.stamp) == "$(stamp "$ops_here")" ]]; then
+        exit 0
+    fi
 fi
 
 t0=$SECONDS
@@ -154,5 +164,5 @@ if [[ $MMCV == lite ]]; then  # mmcv's extension module, from torchvision: for e
     step "provide mmcv's NMS, RoIAlign and sigmoid focal loss from torchvision and torch (mmcv/_ext.py)" \
         "$VENV/bin/python" -m mmstack.mmcv_ops write-shim
 fi
-echo "$want" > $VENV/.stamp
+stamp "${ops:-}" > $VENV/.stamp
 echo "setup: environment ready in $((SECONDS - t0)) s: $VENV (mmcv: $MMCV_DIST; log: $LOG)"

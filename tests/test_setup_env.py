@@ -1,0 +1,78 @@
+"""tools/setup_env.sh's stamp: when a second set-up may return at once, and when it must install again.
+
+The script runs for real in a copy of its inputs, with stand-ins for what it would install with: a `uv` that records
+its commands, a venv python that answers `mmstack/compat.py mmcv-ops` with a chosen target (what torch would say
+on a node with or without a GPU), and a wheel cache holding an (empty) compiled mmcv per target, so nothing is
+downloaded or built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+INPUTS = ["tools/setup_env.sh", "requirements/constraints.txt", "setup.py", "mmstack/compat.py",
+          "mmstack/mmcv_ops.py"]
+
+
+def _executable(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "repo"
+    for name in INPUTS:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    uv_home = tmp_path / "uv"
+    (uv_home / "bin").mkdir(parents=True)
+    (uv_home / "bin" / "python").symlink_to(sys.executable)  # runs `pip config list` for the package sources
+    _executable(uv_home / "bin" / "uv", f'#!/bin/sh\necho "$*" >> {tmp_path}/uv.log\n')
+    # The venv's python: the ops target from FAKE_OPS, everything else a success.
+    _executable(root / ".venv" / "bin" / "python",
+                '#!/bin/sh\nif [ "$1 $2" = "mmstack/compat.py mmcv-ops" ]; then echo "$FAKE_OPS"; fi\n')
+    pins = dict(line.split("==") for line in (REPO / INPUTS[1]).read_text().splitlines() if "==" in line)
+    for ops in ("cpu", "cu13.0"):
+        wheels = tmp_path / "wheels" / f"torch-{pins['torch']}-{ops}"
+        wheels.mkdir(parents=True)
+        (wheels / f"mmcv-{pins['mmcv']}-cp312-cp312-linux_x86_64.whl").touch()
+    env = {**{k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "MMCV")},
+           "UV_HOME": str(uv_home), "WHEEL_CACHE": str(tmp_path / "wheels"), "SETUP_LOG": str(tmp_path / "setup.log")}
+
+    def setup(**extra) -> list[str]:
+        """Runs the set-up; returns the uv commands it ran."""
+        log = tmp_path / "uv.log"
+        log.unlink(missing_ok=True)
+        run = subprocess.run(["bash", str(root / "tools/setup_env.sh")], capture_output=True, text=True,
+                             env={**env, **extra}, timeout=120)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        return log.read_text().splitlines() if log.exists() else []
+
+    return setup
+
+
+def test_an_unchanged_set_up_returns_at_once_and_a_changed_one_installs_again(tree):
+    assert any(" install " in c for c in tree())
+    assert tree() == []
+    assert any("mmcv==" in c for c in tree(MMCV="full", FAKE_OPS="cpu"))  # another mmcv build: installed
+
+
+def test_a_compiled_mmcv_set_up_on_a_node_without_a_gpu_is_redone_on_a_gpu_node(tree):
+    """MMCV=full in a venv that a login node (no GPU: CPU-only ops) and the GPU nodes share: the GPU node's set-up
+    installs the wheel with CUDA ops, and the login node's puts its own back; each returns at once on a second run."""
+    login = tree(MMCV="full", FAKE_OPS="cpu")
+    assert any("-cpu" in c and "mmcv==" in c for c in login), login
+    assert tree(MMCV="full", FAKE_OPS="cpu") == []
+    gpu = tree(MMCV="full", FAKE_OPS="cu13.0")
+    assert any("-cu13.0" in c and "mmcv==" in c for c in gpu), gpu
+    assert tree(MMCV="full", FAKE_OPS="cu13.0") == []
+    assert any("-cpu" in c and "mmcv==" in c for c in tree(MMCV="full", FAKE_OPS="cpu"))
