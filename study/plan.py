@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from study.spec import STAGE_DIRS, TEACHER_REF, Arm, SpecError, StudySpec
 
 REPO = Path(__file__).resolve().parent.parent
 EXPORT_TOOL = "tools/export_backbone.py"
-RDZV_PORT = 29500
+# The multi-node rendezvous's ports (first, count): below Linux's ephemeral range (32768-60999), one per job and
+# step (rdzv_port).
+RDZV_PORTS = (20000, 10000)
 FROZEN = " (frozen)"  # a stage's name in study_status.json when its backbone is frozen; its run dir ends "_frozen"
 
 
@@ -142,13 +145,23 @@ def cfg_options(items: tuple[str, ...] | list[str]) -> dict:
     return parser.parse_args(["--cfg-options", *items] if items else []).cfg_options
 
 
-def command(step: Step, gpus: int, nodes: int = 1, master: str = "$MASTER_ADDR", job_id: str = "0") -> list[str]:
+def rdzv_port(step: Step, job_id: str) -> int:
+    """The port of a step's rendezvous store on the job's first node: its own per job, since two multi-node jobs may
+    share a first node; and per step, since a node starting the next step must not reach the last step's store while
+    the first node is still closing it."""
+    return RDZV_PORTS[0] + zlib.crc32(f"{job_id}/{step.label}".encode()) % RDZV_PORTS[1]
+
+
+def command(step: Step, gpus: int, nodes: int = 1, master: str = "$MASTER_ADDR", job_id: str = "0",
+            rank: int = 0) -> list[str]:
     """Plain python, or torchrun (lifecycle.torchrun: SIGUSR1 reaches the workers) with ``gpus`` processes per node
-    for the distributed stages, across ``nodes`` nodes through torchrun's c10d rendezvous on ``master``."""
+    for the distributed stages, across ``nodes`` nodes through torchrun's c10d rendezvous on ``master``, which node
+    ``rank`` 0 hosts. Named explicitly (``is_host``), since torchrun's own guess, on finding the port taken, joins
+    whatever store holds it: another job's, whose end would then end this one."""
     if not step.distributed or gpus * nodes <= 1:
         return [sys.executable, *step.argv]
-    multi = ([f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{RDZV_PORT}",
-              f"--rdzv-id={job_id}"] if nodes > 1 else [])
+    multi = ([f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{rdzv_port(step, job_id)}",
+              f"--rdzv-id={job_id}", f"--rdzv-conf=is_host={int(rank == 0)}"] if nodes > 1 else [])
     launcher = ["--launcher", "pytorch"] if step.stage in DOWNSTREAM else []  # mmengine's
     return [sys.executable, "-m", "lifecycle.torchrun", *multi, f"--nproc_per_node={gpus}", *step.argv,
             *launcher]

@@ -231,7 +231,7 @@ def run_steps(steps: list[Step], work_dir: Path, gpus: int, nodes: int = 1, rank
                 note(work_dir, step.key, BLOCKED, error=why)
                 echo(f"{step.label}: blocked: {why}")
             continue
-        argv = command(step, gpus, nodes, master, job_id)
+        argv = command(step, gpus, nodes, master, job_id, rank)
         note(work_dir, step.key, RUNNING, command=shlex.join(argv))  # the command: in study_status.json and the log
         echo(f"{step.label}: started; its output: {step.dir / LOG_NAME}")
         t0 = time.perf_counter()

@@ -31,6 +31,10 @@ from study.spec import StudySpec
 
 # Slurm's warning before the time limit: the stage's grace to save and exit, then time for submitit to requeue.
 SIGNAL_DELAY_S = STOP_GRACE_S + 30
+# How often a job may reach its time limit and be requeued (submitit's default, 3, ends a job that needs more
+# allocations than that: 120 epochs of 4.4 min on a partition of 2 h). Every requeue resumes from a checkpoint saved
+# at the signal, so each allocation makes progress.
+MAX_TIME_LIMIT_REQUEUES = 1000
 
 
 @dataclass
@@ -78,8 +82,12 @@ def sbatch_parameters(job: ArmJob, args, dependency: str | None = None) -> dict[
     gpus = max(job.gpus_per_node, 1)
     resources = {k: v for k, v in (("cpus_per_task", args.cpus_per_gpu * gpus),
                                    ("mem", f"{args.mem_per_gpu * gpus}G")) if k not in extra}
+    # srun does not pass the job's CPUs on to its task on Slurm 22.05 to 23.02 (their release notes): the task, and
+    # all 8 GPUs' loader workers, would be bound to one CPU. Asked again on srun's line (any version takes that).
+    cpus = extra.get("cpus_per_task", resources.get("cpus_per_task"))
     return dict(job_name=f"study.{job.name}", nodes=job.nodes, ntasks_per_node=1, gpus_per_node=job.gpus_per_node,
-                time=args.time, signal_delay_s=SIGNAL_DELAY_S, **resources, **{k: v for k, v in (
+                time=args.time, signal_delay_s=SIGNAL_DELAY_S, srun_args=[f"--cpus-per-task={cpus}"],
+                **resources, **{k: v for k, v in (
                     ("partition", args.partition), ("account", args.account)) if v},
                 setup=["export SUBMITIT_PREEMPT_SIGNAL=USR1"],  # submitit's handler on the stop contract's signal
                 additional_parameters={"signal": f"USR1@{SIGNAL_DELAY_S}", "requeue": True,
@@ -93,7 +101,12 @@ def submission_text(job: ArmJob, params: dict[str, Any], folder: Path) -> str:
     text = _make_sbatch_string(command=f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}",
                                folder=folder, **params)
     runs = [f"#   {step.label}: {shlex.join(command(step, job.gpus_per_node, job.nodes))}" for step in job.steps]
-    return "\n".join([f"# job {job.name}: {len(job.steps)} stage(s), in order", *runs, text])
+    where = " (as the first node runs them; the rendezvous port and id follow the job id)" if job.nodes > 1 else ""
+    return "\n".join([f"# job {job.name}: {len(job.steps)} stage(s), in order{where}", *runs, text])
+
+
+def slurm_executor(folder: Path) -> submitit.SlurmExecutor:
+    return submitit.SlurmExecutor(folder, max_num_timeout=MAX_TIME_LIMIT_REQUEUES)
 
 
 def submit(jobs: list[ArmJob], args, folder: Path, executor_factory=None) -> dict[str, submitit.Job]:
@@ -103,7 +116,7 @@ def submit(jobs: list[ArmJob], args, folder: Path, executor_factory=None) -> dic
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"  # inherited by the jobs (sbatch exports the environment)
     submitted: dict[str, submitit.Job] = {}
     for job in jobs:
-        executor = (executor_factory or submitit.SlurmExecutor)(folder)
+        executor = (executor_factory or slurm_executor)(folder)
         if isinstance(executor, submitit.SlurmExecutor):
             after = [submitted[t].job_id for t in job.after]
             executor.update_parameters(**sbatch_parameters(job, args, "afterok:" + ":".join(after) if after else None))

@@ -429,6 +429,8 @@ def test_paper_study_on_slurm_dry_run_prints_two_jobs_per_arm(tmp_path, capsys):
                           "signal": "USR1@150", "requeue": "", "open-mode": "append", "wckey": "submitit",
                           **(after if name.endswith("transfer") and not name.startswith("random") else {})}, name
         assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in text and "-m submitit.core._submit" in text
+        srun = next(line for line in text.splitlines() if line.startswith("srun "))
+        assert "--cpus-per-task=40" in srun.split(), srun  # asked again: srun 22.05-23.02 does not inherit it
     assert sorted(by_name) == sorted(names)
     # The jobs' stages, in order: torchrun across both nodes for the training stages, the export on one process.
     mixup = job_stages(by_name["d_mixup.seed0.imagenet"]) + job_stages(by_name["d_mixup.seed0.transfer"])
@@ -461,6 +463,9 @@ def test_slurm_submission_teacher_first_with_afterok(tiny_data, tmp_path, monkey
     """The submit path through submitit's own SlurmExecutor, sbatch replaced by echo: the submission files it
     writes, the student's job waiting on its teacher's."""
     import submitit
+    from submitit.helpers import DelayedSubmission
+
+    from study import slurm
 
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
     job_ids = iter(range(4242, 4250))
@@ -474,6 +479,10 @@ def test_slurm_submission_teacher_first_with_afterok(tiny_data, tmp_path, monkey
     assert sorted(t["job-name"] for t in texts) == ["study.b_standard.seed0.imagenet", "study.d_student.seed0.imagenet"]
     student = next(t for t in texts if t["job-name"] == "study.d_student.seed0.imagenet")
     assert student["dependency"] == "afterok:4242" and student["signal"] == "USR1@150"
+    # Requeued at every time limit, not only the first 3 (submitit's default), each job with its own CPUs on srun.
+    for path in sorted((tmp_path / "w" / "slurm").rglob("*_submitted.pkl")):
+        assert DelayedSubmission.load(path)._timeout_countdown == slurm.MAX_TIME_LIMIT_REQUEUES
+    assert all("--cpus-per-task=16" in f.read_text().split() for f in files)  # 2 GPUs x --cpus-per-gpu 8
 
 
 def test_a_student_job_waits_only_for_its_teachers_classification(tiny_data, tmp_path):
@@ -548,3 +557,25 @@ def test_preempted_slurm_job_saves_its_stage_and_requeues(tmp_path):
     run._Running.signum = None
     assert isinstance(requeued, DelayedSubmission) and requeued.function is job
     assert answers == [75] and status(tmp_path)[("b_standard", "classification")]["status"] == "interrupted"
+
+
+def test_a_multi_node_step_forms_one_world_across_its_nodes(tmp_path):
+    """command() for 2 nodes x 1 process, each node's line run here as its own torchrun agent: the second node
+    (started first) waits for the first to host the rendezvous store, and both workers see one world of 2. The
+    job's next step, and another job sharing the first node, rendezvous on other ports."""
+    from study.plan import Step, command, rdzv_port
+
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os\nprint('world', os.environ['WORLD_SIZE'], 'rank', os.environ['RANK'])\n")
+    step = Step("d_mixup", 0, "classification", tmp_path / "cls", (str(worker),), True)
+    lines = {rank: command(step, 1, 2, "127.0.0.1", "4242", rank) for rank in (0, 1)}
+    assert f"--rdzv-endpoint=127.0.0.1:{rdzv_port(step, '4242')}" in lines[0]
+    assert "--rdzv-conf=is_host=1" in lines[0] and "--rdzv-conf=is_host=0" in lines[1]
+    nodes = [subprocess.Popen(lines[rank], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+             for rank in (1, 0)]
+    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    worlds = sorted(line for out in outputs for line in out.splitlines() if line.startswith("world"))
+    assert worlds == ["world 2 rank 0", "world 2 rank 1"], outputs
+    after = Step("d_mixup", 0, "detection", tmp_path / "det", (str(worker),), True)
+    assert len({rdzv_port(step, "4242"), rdzv_port(after, "4242"), rdzv_port(step, "4243")}) == 3
