@@ -12,6 +12,9 @@ both do:
   kill between the two renames leaves the previous export in ``.NAME.old-PID``: ``recover`` (run first, every
   time) puts it back; a kill during the export leaves the sibling, which ``recover`` removes with the temporary
   files of interrupted writes.
+- One process at a time per export dir (a lock file ``.NAME.lock`` beside it): two started at once (two studies'
+  jobs, a detection and a segmentation stage exporting one run) export once; the second waits, then finds it up to
+  date. Unlocked, the second's ``recover`` removed the first's sibling mid-write and the first failed.
 - SIGTERM, SIGUSR1 and SIGINT during the export stop it at once (there is nothing to save; a signal during the swap
   waits for its two renames), remove the half-written sibling and exit with EXIT_INTERRUPTED (75).
 """
@@ -29,6 +32,7 @@ from typing import Any
 
 from lifecycle.artifacts import fsync_dir, remove_stale_temporaries
 from lifecycle.preemption import SIGNALS
+from lifecycle.run_lock import waiting_lock
 from lifecycle.stop_flag import Preempted
 
 from . import source as sources  # export_source looked up per call: a test replaces it
@@ -127,6 +131,13 @@ def refresh_export(src: Source | str, out: str | Path, *, check: Callable[[Path]
 
 
 def _refresh(src: Source | str, out: Path, check, options: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:
+    # One process at a time per export dir: another's recover() would delete this one's sibling mid-write. The
+    # second waits, then finds the export up to date.
+    with waiting_lock(out.with_name(f".{out.name}.lock"), f"{out}: another process is exporting here; waiting for it"):
+        return _refresh_locked(src, out, check, options)
+
+
+def _refresh_locked(src, out: Path, check, options: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:
     repairs = recover(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; give another --out")

@@ -8,10 +8,12 @@ also on SIGKILL, so a killed run never leaves a stale lock behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from lifecycle.errors import UserError
@@ -50,3 +52,27 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, waiting: str) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` for the block, waiting for an earlier holder (``waiting`` is logged
+    once when there is one): for work that two processes may start at once and the second should find done (two
+    studies' jobs, or a detection and a segmentation stage, exporting the same run). Unlocked file systems: as
+    RunLock, a warning and no lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning(waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a signal handler that raises ends the wait
+        except OSError as e:
+            if e.errno not in UNSUPPORTED:
+                raise
+            log.warning("%s: this file system does not support locks (%s); two processes writing here at once are "
+                        "not kept apart", path, errno.errorcode[e.errno])
+        yield
+    finally:
+        os.close(fd)  # releases the lock

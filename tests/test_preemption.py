@@ -387,8 +387,28 @@ def test_killed_reexport_keeps_the_previous_export_valid_and_the_rerun_cleans_up
     rerun = export_tool(run_dir, "--out", out)
     assert rerun.returncode == 0, f"seed {seed}: {rerun.stdout + rerun.stderr}"
     assert json_of(out / "meta.json")["sha256"] == file_sha256(run_dir / "last.pth")
-    assert not list(out.glob(".*.tmp")) and not list(out.parent.glob(".export.*")), f"seed {seed}: debris stayed"
+    assert not list(out.glob(".*.tmp")), f"seed {seed}: debris stayed"
+    assert list(out.parent.glob(".export.*")) == [out.parent / ".export.lock"], f"seed {seed}: debris stayed"
     assert "removed" in rerun.stdout
+
+
+def test_two_exports_of_one_run_at_once_export_it_once(run_dir, tmp_path):
+    """Two processes export the same run into the same dir at once (two studies' jobs, or a detection and a
+    segmentation stage started together): the second waits for the first and finds the export up to date; neither
+    removes the other's half-written sibling."""
+    from export.files import file_sha256, load_export
+
+    out = tmp_path / "export"
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tools/export_backbone.py"), str(run_dir), "--out",
+                               str(out)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], results
+    said = sorted("up to date" if "up to date" in stdout else "exported" for stdout, _ in results)
+    assert said == ["exported", "up to date"], results
+    assert json_of(out / "meta.json")["sha256"] == file_sha256(run_dir / "last.pth")
+    load_export(out)
+    assert list(tmp_path.glob(".export.*")) == [tmp_path / ".export.lock"]
 
 
 def test_sigterm_during_a_reexport_exits_75_and_keeps_the_previous_export(run_dir, tmp_path):
@@ -410,7 +430,7 @@ def test_sigterm_during_a_reexport_exits_75_and_keeps_the_previous_export(run_di
     assert "export interrupted" in stderr and stderr.count("\n") == 1, stderr
     assert json_of(out / "meta.json")["sha256"] == before != file_sha256(run_dir / "last.pth")
     load_export(out)
-    assert not list(tmp_path.glob(".export.*"))
+    assert list(tmp_path.glob(".export.*")) == [tmp_path / ".export.lock"]  # the lock file stays, and nothing else
 
 
 def test_export_dir_without_meta_is_diagnosed_as_an_incomplete_export(run_dir, tmp_path):
@@ -661,7 +681,7 @@ def test_an_export_failing_its_check_is_never_swapped_in_so_the_rerun_exports_ag
 
     with pytest.raises(ExportError, match="stage outputs differ"):
         refresh_export(str(run_dir), out, check=failing)
-    assert not out.exists() and not list(tmp_path.glob(".export.*"))
+    assert not out.exists() and list(tmp_path.glob(".export.*")) == [tmp_path / ".export.lock"]
     checked = []
     assert refresh_export(str(run_dir), out, check=checked.append)[0] == "exported" and len(checked) == 1
     assert refresh_export(str(run_dir), out, check=checked.append)[0] == "up to date" and len(checked) == 1

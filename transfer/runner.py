@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from datakit.synthetic import synthetic_problem
-from lifecycle.artifacts import write_summary
+from lifecycle.artifacts import atomic_write_bytes, write_summary
 from lifecycle.distributed import BatchPlan, process_counts
 from lifecycle.errors import UserError
 from lifecycle.preemption import EXIT_INTERRUPTED
@@ -496,7 +496,8 @@ def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
                          f"{stage.data} data (above); "
                          f"fix them (tools/check_data.py {stage.data} {args.data_root} --full)")
     work_dir.mkdir(parents=True, exist_ok=True)
-    cfg.dump(str(work_dir / "config.py"))
+    if main_process:  # whole or not at all: a resume compares its inputs with this file (refuse_changed_inputs)
+        atomic_write_bytes(work_dir / "config.py", cfg.dump().encode())
 
     t0 = time.perf_counter()
     runner = Runner.from_cfg(cfg)
