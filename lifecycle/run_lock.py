@@ -54,25 +54,31 @@ class RunLock:
             self._fd = None
 
 
+_unlocked_warned: set[Path] = set()
+
+
 @contextlib.contextmanager
-def waiting_lock(path: Path, waiting: str) -> Iterator[None]:
-    """An exclusive lock on the file ``path`` for the block, waiting for an earlier holder (``waiting`` is logged
-    once when there is one): for work that two processes may start at once and the second should find done (two
-    studies' jobs, or a detection and a segmentation stage, exporting the same run). Unlocked file systems: as
-    RunLock, a warning and no lock."""
+def waiting_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` for the block, waiting for an earlier holder (``waiting``, if given, is
+    logged when there is one): for work that two processes may start at once and the second should find done (two
+    studies' jobs, or a detection and a segmentation stage, exporting the same run), or a shared file's
+    read-modify-write. On a file system without locks: as RunLock, a warning (once per file) and no lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning(waiting)
+            if waiting:
+                log.warning(waiting)
             fcntl.flock(fd, fcntl.LOCK_EX)  # a signal handler that raises ends the wait
         except OSError as e:
             if e.errno not in UNSUPPORTED:
                 raise
-            log.warning("%s: this file system does not support locks (%s); two processes writing here at once are "
-                        "not kept apart", path, errno.errorcode[e.errno])
+            if path not in _unlocked_warned:
+                _unlocked_warned.add(path)
+                log.warning("%s: this file system does not support locks (%s); two processes writing here at once "
+                            "are not kept apart", path, errno.errorcode[e.errno])
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import fcntl
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from typing import Any
 from lifecycle import progress
 from lifecycle.artifacts import atomic_write_json
 from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS
+from lifecycle.run_lock import waiting_lock
 from lifecycle.stages import NAMES
 from study.plan import FROZEN, REPO, Step, command
 
@@ -61,8 +61,8 @@ def record(work_dir: Path, key: tuple[str, int, str], status: str, **fields: Any
         fields.update(host=socket.gethostname(), pid=os.getpid(), job=os.environ.get("SLURM_JOB_ID"), started=now,
                       finished=None, seconds=None, error=None)
     work_dir.mkdir(parents=True, exist_ok=True)
-    with open(work_dir / f".{STATUS_FILE}.lock", "w") as lock:
-        fcntl.lockf(lock, fcntl.LOCK_EX)  # POSIX locks, which NFS honours across nodes
+    # flock, which NFS (as POSIX locks) and Lustre mounted with flock honour across nodes; without locks, a warning
+    with waiting_lock(work_dir / f".{STATUS_FILE}.lock"):
         entries = _load(work_dir / STATUS_FILE)
         old = next((e for e in entries if (e.get("arm"), e.get("seed"), e.get("stage")) == key), {})
         new = {**old, "arm": key[0], "seed": key[1], "stage": key[2], "status": status,

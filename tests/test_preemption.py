@@ -648,8 +648,8 @@ def test_loader_workers_and_pools_outlive_a_stop_signal_to_the_whole_group(metho
 
 @pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK", "EOPNOTSUPP"])
 def test_a_file_system_without_locks_warns_and_runs(code, tmp_path, monkeypatch, caplog):
-    """flock fails with ENOSYS/ENOLCK on Lustre without flock and NFS without lockd: the run goes on, warned that one
-    writer per run dir is not enforced there; any other error still stops it."""
+    """flock fails with ENOSYS/ENOLCK on Lustre without flock and NFS without lockd: the run (and a study's record
+    of it) goes on, warned that one writer per run dir is not enforced there; any other error still stops it."""
     import errno
     import fcntl
 
@@ -662,6 +662,14 @@ def test_a_file_system_without_locks_warns_and_runs(code, tmp_path, monkeypatch,
     lock = run_lock.RunLock(tmp_path / "run")
     assert "does not support locks" in caplog.text and errno.errorcode[getattr(errno, code)] in caplog.text
     lock.release()
+    # The study's status file and an export dir take turns on waiting locks: the same, warned once per file.
+    from study.run import STATUS_FILE, record
+
+    caplog.clear()
+    for status in ("running", "done"):
+        record(tmp_path / "study", ("b_standard", 0, "classification"), status)
+    assert json_of(tmp_path / "study" / STATUS_FILE)[0]["status"] == "done"
+    assert caplog.text.count("does not support locks") == 1
     monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         run_lock.RunLock(tmp_path / "run")
