@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +96,7 @@ def status_table(entries: list[dict[str, Any]]) -> str:
 
 class _Running:  # the stage running now, for the signal handlers (ours, or submitit's checkpoint in a Slurm job)
     proc = step = work_dir = signum = None  # its Popen, Step and work dir; the signal that stops the study
+    output = None  # the _Output thread copying its output to stage.log
 
 
 def echo(text: str) -> None:
@@ -119,13 +121,17 @@ def passing_signals_on():
 
 
 def stop_running_stage(signum: int, wait_s: float) -> None:
-    """Ask the running stage to save (the stop contract), wait for it, and record the answer."""
+    """Ask the running stage to save (the stop contract), wait for it, and record the answer. Called in a signal
+    handler (submitit's, in a Slurm job): the stage's output goes on being read meanwhile, by its _Output thread,
+    so the stage never blocks on a full pipe and its last lines (what it saved) reach stage.log."""
     if (proc := _Running.proc) is not None and (step := _Running.step) is not None:
         _pass_on(signum, None)
         try:
             rc = proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             rc = None
+        if (output := _Running.output) is not None:
+            output.join(timeout=5)  # its last lines (a loader worker still holding the pipe: not waited for)
         state, error = outcome(step, rc, f"preempted; no checkpoint (exit {rc})")
         record(_Running.work_dir, step.key, state, error=error)
 
@@ -151,6 +157,37 @@ class _Progress:
             sys.stdout.flush()
 
 
+class _Output(threading.Thread):
+    """Copies a stage's output to its log as it comes, keeping its last lines and showing its progress; in a thread,
+    so that the pipe is read while the main thread waits for the stage, or for its stop in a signal handler."""
+
+    def __init__(self, pipe, log, shown: _Progress):
+        super().__init__(daemon=True, name="stage-output")
+        self.pipe, self.log, self.shown = pipe, log, shown
+        self.tail: collections.deque[str] = collections.deque(maxlen=200)
+        self.pending = ""
+
+    def run(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            while chunk := os.read(self.pipe.fileno(), 65536):
+                text = decoder.decode(chunk)
+                self.log.write(text)
+                self.log.flush()
+                *lines, self.pending = re.split(r"\r\n|\r|\n", self.pending + text)  # \r: progress bars redraw
+                for line in lines:
+                    line = _ANSI.sub("", line).strip()
+                    if line:
+                        self.tail.append(line[:300])
+                        if match := progress.PATTERN.search(line):
+                            self.shown.update(match[1])
+        except (OSError, ValueError):  # the pipe or the log closed under it: the study is exiting
+            pass
+
+    def lines(self) -> list[str]:
+        return [*self.tail, *filter(None, [_ANSI.sub("", self.pending).strip()[:300]])]
+
+
 def run_stage(step: Step, argv: list[str], work_dir: Path) -> tuple[int, str, list[str]]:
     """Run one stage, its output (stdout and stderr) appended to its run dir's LOG_NAME; returns its exit status,
     its last error line and its last TAIL_LINES lines."""
@@ -161,28 +198,19 @@ def run_stage(step: Step, argv: list[str], work_dir: Path) -> tuple[int, str, li
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}: {shlex.join(argv)}\n")
         log.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        _Running.proc, _Running.step, _Running.work_dir = proc, step, work_dir
-        decoder, pending, tail = codecs.getincrementaldecoder("utf-8")(errors="replace"), "", collections.deque(
-            maxlen=200)
-        shown = _Progress(step.label)
+        output = _Output(proc.stdout, log, _Progress(step.label))
+        output.start()
+        _Running.proc, _Running.step, _Running.work_dir, _Running.output = proc, step, work_dir, output
         try:
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                text = decoder.decode(chunk)
-                log.write(text)
-                log.flush()
-                *lines, pending = re.split(r"\r\n|\r|\n", pending + text)  # \r: progress bars redraw a line
-                for line in lines:
-                    line = _ANSI.sub("", line).strip()
-                    if line:
-                        tail.append(line[:300])
-                        if match := progress.PATTERN.search(line):
-                            shown.update(match[1])
+            # To the end of its output, then its exit. Not proc.wait() first: it holds Popen's wait lock while it
+            # blocks, and the stop in a signal handler (stop_running_stage) could then never see the exit.
+            output.join()
             rc = proc.wait()
         finally:
-            shown.clear()
-            _Running.proc = _Running.step = None
+            output.shown.clear()
+            _Running.proc = _Running.step = _Running.output = None
             proc.stdout.close()
-    lines = [*tail, *filter(None, [_ANSI.sub("", pending).strip()[:300]])]
+    lines = output.lines()
     errors = [line for line in lines if _ERROR_LINE.match(line)] or lines or [""]
     return rc, errors[-1], lines[-TAIL_LINES:]
 

@@ -559,6 +559,40 @@ def test_preempted_slurm_job_saves_its_stage_and_requeues(tmp_path):
     assert answers == [75] and status(tmp_path)[("b_standard", "classification")]["status"] == "interrupted"
 
 
+def test_a_stop_in_a_signal_handler_keeps_reading_the_stage_so_its_last_lines_reach_the_log(tmp_path):
+    """As in a Slurm job: the study's main thread runs the stage, and submitit's SIGUSR1 handler (here a stand-in
+    with the same call) asks it to stop and waits, in that thread. The stage writes 256 KiB while it saves (4 pipes
+    full), then its last line: it is not blocked on the pipe, exits 75 within the wait, and every line is in
+    stage.log."""
+    stage = ("import signal, sys, time\n"
+             "def save(*a):\n"
+             "    for i in range(4096): print('saving', i, 'x' * 50)\n"
+             "    print('saved a resumable checkpoint'); sys.exit(75)\n"
+             "signal.signal(signal.SIGUSR1, save); print('hand' + 'ler set', flush=True); time.sleep(60)\n")
+    job = f"""
+import signal, sys
+from pathlib import Path
+from study import run
+from study.plan import Step
+step = Step("b_standard", 0, "classification", Path({str(tmp_path / "cls")!r}), ("-c", {stage!r}), False)
+signal.signal(signal.SIGUSR1, lambda *a: (run.stop_running_stage(signal.SIGUSR1, wait_s=20), sys.exit(3)))
+run.run_steps([step], Path({str(tmp_path)!r}), 0)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", job], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    log = tmp_path / "cls" / "stage.log"
+    deadline = time.time() + 60
+    while "handler set" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 3, out  # the handler's exit, after its wait
+    text = log.read_text()
+    saved = [line for line in text.splitlines() if line.startswith("saving ")]
+    assert len(saved) == 4096 and text.rstrip().endswith("saved a resumable checkpoint"), text[-500:]
+    assert status(tmp_path)[("b_standard", "classification")]["status"] == "interrupted"
+
+
 def test_a_multi_node_step_forms_one_world_across_its_nodes(tmp_path):
     """command() for 2 nodes x 1 process, each node's line run here as its own torchrun agent: the second node
     (started first) waits for the first to host the rendezvous store, and both workers see one world of 2. The
