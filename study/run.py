@@ -38,6 +38,8 @@ from study.plan import FROZEN, REPO, Step, command
 _ERROR_LINE = re.compile(r"^(error:|\w+(\.\w+)*(Error|Exception)\b)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 LOG_NAME = "stage.log"  # a stage's whole console output, appended per run, in its run dir (an export's swap keeps it)
+# ... as the first node of a multi-node job sees it; node N's own: stage.nodeN.log (appends from several hosts to one
+# file on a shared file system may overwrite each other)
 PROGRESS_EVERY_S = 30.0  # without a terminal, a running stage's progress line at most this often
 TAIL_LINES = 15  # of a failing stage's output, shown on the console
 # The one number a stage's end line shows: (file, key in it), the first found.
@@ -188,13 +190,17 @@ class _Output(threading.Thread):
         return [*self.tail, *filter(None, [_ANSI.sub("", self.pending).strip()[:300]])]
 
 
-def run_stage(step: Step, argv: list[str], work_dir: Path) -> tuple[int, str, list[str]]:
-    """Run one stage, its output (stdout and stderr) appended to its run dir's LOG_NAME; returns its exit status,
-    its last error line and its last TAIL_LINES lines."""
+def log_name(rank: int) -> str:
+    return LOG_NAME if rank == 0 else f"stage.node{rank}.log"
+
+
+def run_stage(step: Step, argv: list[str], work_dir: Path, rank: int = 0) -> tuple[int, str, list[str]]:
+    """Run one stage, its output (stdout and stderr) appended to its run dir's log (``log_name``); returns its exit
+    status, its last error line and its last TAIL_LINES lines."""
     paths = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": paths}  # torchrun's signals: lifecycle.torchrun
     step.dir.mkdir(parents=True, exist_ok=True)
-    with open(step.dir / LOG_NAME, "a", encoding="utf-8") as log:
+    with open(step.dir / log_name(rank), "a", encoding="utf-8") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}: {shlex.join(argv)}\n")
         log.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -250,7 +256,9 @@ def run_steps(steps: list[Step], work_dir: Path, gpus: int, nodes: int = 1, rank
     for step in steps:
         if _Running.signum is not None:
             return EXIT_INTERRUPTED
-        missing = [p for p in step.inputs if not p.exists()] if rank == 0 else []
+        # Every node decides alike (the inputs come from other jobs, on the shared work dir): a node starting a step
+        # the first node skipped would wait out the rendezvous for it.
+        missing = [p for p in step.inputs if not p.exists()]
         why = next((f"{d[2]} of {d[0]} seed{d[1]}: {not_done[d]}" for d in step.needs if d in not_done), None) or (
             f"needs {missing[0]}; run the stage that writes it first" if missing else None)
         if why is not None or (rank > 0 and not step.distributed):
@@ -261,9 +269,9 @@ def run_steps(steps: list[Step], work_dir: Path, gpus: int, nodes: int = 1, rank
             continue
         argv = command(step, gpus, nodes, master, job_id, rank)
         note(work_dir, step.key, RUNNING, command=shlex.join(argv))  # the command: in study_status.json and the log
-        echo(f"{step.label}: started; its output: {step.dir / LOG_NAME}")
+        echo(f"{step.label}: started; its output: {step.dir / log_name(rank)}")
         t0 = time.perf_counter()
-        rc, error, last_lines = run_stage(step, argv, work_dir)
+        rc, error, last_lines = run_stage(step, argv, work_dir, rank)
         state, error = outcome(step, rc, error)
         seconds = round(time.perf_counter() - t0, 1)
         note(work_dir, step.key, state, seconds=seconds, error=error)

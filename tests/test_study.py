@@ -593,6 +593,25 @@ run.run_steps([step], Path({str(tmp_path)!r}), 0)
     assert status(tmp_path)[("b_standard", "classification")]["status"] == "interrupted"
 
 
+def test_the_other_nodes_of_a_job_log_apart_and_skip_what_the_first_node_skips(tmp_path):
+    """run_steps on node 1 of 2: a distributed step runs there (its output in stage.node1.log, stage.log left to the
+    first node); a step whose input is missing is skipped there too, not started to wait for a rendezvous that the
+    first node never opens; a single-process step (the export) is the first node's; nothing is recorded."""
+    from study import run
+    from study.plan import Step
+
+    ran = tmp_path / "a" / "seed0" / "cls"
+    script = ("-c", "print('on node 1')")
+    steps = [Step("a", 0, "classification", ran, script, True),
+             Step("a", 0, "export", tmp_path / "a" / "seed0" / "export", script, False),
+             Step("b", 0, "detection", tmp_path / "b" / "seed0" / "det", script, True,
+                  needs=(("b", 0, "export"),))]
+    assert run.run_steps(steps, tmp_path, 0, nodes=2, rank=1) == 1  # node 1's answer: a step blocked
+    assert "on node 1" in (ran / "stage.node1.log").read_text() and not (ran / "stage.log").exists()
+    assert not (tmp_path / "a" / "seed0" / "export").exists() and not (tmp_path / "b" / "seed0" / "det").exists()
+    assert not (tmp_path / run.STATUS_FILE).exists()
+
+
 def test_a_multi_node_step_forms_one_world_across_its_nodes(tmp_path):
     """command() for 2 nodes x 1 process, each node's line run here as its own torchrun agent: the second node
     (started first) waits for the first to host the rendezvous store, and both workers see one world of 2. The
