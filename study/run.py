@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +168,22 @@ class _Output(threading.Thread):
         self.pipe, self.log, self.shown = pipe, log, shown
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
         self.pending = ""
+        self.log_error: OSError | None = None  # the log could not be written (a full disk): the pipe is still read
+
+    def write(self, text: str) -> None:
+        if self.log_error is None:
+            try:
+                self.log.write(text)
+                self.log.flush()
+            except OSError as e:
+                self.log_error = e
 
     def run(self) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
             while chunk := os.read(self.pipe.fileno(), 65536):
                 text = decoder.decode(chunk)
-                self.log.write(text)
-                self.log.flush()
+                self.write(text)
                 *lines, self.pending = re.split(r"\r\n|\r|\n", self.pending + text)  # \r: progress bars redraw
                 for line in lines:
                     line = _ANSI.sub("", line).strip()
@@ -200,22 +208,26 @@ def run_stage(step: Step, argv: list[str], work_dir: Path, rank: int = 0) -> tup
     paths = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": paths}  # torchrun's signals: lifecycle.torchrun
     step.dir.mkdir(parents=True, exist_ok=True)
-    with open(step.dir / log_name(rank), "a", encoding="utf-8") as log:
-        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}: {shlex.join(argv)}\n")
-        log.flush()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        output = _Output(proc.stdout, log, _Progress(step.label))
-        output.start()
-        _Running.proc, _Running.step, _Running.work_dir, _Running.output = proc, step, work_dir, output
-        try:
-            # To the end of its output, then its exit. Not proc.wait() first: it holds Popen's wait lock while it
-            # blocks, and the stop in a signal handler (stop_running_stage) could then never see the exit.
-            output.join()
-            rc = proc.wait()
-        finally:
-            output.shown.clear()
-            _Running.proc = _Running.step = _Running.output = None
-            proc.stdout.close()
+    log = open(step.dir / log_name(rank), "a", encoding="utf-8")  # closed below, where a full disk may refuse
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    output = _Output(proc.stdout, log, _Progress(step.label))
+    output.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}: {shlex.join(argv)}\n")
+    output.start()
+    _Running.proc, _Running.step, _Running.work_dir, _Running.output = proc, step, work_dir, output
+    try:
+        # To the end of its output, then its exit. Not proc.wait() first: it holds Popen's wait lock while it
+        # blocks, and the stop in a signal handler (stop_running_stage) could then never see the exit.
+        output.join()
+        rc = proc.wait()
+    finally:
+        output.shown.clear()
+        _Running.proc = _Running.step = _Running.output = None
+        proc.stdout.close()
+        with suppress(OSError):  # what a full disk did not take (said below)
+            log.close()
+    if output.log_error is not None:
+        echo(f"{step.label}: could not write {step.dir / log_name(rank)} ({output.log_error.strerror}); the rest of "
+             f"its output was read but not kept")
     lines = output.lines()
     errors = [line for line in lines if _ERROR_LINE.match(line)] or lines or [""]
     return rc, errors[-1], lines[-TAIL_LINES:]

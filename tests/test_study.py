@@ -593,6 +593,22 @@ run.run_steps([step], Path({str(tmp_path)!r}), 0)
     assert status(tmp_path)[("b_standard", "classification")]["status"] == "interrupted"
 
 
+def test_a_stage_whose_log_cannot_be_written_still_runs_to_its_end(tmp_path, capsys):
+    """stage.log on a full disk (a link to /dev/full, which refuses every write with ENOSPC): the study keeps reading
+    the stage's output, so the stage runs to its end rather than blocking on the pipe; one line says the log was
+    cut, and the stage's own last line is still its answer."""
+    from study import run
+    from study.plan import Step
+
+    step = Step("a", 0, "classification", tmp_path / "cls",
+                ("-c", "for i in range(20000): print('line', i, 'x' * 60)\nprint('end')"), False)
+    step.dir.mkdir()
+    (step.dir / "stage.log").symlink_to("/dev/full")
+    rc, last, _ = run.run_stage(step, [sys.executable, *step.argv], tmp_path)
+    assert (rc, last) == (0, "end")
+    assert "could not write" in capsys.readouterr().out
+
+
 def test_the_other_nodes_of_a_job_log_apart_and_skip_what_the_first_node_skips(tmp_path):
     """run_steps on node 1 of 2: a distributed step runs there (its output in stage.node1.log, stage.log left to the
     first node); a step whose input is missing is skipped there too, not started to wait for a rendezvous that the
