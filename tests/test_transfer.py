@@ -407,7 +407,8 @@ def test_a_stated_memory_limit_accumulates_and_records_the_smaller_bn_batch(monk
 def test_under_two_processes_every_batchnorm_that_trains_is_synchronised(tmp_path):
     """The FCN recipe and the random-init Faster R-CNN built by mmengine's Runner under torchrun (2 processes,
     gloo): every BatchNorm that uses batch statistics is a SyncBatchNorm of the whole group; the pretrained
-    detector's frozen BN is left as it is. On a CPU such a run is refused in one line before it starts."""
+    detector's frozen BN is left as it is; the evaluator scores every rank's images. On a CPU such a run is refused
+    in one line before it starts."""
     script = tmp_path / "built.py"
     script.write_text(f"""
 import argparse, json, os, sys
@@ -437,12 +438,20 @@ for name, config, stage in (("fcn", {DOWNSTREAM['fcn']!r}, SEG), ("fpn", {DOWNST
                               launcher="pytorch", seed=0, frozen_backbone=False)
     decided = configure(cfg, stage, args, None, None)
     cfg.model_wrapper_cfg = dict(type="Holder")
-    model = Runner.from_cfg(cfg).model.module
+    runner = Runner.from_cfg(cfg)
+    model = runner.model.module
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     model.train()
     out[name] = dict(bn_batch=decided["bn_batch"], trains=sum(m.training for m in bns),
                      synced=sum(isinstance(m, torch.nn.SyncBatchNorm) for m in bns if m.training),
                      world=torch.distributed.get_world_size())
+    if name == "fcn":  # the evaluator as configured: each rank scores its own image, the ranks' results gathered
+        evaluator = runner.build_evaluator(cfg.val_evaluator)
+        evaluator.dataset_meta = dict(classes=[str(c) for c in range(150)])
+        rank = torch.distributed.get_rank()
+        gt, pred = torch.ones(1, 4, 4, dtype=torch.long), torch.full((1, 4, 4), 1 + rank)  # rank 1 all wrong
+        evaluator.process([dict(pred_sem_seg=dict(data=pred), gt_sem_seg=dict(data=gt))])
+        out[name]["mIoU"] = float(evaluator.evaluate(2)["mIoU"])
 if os.environ["RANK"] == "0":
     print("RESULT " + json.dumps(out))
 """)
@@ -452,6 +461,9 @@ if os.environ["RANK"] == "0":
     result = json.loads(out.stdout.split("RESULT ")[1].splitlines()[0])
     assert result["fcn"]["trains"] > 50 and result["fcn"]["synced"] == result["fcn"]["trains"]
     assert result["fcn"]["bn_batch"] == 16 and result["fcn"]["world"] == 2
+    # Both ranks' images scored (class 1: IoU 16/32; class 2: 0/16; rank 0 alone would give 100), gathered over the
+    # process group: nothing written to the launch directory, which another node may not share.
+    assert result["fcn"]["mIoU"] == 25.0 and not (tmp_path / ".dist_test").exists()
     assert result["fpn"]["trains"] == result["fpn"]["synced"] > 50 and result["fpn"]["bn_batch"] == 16  # control
 
     if not torch.cuda.is_available():  # the stage itself: SyncBN cannot run on CPU tensors, so it says so first
@@ -514,10 +526,16 @@ def test_out_of_gpu_memory_names_the_limit_and_a_lower_one_starts_again(tiny_dat
 
     with monkeypatch.context() as m:
         m.setattr(Runner, "train", out_of_memory)
+        # Hours in, with checkpoints saved: another split would be refused on resume, so it says where to go.
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "iter_8.pth").touch()
         assert det_main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "out of GPU memory with 2 images per GPU; set max_images_per_gpu lower" in err
-    assert (tmp_path / "run" / "config.py").exists() and not list((tmp_path / "run").glob("*.pth"))
+        assert "set max_images_per_gpu lower in a new --work-dir (" in capsys.readouterr().err
+        (tmp_path / "run" / "iter_8.pth").unlink()
+        assert det_main(argv) == 1  # at its first step
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "out of GPU memory with 2 images per GPU; set max_images_per_gpu lower (" in err
+        assert (tmp_path / "run" / "config.py").exists() and not list((tmp_path / "run").glob("*.pth"))
     assert det_main([*argv, "max_images_per_gpu=1"]) == 0
     assert read_summary(tmp_path / "run" / "summary.json")["layout"]["accumulation"] == 2
 
@@ -557,3 +575,17 @@ def test_a_downstream_rerun_with_other_inputs_is_refused_naming_the_keys(tiny_ex
     other = configured(det, world=1, monkeypatch=monkeypatch, meta=dict(meta, state_sha256="0" * 64), export=ckpt)[0]
     with pytest.raises(StageError, match="inputs changed: export_state_sha256;"):
         refuse_changed_inputs(tmp_path / "config.py", other)
+
+
+def test_a_launcher_that_sets_the_process_count_after_the_batch_plan_is_refused(capsys):
+    """mmengine's 'slurm' and 'mpi' launchers set WORLD_SIZE only when they start the process group, after the batch
+    plan is made: the plan would be for one process (its batch, BN batch and lr wrong on every rank). Refused."""
+    from detection.train import STAGE
+    from transfer.runner import parse_args
+
+    required = ["--export", "none", "--config", "c.py", "--data-root", "d", "--work-dir", "w"]
+    assert parse_args(STAGE, [*required, "--launcher", "pytorch"]).launcher == "pytorch"
+    for launcher in ("slurm", "mpi"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(STAGE, [*required, "--launcher", launcher])
+        assert e.value.code == 2 and f"invalid choice: '{launcher}'" in capsys.readouterr().err
