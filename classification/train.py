@@ -343,7 +343,7 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
                         std=cfg.std).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    task = build_task(model, cfg, load_teacher(cfg, len(classes), device), device)
+    task = build_task(model, cfg, load_teacher(cfg, classes, device), device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, ipe)
     scaler = build_scaler(cfg, device)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from timm.data import Mixup
+from timm.data import ImageNetInfo, Mixup, infer_imagenet_subset
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
@@ -189,28 +189,39 @@ def build_task(model: nn.Module, cfg: Config, teacher: nn.Module | None, device:
     )
 
 
-def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module | None:
-    """§5.3 teacher: one of our run dirs / checkpoints, or a timm model name with its pretrained weights."""
+def load_teacher(cfg: Config, classes: list[str], device: torch.device) -> torch.nn.Module | None:
+    """§5.3 teacher: one of our run dirs / checkpoints, or a timm model name with its pretrained weights. Its outputs
+    must be the data's classes in the data's order (its logit k the data's label k): checked by name where the
+    teacher names its classes (our checkpoints; timm's ImageNet label sets), by count otherwise."""
     if not cfg.distill_teacher:
         return None
+    what = f"distill_teacher {cfg.distill_teacher}"
     if Path(cfg.distill_teacher).exists():
         teacher, _, ckpt = load_classifier(cfg.distill_teacher, ema=False)
-        if ckpt["num_classes"] != num_classes:
-            raise ConfigError(f"distill_teacher {cfg.distill_teacher}: teacher predicts {ckpt['num_classes']} "
-                              f"classes, the data has {num_classes}; train the teacher on the same data")
+        count, theirs = ckpt["num_classes"], ckpt.get("classes")
+        other_count = other_order = "train the teacher on the same data"
     else:
         name = cfg.distill_teacher
         try:  # downloaded from the Hugging Face hub into its cache once (rank 0), read from the cache after
             teacher = rank0_first(lambda: timm.create_model(name, pretrained=True))
         except (RuntimeError, OSError, ValueError) as e:
             raise ConfigError(
-                f"distill_teacher {name}: cannot load its pretrained weights ({str(e).splitlines()[0][:200]}); "
+                f"{what}: cannot load its pretrained weights ({str(e).splitlines()[0][:200]}); "
                 f"fill the hub cache on a machine with network (python -c \"import timm; timm.create_model('{name}', "
                 f"pretrained=True)\", cache in $HF_HOME, default ~/.cache/huggingface, copied to the same place "
                 f"here), or distil from a teacher trained by the toolkit (distill_teacher=<its run dir>)") from e
-        if teacher.num_classes != num_classes:
-            raise ConfigError(f"distill_teacher {name}: predicts {teacher.num_classes} classes, the "
-                              f"data has {num_classes}; use a teacher trained on this label space")
+        # timm's ImageNet models predict their label set's classes in its order: for ImageNet-1k the sorted WordNet
+        # ids, which are the folder names of ImageNet's own layout (and so of the data's classes, sorted)
+        subset = infer_imagenet_subset(teacher)
+        count, theirs = teacher.num_classes, ImageNetInfo(subset).label_names() if subset else None
+        other_count = "use a teacher trained on this label space"
+        other_order = "name the class folders by WordNet id, as ImageNet's own layout does"
+    if count != len(classes):
+        raise ConfigError(f"{what}: predicts {count} classes, the data has {len(classes)}; {other_count}")
+    if theirs is not None and list(theirs) != list(classes):
+        k = next(i for i, (a, b) in enumerate(zip(theirs, classes)) if a != b)
+        raise ConfigError(f"{what}: its class {k} is {theirs[k]!r}, the data's class {k} is {classes[k]!r} (the "
+                          f"teacher's logit k must be the data's label k); {other_order}")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device).eval()

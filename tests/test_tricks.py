@@ -259,3 +259,33 @@ def test_a_first_fused_update_skipped_as_non_finite_leaves_no_momentum_behind(am
     for p, q in zip(model.parameters(), fresh_model.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["momentum_buffer"], fresh_opt.state[q]["momentum_buffer"])
+
+
+def test_a_teacher_must_predict_the_datas_classes_in_the_datas_order(tmp_path, monkeypatch):
+    """The teacher's logit k must be the data's label k. One of our runs names its classes: another order (or
+    another set of the same size) is refused, naming the first class that differs. A timm ImageNet-1k teacher
+    predicts the sorted WordNet ids: class folders named otherwise (0..999, which sort as strings) are refused
+    with the fix; ImageNet's own layout passes. (Before, only the number of classes was compared.)"""
+    import timm
+
+    from classification.checkpoint import save_checkpoint
+    from classification.tricks import load_teacher
+
+    cfg = cfg_with()
+    model = build_model("B", 4, zero_gamma=False, init="timm", mean=cfg.mean, std=cfg.std)
+    save_checkpoint(tmp_path / "teacher.pth", model=model.state_dict(), config=cfg.to_dict(), num_classes=4,
+                    classes=["ant", "bee", "cat", "dog"])
+    cfg = cfg_with(distill_teacher=tmp_path / "teacher.pth")
+    assert load_teacher(cfg, ["ant", "bee", "cat", "dog"], torch.device("cpu")) is not None
+    with pytest.raises(ConfigError, match=r"its class 2 is 'cat', the data's class 2 is 'dog' .*train the teacher"):
+        load_teacher(cfg, ["ant", "bee", "dog", "cat"], torch.device("cpu"))
+
+    created = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained: created(name, pretrained=False))  # offline
+    cfg = cfg_with(distill_teacher="resnet18.tv_in1k")
+    wnids = timm.data.ImageNetInfo("imagenet-1k").label_names()
+    assert load_teacher(cfg, list(wnids), torch.device("cpu")) is not None
+    with pytest.raises(ConfigError, match=r"its class 0 is 'n01440764', the data's class 0 is '0' .*WordNet id"):
+        load_teacher(cfg, sorted(str(i) for i in range(1000)), torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"predicts 1000 classes, the data has 4; use a teacher trained on this"):
+        load_teacher(cfg, ["ant", "bee", "cat", "dog"], torch.device("cpu"))
