@@ -87,7 +87,13 @@ class NonFiniteGuard:
         worst = int(self.worst.item())
         if worst >= self.limit:
             raise TrainingError(f"loss or gradients non-finite for {worst} consecutive steps (by epoch {epoch}, step "
-                                f"{step}): {NONFINITE_FIX}; {LAST} holds the last good epoch")
+                                f"{step}): {NONFINITE_FIX}, in a new run dir (a run resumes only with its own "
+                                f"recipe); {LAST} holds its state from before the streak")
+
+    def in_streak(self) -> bool:
+        """Whether the last update was skipped (it synchronises with the device; the same answer on every rank, the
+        streak coming from all-reduced values). The state may have diverged: not one to save over a good one."""
+        return bool(self.streak.item() > 0)
 
 
 def grad_sync(task, sync: bool):
@@ -160,7 +166,7 @@ class TrainState:
     plan: BatchPlan
     iters_per_epoch: int  # updates of global_batch images per epoch
     guard: NonFiniteGuard  # the non-finite streak, carried from epoch to epoch
-    save_every: Callable[[int, int, EpochTally], None] | None = None  # (epoch, updates done, tally), every rank
+    save_every: Callable[[int, int, EpochTally], bool] | None = None  # (epoch, updates done, tally), every rank
 
 
 def train_one_epoch(state: TrainState, loader, epoch: int, first_step: int, stop: StopFlag,
@@ -413,17 +419,28 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(run_dir / "tb"))
-    state = TrainState(cfg, task, model, optimizer, scheduler, scaler, mixup, ema, d, device, plan, ipe,
-                       guard=NonFiniteGuard(cfg.max_nonfinite_steps, device),  # one streak for the whole run
-                       save_every=lambda e, s, t: save(last, e, s, t))
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, device)  # one streak for the whole run
+
+    def save_unless_in_streak(epoch: int, step: int, tally: EpochTally) -> bool:
+        """A mid-epoch save (periodic, or at a stop) of ``last``, unless updates are being skipped: a diverged state
+        (a non-finite update before the streak) must not replace the last good one, which the rerun then resumes."""
+        if guard.in_streak():
+            log.warning("epoch %d step %d: updates are being skipped (non-finite loss or gradients): %s not saved "
+                        "over", epoch, step, last)
+            return False
+        save(last, epoch, step, tally)
+        return True
+
+    state = TrainState(cfg, task, model, optimizer, scheduler, scaler, mixup, ema, d, device, plan, ipe, guard=guard,
+                       save_every=save_unless_in_streak)
     while epoch < cfg.epochs:
         sampler.set_epoch(epoch, skip_updates=first_step)
         out = train_one_epoch(state, train_loader, epoch, first_step, stop, carry)
         carry = None
         if "stopped_at" in out:
-            save(last, epoch, out["stopped_at"], out["tally"])
-            log.info("stopped by %s at epoch %d step %d; %s saved, rerun the command to resume",
-                     out["reason"], epoch, out["stopped_at"], last)
+            if save_unless_in_streak(epoch, out["stopped_at"], out["tally"]):
+                log.info("stopped by %s at epoch %d step %d; %s saved, rerun the command to resume",
+                         out["reason"], epoch, out["stopped_at"], last)
             return EXIT_INTERRUPTED if out["reason"] == "signal" else 0
         stats = out["tally"].stats()
         if d.is_main and not advised:

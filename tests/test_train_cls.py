@@ -203,6 +203,33 @@ def test_nonfinite_losses_stop_the_run(folder, tmp_path, capsys, monkeypatch):
     assert "non-finite for 2 consecutive steps" in capsys.readouterr().err
 
 
+def test_no_checkpoint_is_saved_over_the_last_good_one_while_updates_are_skipped(folder, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Losses non-finite from the third update on (a diverged run: every update skipped, the guard not yet at its
+    limit): neither the periodic save (every update here) nor the save at a stop (max_steps) writes over last.pth,
+    which keeps the second update, the last one before the streak: what the rerun resumes."""
+    real, calls = train.build_task, {"n": 0}
+
+    def diverging_task(*args, **kwargs):
+        task = real(*args, **kwargs)
+        forward = task.forward
+
+        def forward_then_nan(x, y):
+            calls["n"] += 1
+            out = forward(x, y)
+            return {**out, "loss": out["loss"] * float("nan")} if calls["n"] >= 3 else out
+
+        task.forward = forward_then_nan
+        return task
+
+    monkeypatch.setattr(train, "build_task", diverging_task)
+    assert run_train(folder, tmp_path / "r", "epochs=2", "max_nonfinite_steps=100", "checkpoint_interval=1",
+                     "max_steps=3") == 0  # stopped mid-epoch, at the third of 4 updates
+    assert torch.load(tmp_path / "r" / "last.pth", weights_only=True)["step"] == 2
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("step 3: updates are being skipped (non-finite loss or gradients)") == 2
+
+
 def test_ddp_under_torchrun_two_cpu_processes(folder, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
