@@ -333,7 +333,9 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
+        # (seed, epoch) hashed as the samples' augmentation is: seed + epoch gave seed s + 1 the orders of seed s
+        # shifted by an epoch, so that a study's seeds shared their data orders.
+        g.manual_seed(hash((self.seed, self.epoch)) & 0x7FFF_FFFF_FFFF)
         perm = torch.randperm(self.n, generator=g)[: self.updates * self.accumulation * self.world_size
                                                    * self.device_batch]
         mine = perm.view(self.updates, self.accumulation, self.world_size, self.device_batch)[self.skip_updates:,

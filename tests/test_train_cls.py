@@ -317,3 +317,23 @@ def test_one_process_with_accumulation_matches_two_processes_without(folder, tmp
                     if not k.endswith("num_batches_tracked"))  # counts forward passes; unused with a set momentum
         assert worst < 1e-4, (other, worst)  # parameters and BatchNorm running statistics
         assert [r["top1"] for r in ckpt["history"]] == [r["top1"] for r in two["history"]]
+
+
+def test_the_seeds_of_a_study_train_on_their_own_data_orders():
+    """Each epoch's order comes from (seed, epoch): seed 1 does not see seed 0's orders an epoch later (it did
+    with seed + epoch), and the same seed and epoch give the same order, split the same way on any process count."""
+    from classification.data import EpochSampler
+
+    def order(seed, epoch, world_size=1):
+        per_rank = []
+        for rank in range(world_size):
+            sampler = EpochSampler(64, rank=rank, world_size=world_size, seed=seed, device_batch=8 // world_size,
+                                   accumulation=1)
+            sampler.set_epoch(epoch)
+            per_rank.append([i for i, _ in sampler])
+        return [i for u in range(8) for r in per_rank for i in r[u * 8 // world_size:(u + 1) * 8 // world_size]]
+
+    assert order(0, 3) == order(0, 3) == order(0, 3, world_size=2)
+    assert sorted(order(0, 3)) == list(range(64))
+    shared = sum(order(0, e + 1) == order(1, e) for e in range(10))
+    assert shared == 0 and len({tuple(order(s, 0)) for s in range(5)}) == 5
