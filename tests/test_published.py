@@ -331,13 +331,13 @@ def test_transfer_source_reexports_a_run_whose_checkpoint_changed(tmp_path, monk
     monkeypatch.setattr(sources, "export_source", interrupted)  # export/refresh.py reads it per call
     with pytest.raises(KeyboardInterrupt):
         source.resolve(str(run))
-    assert load_export(out)[1]["source_top1"] == 10.0 and sorted(p.name for p in run.iterdir()) == ["export",
-                                                                                                     "last.pth"]
+    assert load_export(out)[1]["source_top1"] == 10.0  # and no half-written sibling stays (the lock file does)
+    assert sorted(p.name for p in run.iterdir()) == [".export.lock", "export", "last.pth"]
     monkeypatch.setattr(sources, "export_source", real)
     assert source.resolve(str(run)) == str(out)
     _, meta = load_export(out)
     assert meta["source_top1"] == 20.0 and meta["sha256"] == file_sha256(run / "last.pth")
-    assert sorted(p.name for p in run.iterdir()) == ["export", "last.pth"]  # nothing left beside it
+    assert sorted(p.name for p in run.iterdir()) == [".export.lock", "export", "last.pth"]  # nothing else beside it
 
 
 def test_an_option_that_does_not_fit_the_source_is_refused_even_when_its_export_is_up_to_date(timm_d, tmp_path):
