@@ -92,7 +92,7 @@ def test_a_compiled_run_resumes_an_eager_checkpoint_and_back(folder, tmp_path, c
     differently: within 1e-3 of each tensor's scale) and logs the compiled start's warm-up. A low learning rate: a
     diverging run (the smoke recipe's 0.1 reaches losses of 100) would amplify rounding differences without bound."""
     assert run_train(folder, tmp_path / "teacher", "epochs=1") == 0
-    sets = ["epochs=2", "global_batch=8", "device_batch=4", "ema_decay=0.9", "deterministic=true", "base_lr=0.005",
+    sets = ["epochs=2", "global_batch=8", "device_batch=4", "ema_decay=0.9", "deterministic=true", "base_lr=0.001",
             "zero_gamma=true", f"distill_teacher={tmp_path / 'teacher'}", "distill_temperature=2"]
     assert run_train(folder, tmp_path / "eager", *sets) == 0
     assert run_train(folder, tmp_path / "mixed", *sets, "max_steps=1") == 0
