@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from lifecycle.stages import STAGES, SUMMARY_STAGES
 from study import paper
 from study.results import FINE_TUNED, Difference, Results, ResultsError, Stat, load_results, stat
 from study.run import DONE, STATUS_FILE
-from study.transfer_stats import MIN_ARMS, correlation, transfer_ratio
+from study.transfer_stats import MIN_ARMS, Correlation, correlation, transfer_ratio
 
 DASH = "—"
 # The report's tables: key, title, stage, (metric, label) pairs, in the paper's table (lifecycle/stages.py).
@@ -80,7 +81,8 @@ def describe_protocol(results: Results, stage: str) -> tuple[str, bool]:
                    "; the same for every arm."), bool(differ)
 
 
-def finding(results: Results, table: str, stage: str, metric: str, label: str, reference: str) -> str | None:
+def finding(results: Results, table: str, stage: str, metric: str, label: str, reference: str,
+            with_paper: bool = True) -> str | None:
     """Each arm against the reference: the paired difference and its interval; a direction only when the interval
     excludes zero, and with one seed the difference and that it is one seed."""
     parts = []
@@ -91,14 +93,15 @@ def finding(results: Results, table: str, stage: str, metric: str, label: str, r
                    f"{fmt_diff(d.mean)} over {d.n} seeds, identical in each: spread unknown, no interval, no direction"
                    if d.identical else f"{fmt_diff(d)} over {d.n} seeds: "
                    + (d.direction or "the interval includes zero, no direction"))
-        pg = paper.gain(table, arm, metric) if reference == paper.B_STANDARD else None
+        pg = paper.gain(table, arm, metric) if with_paper and reference == paper.B_STANDARD else None
         parts.append(f"{paper.display_name(arm)} {verdict}" + (f" (paper {fmt_diff(pg)})" if pg is not None else ""))
     return (f"**Finding ({label} vs {paper.display_name(reference)}, 95 % t-interval over paired seeds):** "
             + "; ".join(parts) + ".") if parts else None
 
 
-def paper_table(results: Results, key: str, title: str, stage: str, metrics: tuple) -> str:
+def paper_table(results: Results, key: str, title: str, stage: str, metrics: tuple, mode: str = FINE_TUNED) -> str:
     ref, data = results.reference, results.classification_data()
+    theirs = stage == "classification" or mode == FINE_TUNED  # the paper's downstream numbers are fine-tuned
     top1 = [] if stage == "classification" else [f"ours top-1 ({data})"]
     header = (["arm", *top1] + [f"ours {label}" for _, label in metrics]
               + [f"{label} vs {paper.display_name(ref)} (ours)" for _, label in metrics]
@@ -113,8 +116,8 @@ def paper_table(results: Results, key: str, title: str, stage: str, metrics: tup
                  for (m, _), s in zip(metrics, ours)]
         rows.append([arm_label(arm), *([fmt_stat(stat(results.backbone_top1(arm)))] if top1 else []),
                      *map(fmt_stat, ours), *diffs, *([_paper(key, arm, "top1", marks)] if top1 else []),
-                     *(_paper(key, arm, m, marks) for m, _ in metrics),
-                     *(_paper(key, arm, m, marks, gain=True) for m, _ in metrics)])
+                     *(_paper(key, arm, m, marks) if theirs else DASH for m, _ in metrics),
+                     *(_paper(key, arm, m, marks, gain=True) if theirs else DASH for m, _ in metrics)])
     notes = [f"Top-1 and its data: {data}." + (f" {paper.TABLE6_NOTE}" if stage == "classification" else
              " It is that of the exported weights (the export's meta.json): a trained arm's final-epoch raw weights "
              "unless exported otherwise, a published arm's as its library states it.")]
@@ -122,7 +125,7 @@ def paper_table(results: Results, key: str, title: str, stage: str, metrics: tup
     notes += [f"† paper cell {m}." for m in sorted(marks)] + [protocol]
     for reference in dict.fromkeys([ref, paper.RANDOM_INIT]):
         notes += [f for m, label in metrics if reference in results.arms and m != "top5"
-                  and (f := finding(results, key, stage, m, label, reference))]
+                  and (f := finding(results, key, stage, m, label, reference, theirs))]
     mark = " (arms differ in protocol: see below)" if differs else ""
     return "\n\n".join([f"## {title}{mark}", markdown_table(header, rows), *notes])
 
@@ -155,6 +158,10 @@ def _coef(value: float | None, ci: tuple[float, float] | None) -> str:
     return f"{value:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval)")
 
 
+def _rho(c: Correlation) -> str:
+    return _coef(None, None) if c.spearman is None else f"{c.spearman:+.2f} (p {c.spearman_p:.2g})"
+
+
 def correlation_section(results: Results, mode: str = FINE_TUNED) -> str | None:
     """Across arms: does the exported weights' top-1 predict each downstream metric? Ours and the paper's own."""
     rows, few = [], []
@@ -167,20 +174,21 @@ def correlation_section(results: Results, mode: str = FINE_TUNED) -> str | None:
         if c is None:
             few.append(f"{label}: {len(points)} arm{'s' * (len(points) != 1)} with both numbers")
             continue
-        rows.append([label, str(c.n), _coef(c.spearman, c.spearman_ci), _coef(c.pearson, c.pearson_ci),
-                     *((str(theirs.n), _coef(theirs.spearman, theirs.spearman_ci),
-                        _coef(theirs.pearson, theirs.pearson_ci)) if theirs else (DASH, DASH, DASH))])
+        rows.append([label, str(c.n), _rho(c), _coef(c.pearson, c.pearson_ci),
+                     *((str(theirs.n), _rho(theirs), _coef(theirs.pearson, theirs.pearson_ci)) if theirs
+                       else (DASH, DASH, DASH))])
     if not rows and not few:
         return None
     text = ["## Does a better ImageNet backbone transfer better?" + MODE_TITLE[mode],
             "Across arms (random init has no top-1 and is not among them): Spearman's rho and Pearson's r between "
-            "the exported weights' top-1 and each downstream metric, each arm at its mean over seeds, with a 95 % "
-            "bootstrap interval (arms resampled, and each arm's seeds where it has several). The paper's columns "
+            "the exported weights' top-1 and each downstream metric, each arm at its mean over seeds. Beside rho, "
+            "its exact permutation p-value: the chance that arms unrelated to top-1 rank as much alike (three arms "
+            "in order: 0.33); beside r, its 95 % Fisher z interval (from four arms). The paper's columns "
             "use its own Table 8 / 9 numbers for the arms this study shares with it. Kornblith, Shlens and Le "
             "(CVPR 2019) measured r = 0.96 fine-tuned over 16 ImageNet networks."]
     if rows:
-        text.append(markdown_table(["metric", "arms", "Spearman rho (ours)", "Pearson r (ours)", "arms (paper)",
-                                    "Spearman rho (paper)", "Pearson r (paper)"], rows))
+        text.append(markdown_table(["metric", "arms", "Spearman rho (p) (ours)", "Pearson r [95 %] (ours)",
+                                    "arms (paper)", "Spearman rho (p) (paper)", "Pearson r [95 %] (paper)"], rows))
     if few:
         text.append(f"Not shown (a correlation needs at least {MIN_ARMS} arms; two points always lie on a line): "
                     + "; ".join(few) + ".")
@@ -206,8 +214,7 @@ def ratio_section(results: Results, mode: str = FINE_TUNED) -> str | None:
             same = {True: "yes", False: "no", None: DASH}[r.same_direction]
             rows.append([arm_label(arm), fmt_diff(r.top1), fmt_diff(r.downstream),
                          DASH if r.ratio is None else f"{r.ratio:+.2f}" + (
-                             f" [{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]" if r.ci else f" ({r.n} seed{'s' * (r.n > 1)}: "
-                             "no interval)"), same, str(r.n),
+                             f" [{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]" if r.ci else f" ({r.no_ci})"), same, str(r.n),
                          fmt_diff(pt), fmt_diff(pm), DASH if not pt or pm is None else f"{pm / pt:+.2f}"])
             if r.hurts:
                 d = results.difference(arm, stage, metric, ref)
@@ -225,7 +232,8 @@ def ratio_section(results: Results, mode: str = FINE_TUNED) -> str | None:
         return None
     return "\n\n".join([f"## Transfer ratio against {paper.display_name(ref)}{MODE_TITLE[mode]}",
                          "Each arm's downstream difference to the reference over its top-1 difference (paired seeds; "
-                         "95 % bootstrap interval over seeds where there are several): 1 means a point of top-1 "
+                         "Fieller's 95 % interval where there are several, unbounded while the top-1 difference's "
+                         "own interval includes 0): 1 means a point of top-1 "
                          "brings a point downstream, 0 that none of it transfers, below 0 that the metric moved the "
                          "other way. The paper's ratio uses its gains over its own B-standard row.", *tables])
 
@@ -255,9 +263,26 @@ def write_file(path: Path, data: bytes) -> None:
     path.chmod(0o644)  # the temporary file atomic_write_bytes renames is created 0600
 
 
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def gain_points(view: Results, stage: str, metric: str) -> list[tuple[str, float, float, float, float]]:
+    """(arm, top-1, its std, difference to the reference, its std) per arm, over the seeds where the arm has both
+    numbers and the reference the metric: the plotted difference is the mean paired one, its bar the sample std of
+    the per-seed differences (none for the reference, none with one seed)."""
+    ref, out = view.values(view.reference, stage, metric), []
+    for arm in view.arms:
+        top1, values = view.backbone_top1(arm), view.values(arm, stage, metric)
+        if seeds := sorted(top1.keys() & values.keys() & ref.keys()):
+            x, y = [top1[s] for s in seeds], [values[s] - ref[s] for s in seeds]
+            out.append((arm, statistics.fmean(x), _spread(x), statistics.fmean(y), _spread(y)))
+    return out
+
+
 def transfer_gain(results: Results, path: Path) -> str | None:
     """One panel per task and backbone mode: each arm's downstream difference to the reference against its backbone's
-    top-1, with error bars (sample std over seeds, both axes), the least-squares line through ours and Spearman's
+    top-1 (``gain_points``), the least-squares line through ours and Spearman's
     rho in its legend; the paper's gains over its B-standard hollow beside them on the fine-tuned panels (its numbers
     are fine-tuned). matplotlib's object API on the Agg canvas, no pyplot. None when written, else why not. (Each
     run's training curves: its TensorBoard log, cls/tb/.)"""
@@ -270,10 +295,7 @@ def transfer_gain(results: Results, path: Path) -> str | None:
         view = results.in_mode(mode)
         plotted = [(n, s.plotted, s.table.key, dict(s.transfer)[s.plotted]) for n, s in STAGES.items() if s.plotted]
         for (stage, metric, table, label), marker, color in zip(plotted, "os^vD", ("tab:blue", "C1", "C2", "C3")):
-            ours = [(arm, t.mean, t.std or 0.0, d.mean, view.stat(arm, stage, metric).std or 0.0)
-                    for arm in view.arms if (t := stat(view.backbone_top1(arm)))
-                    and (d := view.difference(arm, stage, metric, view.reference))]
-            if ours:
+            if ours := gain_points(view, stage, metric):
                 panels.append((mode, view, stage, metric, table, label, marker, color, ours))
     if not panels:
         return f"no arm has both a top-1 and a downstream difference to {results.reference}"
@@ -283,7 +305,7 @@ def transfer_gain(results: Results, path: Path) -> str | None:
     for ax, (mode, view, stage, metric, table, label, marker, color, ours) in zip(axes, panels):
         arms, x, xerr, y, yerr = zip(*ours)
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=color, capsize=3,
-                    label="ours (± std over seeds)")
+                    label="ours (± std over paired seeds)")
         for arm, xi, yi in zip(arms, x, y):
             ax.annotate(paper.display_name(arm), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if len(ours) >= 2 and np.ptp(x) > 0:
@@ -322,7 +344,9 @@ def csv_rows(results: Results) -> list[dict[str, str]]:
                 continue  # classification rows once
             d = view.difference(arm, stage, metric, ref) if arm != ref else None
             table = STAGES[stage].table.key
-            fld = metric if metric in next(iter(paper.TABLES[table].values()))._fields else None  # not mAcc
+            # The paper's fields (not mAcc), and its downstream numbers only beside fine-tuned runs (they are that).
+            fld = metric if metric in next(iter(paper.TABLES[table].values()))._fields and (
+                stage == "classification" or mode == FINE_TUNED) else None
             p = paper.value(table, arm, fld) if fld else None
             pg = paper.gain(table, arm, fld) if fld and arm != paper.B_STANDARD else None
             rows.append(dict(arm=arm, stage=stage, backbone="" if stage == "classification" else mode, metric=metric,
@@ -338,9 +362,12 @@ def write_report(results: Results, out: Path) -> str:
     """Write REPORT.md, results.csv and the plots into ``out``; return what to print."""
     out.mkdir(parents=True, exist_ok=True)
     written = {"transfer_gain.png": transfer_gain(results, out / "transfer_gain.png")}
+    for name in (n for n, why in written.items() if why is not None):
+        (out / name).unlink(missing_ok=True)  # not an earlier report's plot beside this report
     # Every table and statistic compares runs of one backbone mode: fine-tuned, then frozen (Table 6 once).
     views = {mode: results.in_mode(mode) for mode in results.modes or [FINE_TUNED]}
-    tables = [paper_table(view, key, title + MODE_TITLE[mode], stage, metrics) for mode, view in views.items()
+    tables = [paper_table(view, key, title + ("" if stage == "classification" else MODE_TITLE[mode]), stage, metrics,
+                          mode) for mode, view in views.items()
               for key, title, stage, metrics in REPORT_TABLES
               if view.select(stage=stage) and (stage != "classification" or mode == next(iter(views)))]
     sections = [s for mode, view in views.items()

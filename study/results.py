@@ -17,6 +17,7 @@ from lifecycle.artifacts import read_summary
 from lifecycle.errors import UserError
 from study import paper
 from study.run import STATUS_FILE, read_status
+from study.transfer_stats import alike
 
 CONFIDENCE = 0.95
 FINE_TUNED, FROZEN = "fine-tuned", "frozen"  # a downstream run's backbone (its summary's protocol.backbone)
@@ -80,7 +81,7 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> Difference | 
     if len(d) < 2:
         return Difference(d[0], None, None, 1) if d else None
     mean, sem = statistics.mean(d), stats.sem(d)
-    if sem == 0:
+    if alike(d):  # not sem == 0: 50.6 - 49.8 and 50.0 - 49.2 differ in their last bits
         return Difference(mean, None, None, len(d), identical=True)
     low, high = stats.t.interval(CONFIDENCE, len(d) - 1, loc=mean, scale=sem)
     return Difference(mean, float(low), float(high), len(d))
@@ -118,8 +119,8 @@ class Results:
         out = {}
         for run in self.select(arm, stage):
             if (v := run.summary["metrics"].get(metric)) is not None and not _number(v):
-                raise ResultsError(f"{self.root / run.path}: metric {metric!r} is {v!r}, not a finite number; "
-                                   f"rerun the {stage} stage")
+                raise ResultsError(f"{self.root / run.path}: metric {metric!r} is {v!r}, not a number; rerun the "
+                                   f"{stage} stage")
             out.update({run.seed: float(v)} if v is not None else {})
         return out
 
@@ -164,7 +165,9 @@ def load_results(study_dir: str | Path) -> Results:
         s = read_summary(p)  # SummaryError: unreadable file or unknown schema version, naming the file
         problem = ("has no 'arm' name" if not isinstance(s.get("arm"), str) or not s["arm"] else
                    f"'seed' is {s.get('seed')!r}, not an integer" if type(s.get("seed")) is not int else
-                   "has no 'metrics' dict" if not isinstance(s.get("metrics"), dict) else None)
+                   "has no 'metrics' dict" if not isinstance(s.get("metrics"), dict) else
+                   next((f"metric {k!r} is {v!r}, not a finite number" for k, v in s["metrics"].items()
+                         if isinstance(v, float) and not math.isfinite(v)), None))  # checked before a file is written
         if problem:
             raise ResultsError(f"{p}: summary {problem}; rerun the stage that writes it")
         run = Run(p.relative_to(root), s)
