@@ -26,6 +26,7 @@ whatever the number of jobs.
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -40,14 +41,13 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from datakit.files import (
     DECODE_ERRORS,
-    IMG_EXTENSIONS,
     MODE_FIX,
     TreeError,
     ade_images,
-    class_folders,
     image_files,
     is_hidden,
     mode_problem,
+    split_listing,
 )
 from datakit.render import ADE20K_NUM_CLASSES, VOC_CLASSES
 
@@ -134,8 +134,11 @@ def _plan_imagenet(root: Path, plan: Plan) -> None:
         folder = root / split
         if not plan.need_dir(folder, f"create {split}/ with one sub-folder of images per class"):
             continue
-        names = class_folders(folder)
-        loose = [p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS)]
+        try:
+            names, loose = split_listing(folder)
+        except TreeError as e:  # a class folder that is a link to nothing: the loader refuses the split
+            _tree_problem(plan, e)
+            continue
         if not names:
             if loose:
                 plan.add(folder, f"{len(loose)} images lie directly in {split}/ instead of in class folders",
@@ -143,6 +146,9 @@ def _plan_imagenet(root: Path, plan: Plan) -> None:
             else:
                 plan.add(folder, "no class folders", f"put the images of each class in {split}/<class>/")
             continue
+        if loose:  # e.g. an interrupted valprep.sh: top-1 would be measured on part of val/
+            plan.add(folder, f"{len(loose)} images lie directly in it beside the class folders; ImageFolder ignores "
+                     "them", "finish sorting them into their class folders")
         classes[split] = names
         for name in names:
             try:
@@ -279,8 +285,18 @@ def _text(elem: ET.Element, path: str) -> str | None:
 
 
 def _number(text: str | None) -> float | None:
+    """A finite number, else None: MMDetection's ``int(float(text))`` raises on nan and inf too."""
     try:
-        return float(text) if text is not None else None
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _integer(text: str | None) -> int | None:
+    """MMDetection reads <size> with ``int(text)``: '500' is a size, '500.0' a crash."""
+    try:
+        return int(text) if text is not None else None
     except ValueError:
         return None
 
@@ -299,10 +315,14 @@ def _check_voc_xml(xml_path: str, image_size: tuple[int, int] | None, problems: 
     if ann.tag != "annotation":
         add(f"root element is <{ann.tag}>, expected <annotation>")
         return
-    width, height = _number(_text(ann, "size/width")), _number(_text(ann, "size/height"))
+    width, height = _integer(_text(ann, "size/width")), _integer(_text(ann, "size/height"))
     for tag, value in (("width", width), ("height", height)):
-        if value is None:
-            add(f"missing or non-numeric <size><{tag}>")
+        text = _text(ann, f"size/{tag}")
+        if text is None:
+            add(f"missing <size><{tag}>")
+        elif value is None:
+            add(f"<size><{tag}> is {text!r}, not a whole number",
+                "write the image's size in pixels, e.g. 500; MMDetection reads it with int() and stops")
     if width is not None and height is not None and image_size is not None and (width, height) != image_size:
         add(f"<size> says {width:g}x{height:g} but the image is {image_size[0]}x{image_size[1]}",
             "fix <size> or the image; MMDetection trusts <size>")
@@ -314,6 +334,9 @@ def _check_voc_xml(xml_path: str, image_size: tuple[int, int] | None, problems: 
         elif name not in VOC_CLASSES:
             add(f"{where}: unknown class '{name}'",
                 "use one of the 20 VOC class names, e.g. 'person', 'tvmonitor'; MMDetection drops it silently")
+        elif name != obj.find("name").text:  # MMDetection compares the text as written, spaces and all
+            add(f"{where}: class name {obj.find('name').text!r} has spaces or line breaks around it",
+                f"write <name>{name}</name>; MMDetection drops the object silently")
         for flag in ("difficult", "truncated"):  # optional in MMDetection (default 0), but must be 0/1 if present
             value = obj.find(flag)
             if value is not None and (value.text or "").strip() not in ("0", "1"):
@@ -321,7 +344,7 @@ def _check_voc_xml(xml_path: str, image_size: tuple[int, int] | None, problems: 
         coords = {t: _number(_text(obj, f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")}
         missing = [t for t, v in coords.items() if v is None]
         if missing:
-            add(f"{where}: missing or non-numeric <bndbox> {', '.join(missing)}")
+            add(f"{where}: <bndbox> {', '.join(missing)} missing or not a finite number")
             continue
         x0, y0, x1, y1 = coords["xmin"], coords["ymin"], coords["xmax"], coords["ymax"]
         box = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"

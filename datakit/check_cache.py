@@ -32,6 +32,9 @@ from datakit.render import ADE20K_NUM_CLASSES, VOC_CLASSES
 
 CACHE_ENV = "DATA_CHECK_CACHE"
 FORMAT = 1  # of the manifest and the entry; bump to invalidate every stored pass
+# The kinds whose pass is ever looked up: a detection or segmentation stage's start (transfer/data_gate.py). The
+# classification trainer checks nothing at its start, so an ImageNet pass would cost a stat of 1.33 M files for nothing.
+LOOKED_UP = ("voc", "ade20k")
 
 
 def cache_dir() -> Path | None:
@@ -43,6 +46,11 @@ def cache_dir() -> Path | None:
         return Path(value).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "bot-toolkit" / "data-checks"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, a Slurm or container CPU set), not all of the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def checker_digest() -> str:
@@ -116,6 +124,22 @@ def lookup(kind: str, root: str | Path, manifest: Manifest) -> dict | None:
     return None
 
 
+def remembered(kind: str) -> bool:
+    """Whether a pass of ``kind`` is worth a manifest: it is looked up, and the cache is on."""
+    return kind in LOOKED_UP and cache_dir() is not None
+
+
+def forget(kind: str, root: str | Path) -> None:
+    """Drop the stored pass of this tree: a later, deeper check (``--full``) found a problem in the same unchanged
+    tree, so the next start must not skip its check on the strength of the earlier pass."""
+    path = _entry_path(kind, root)
+    if path is not None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # a cache that cannot be written: nothing to forget that could be read back either
+            pass
+
+
 def record(kind: str, root: str | Path, manifest: Manifest, report: _check.Report, seconds: float) -> Path | None:
     """Store a pass (atomically: a reader sees the old entry or the new one). Returns where, or None if it could
     not be written (read-only home, full disk): the run goes on, the next start checks again."""
@@ -161,10 +185,12 @@ def check_once(kind: str, root: str | Path, *, jobs: int | None = None) -> Outco
         note = (f"data check: {root} unchanged since it passed on {hit['checked_at']} ({hit['files']} files, "
                 f"{hit['depth']}): skipped in {seconds:.1f} s")
         return Outcome([], hit["files"], True, seconds, note)
-    jobs = jobs if jobs is not None else min(8, os.cpu_count() or 1)
+    jobs = jobs if jobs is not None else min(8, usable_cpus())
     rep = _check.check(kind, root, jobs=jobs)
     seconds = time.perf_counter() - t0
     stored = record(kind, root, manifest, rep, seconds)
+    if rep.problems:
+        forget(kind, root)
     note = f"data check: {root}: {rep.files} files, structure and headers, in {seconds:.1f} s"
     if not rep.problems:
         note += (f"; remembered in {stored}" if stored else "; could not be remembered (cache dir not writable)")

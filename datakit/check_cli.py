@@ -4,7 +4,6 @@ remembers a pass (a module of its own: the cache reads the checker, the checker 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -47,19 +46,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="decode every image too: finds truncated files and ADE20K mask values (slow: all cores)")
     parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old name of the default
     parser.add_argument("--jobs", type=int, default=0, metavar="N",
-                        help="workers (processes with --full, threads otherwise); default 0: all cores")
+                        help="workers (processes with --full, threads otherwise); default 0: every core it may use")
     parser.add_argument("--max-lines", type=int, default=200, help="problem lines to print (0: all; default 200)")
     args = parser.parse_args(argv)
     if args.full and args.quick:
         parser.error("--full and --quick exclude each other")
     if args.jobs < 0:
         parser.error(f"--jobs must be 0 (all cores) or more, got {args.jobs}")
-    jobs = args.jobs or os.cpu_count() or 1
+    jobs = args.jobs or check_cache.usable_cpus()
 
     t0 = time.perf_counter()
     progress, close = _progress_bar(args.kind)
+    remember = check_cache.remembered(args.kind)  # else the manifest (a stat of every file) would go unread
     try:
-        manifest = check_cache.Manifest.of(args.root)  # before the check: a file changed during it is seen next time
+        # Before the check: a file changed during it is seen next time.
+        manifest = check_cache.Manifest.of(args.root) if remember else None
         rep = check(args.kind, args.root, full=args.full, jobs=jobs, progress=progress)
     finally:
         close()
@@ -72,9 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rep.problems:
         n = len(rep.problems)
         print(f"check_data {args.kind}: {n} problem{'s' if n != 1 else ''} in {rep.files} files ({args.root})")
+        check_cache.forget(args.kind, args.root)  # e.g. a truncated file that an earlier headers check passed
         return 1
-    # Remember the pass, so that a stage started on this unchanged tree skips its own check.
-    check_cache.record(args.kind, args.root, manifest, rep, time.perf_counter() - t0)
+    if manifest is not None:  # remember the pass, so that a stage started on this unchanged tree skips its check
+        check_cache.record(args.kind, args.root, manifest, rep, time.perf_counter() - t0)
     print(f"check_data {args.kind}: ok, {rep.files} files checked ({depth}) in {time.perf_counter() - t0:.1f} s "
           f"({args.root})")
     return 0

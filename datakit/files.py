@@ -8,7 +8,10 @@ ImageFolder (the classification trainer, ``classification/data.py``, and ``tools
   ``.DS_Store``, ``.ipynb_checkpoints/`` and ``.git/`` are not data (torchvision's ImageFolder would read them);
 - symbolic links to folders are followed, but a folder reached twice (a link loop, or two links to one folder)
   stops the walk with one line naming the link: torchvision follows a loop 40 levels deep and counts its images
-  once per level; a link to a missing image stops it too (torchvision lists it and fails when it reads it);
+  once per level; a link to a missing image stops it too (torchvision lists it and fails when it reads it), and so
+  does any other link to nothing among or inside the class folders: it may be a class, or part of one, on a disk
+  that is not mounted (torchvision would drop it silently and train on fewer classes or images);
+- an image lying directly in ``train/`` or ``val/`` belongs to no class: ImageFolder ignores it;
 - pixels: 8-bit modes are converted to RGB as Pillow does (alpha dropped); 16-bit grayscale is scaled to 8 bits
   (Pillow's own conversion clips it, and the image trains as all white); other modes (32-bit integer or float,
   LAB, HSV, ...) are refused, naming the file.
@@ -60,12 +63,13 @@ def is_image_name(name: str) -> bool:
 def _walk(folder: Path, *, hidden_dirs: bool, data: Callable[[str], bool]) -> Iterator[tuple[Path, list[str]]]:
     """(folder, sorted file names) below ``folder``, following links to folders; a folder reached twice raises
     TreeError naming the link (a loop would otherwise be followed until the OS refuses, 40 levels deep), and so does
-    a link to nothing whose name ``data`` accepts (an image that is gone: the loaders would skip or fail on it)."""
+    a link to nothing whose name ``data`` accepts (an image or a folder that is gone: the loaders would skip or fail
+    on it)."""
     seen = {os.path.realpath(folder)}
     stack = [folder]
     while stack:
         here = stack.pop()
-        files, dirs = [], []
+        files, dirs, dangling = [], [], []
         with os.scandir(here) as entries:
             for e in entries:
                 if e.is_dir():  # follows links
@@ -74,8 +78,9 @@ def _walk(folder: Path, *, hidden_dirs: bool, data: Callable[[str], bool]) -> It
                 elif e.is_file():
                     files.append(e.name)
                 elif e.is_symlink() and data(e.name):
-                    raise TreeError(f"{here / e.name}: a link to {os.readlink(e.path)}, which does not exist; restore "
-                                    f"the file or remove the link")
+                    dangling.append(e.name)
+        if dangling:  # the first by name, not by listing order: the same line on every file system
+            raise _dangling(here / min(dangling))
         yield here, sorted(files)
         for name in sorted(dirs, reverse=True):  # popped in sorted order
             sub = here / name
@@ -87,15 +92,42 @@ def _walk(folder: Path, *, hidden_dirs: bool, data: Callable[[str], bool]) -> It
             stack.append(sub)
 
 
-def class_folders(split: Path) -> list[str]:
-    """The class names of an ImageFolder split: its sub-folders (links followed), hidden ones skipped, sorted."""
+def _dangling(link: Path) -> TreeError:
+    return TreeError(f"{link}: a link to {os.readlink(link)}, which does not exist; restore it or remove the link")
+
+
+def split_listing(split: Path) -> tuple[list[str], list[str]]:
+    """(class names, names of the images lying directly in it) of an ImageFolder split, from one listing: its
+    sub-folders (links followed), hidden ones skipped, sorted; a link to nothing raises TreeError (a class folder on
+    a disk that is not mounted would otherwise be a class fewer)."""
+    classes, loose, dangling = [], [], []
     with os.scandir(split) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not is_hidden(e.name))
+        for e in entries:
+            if is_hidden(e.name):
+                continue
+            if e.is_dir():
+                classes.append(e.name)
+            elif e.is_file():
+                if is_image_name(e.name):
+                    loose.append(e.name)
+            elif e.is_symlink() and not os.path.exists(e.path):
+                dangling.append(e.name)
+    if dangling:
+        raise _dangling(Path(split) / min(dangling))
+    return sorted(classes), sorted(loose)
+
+
+def class_folders(split: Path) -> list[str]:
+    """The class names of an ImageFolder split (see :func:`split_listing`)."""
+    return split_listing(split)[0]
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The images of one class folder (see the module docstring), in torchvision's order: by folder, then name."""
-    walked = sorted((str(d), files) for d, files in _walk(Path(folder), hidden_dirs=False, data=is_image_name))
+    """The images of one class folder (see the module docstring), in torchvision's order: by folder, then name.
+    Any link to nothing below it raises TreeError: without its target, a link to a missing sub-folder of images
+    cannot be told from a link to a missing file."""
+    walked = sorted((str(d), files) for d, files in _walk(Path(folder), hidden_dirs=False,
+                                                          data=lambda name: not is_hidden(name)))
     return [Path(d) / f for d, files in walked for f in files if is_image_name(f)]
 
 

@@ -69,7 +69,7 @@ def _empty_folder(folder: Path, pattern: str) -> Path:
     return folder
 
 
-def _set_box(coord: str, value: Callable[[ET.Element], int]) -> Callable[[ET.Element], None]:
+def _set_box(coord: str, value: Callable[[ET.Element], int | str]) -> Callable[[ET.Element], None]:
     def edit(ann: ET.Element) -> None:
         ann.find(f"object/bndbox/{coord}").text = str(value(ann))
     return edit
@@ -80,6 +80,13 @@ def _loose_val(root: Path) -> Path:
         for f in d.iterdir():
             f.rename(root / "val" / f.name)
         d.rmdir()
+    return root / "val"
+
+
+def _partly_sorted_val(root: Path) -> Path:
+    """An interrupted valprep.sh: the class folders exist, but some images still lie in val/ itself."""
+    f = _first(root / "val" / C0, "*.jpg")
+    f.rename(root / "val" / f.name)
     return root / "val"
 
 
@@ -133,6 +140,7 @@ CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "imagenet-truncated-jpeg": ("imagenet", lambda r: _truncate(_first(r / "train" / C0, "*.jpg"))),
     "imagenet-not-an-image": ("imagenet", _garbage),
     "imagenet-val-not-in-class-folders": ("imagenet", _loose_val),
+    "imagenet-val-partly-sorted": ("imagenet", _partly_sorted_val),
     # Pascal VOC
     "voc-missing-xml": ("voc", lambda r: _delete(_voc_xml(r))),
     "voc-missing-jpeg": ("voc", lambda r: _delete(_voc_jpeg(r, "VOC2012"))),
@@ -153,6 +161,12 @@ CASES: dict[str, tuple[str, Callable[[Path], Path]]] = {
         a.find("object/difficult"), "text", "yes"))),
     "voc-size-mismatch": ("voc", lambda r: _edit_xml(_voc_xml(r), lambda a: setattr(
         a.find("size/height"), "text", "999"))),
+    # What MMDetection 3.3 (mmdet/datasets/xml_style.py) drops silently or stops on (an inf box is outside the image).
+    "voc-class-name-spaces": ("voc", lambda r: _edit_xml(_voc_xml(r), lambda a: setattr(
+        a.find("object/name"), "text", f"\n\t\t{a.findtext('object/name')}\n\t"))),
+    "voc-size-not-integer": ("voc", lambda r: _edit_xml(_voc_xml(r), lambda a: setattr(
+        a.find("size/width"), "text", f"{a.findtext('size/width')}.0"))),
+    "voc-box-nan": ("voc", lambda r: _edit_xml(_voc_xml(r), _set_box("xmin", lambda a: "nan"))),
     "voc-truncated-jpeg": ("voc", lambda r: _truncate(_first(r / "VOC2007" / "JPEGImages", "*.jpg"))),
     # ADE20K
     "ade-missing-mask": ("ade20k", _no_mask),
@@ -257,3 +271,30 @@ def test_cli_full_shows_progress_and_remembers_a_pass(tiny_data: Path, tmp_path:
     assert rep.problems == [] and rep.full
     assert check_cli.main(["voc", str(root), "--full", "--jobs", "2"]) == 0
     assert check_cache.lookup("voc", root, check_cache.Manifest.of(root))["depth"] == "full"
+
+
+def test_cli_stats_the_tree_only_for_a_pass_that_is_looked_up(tiny_data: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest stats every file (1.33 M for ImageNet): only voc and ade20k passes are ever looked up, and
+    only while the cache is on."""
+    from datakit import check_cache
+
+    def no_manifest(root):
+        raise AssertionError(f"Manifest.of({root}) computed for nothing")
+
+    monkeypatch.setattr(check_cache.Manifest, "of", no_manifest)
+    assert check_cli.main(["imagenet", str(tiny_data / SET_DIRS["imagenet"])]) == 0
+    monkeypatch.setenv("DATA_CHECK_CACHE", "off")
+    assert check_cli.main(["voc", str(tiny_data / SET_DIRS["voc"])]) == 0
+
+
+def test_cli_jobs_0_is_the_cpus_the_process_may_use(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under taskset or a Slurm CPU set, all of the machine's cores would oversubscribe the ones it has."""
+    import os
+
+    jobs: list[int] = []
+    real = check_cli.check
+    monkeypatch.setattr(check_cli, "check", lambda *a, **kw: jobs.append(kw["jobs"]) or real(*a, **kw))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert check_cli.main(["ade20k", str(tiny_data / SET_DIRS["ade20k"])]) == 0 and jobs == [1]

@@ -83,6 +83,21 @@ def test_a_broken_file_stops_the_run_with_its_name_and_is_not_remembered(voc: Pa
     assert len(checks) == 3
 
 
+def test_a_failed_full_check_forgets_the_earlier_pass(voc: Path) -> None:
+    from datakit import check_cli
+
+    jpeg = _a_jpeg(voc)
+    jpeg.write_bytes(jpeg.read_bytes()[:-2000])  # a truncated download: its header still reads
+    assert check_cache.check_once("voc", voc).problems == []  # headers: passed, and remembered
+    assert check_cache.check_once("voc", voc).cached
+    assert check_cli.main(["voc", str(voc), "--full", "--jobs", "1"]) == 1
+    again = check_cache.check_once("voc", voc)  # the unchanged tree: the pass above must not be reused
+    assert not again.cached and again.problems == []
+    # A check of headers cannot see the truncation: it is --full's, every time until the file is replaced.
+    (line,) = check.check("voc", voc, full=True).problems
+    assert line.startswith(f"{jpeg}: image cannot be decoded")
+
+
 def test_cache_off_or_unwritable_checks_every_time_and_the_run_goes_on(voc: Path, checks: list[str], tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATA_CHECK_CACHE", "off")

@@ -72,7 +72,6 @@ def test_linked_folders_are_read_once(imagenet: Path, tmp_path: Path) -> None:
 def test_link_to_a_missing_image_is_one_line_in_checker_and_loader(imagenet: Path, ade: Path) -> None:
     link = imagenet / "val" / C0 / "gone.jpg"
     link.symlink_to(imagenet / "nowhere.jpg")
-    (imagenet / "val" / C0 / "notes.txt").symlink_to(imagenet / "nowhere.txt")  # not an image: not data
     (line,) = check.check("imagenet", imagenet).problems
     assert line.startswith(f"{link}: a link to ") and "does not exist" in line
     with pytest.raises(TreeError, match=f"^{link}: "):
@@ -81,6 +80,22 @@ def test_link_to_a_missing_image_is_one_line_in_checker_and_loader(imagenet: Pat
     mask.symlink_to(ade / "nowhere.png")
     (line,) = check.check("ade20k", ade).problems
     assert line.startswith(f"{mask}: a link to ")
+
+
+def test_link_to_a_missing_folder_is_one_line_in_checker_and_loader(imagenet: Path, tmp_path: Path) -> None:
+    """A class, or part of one, on a disk that is not mounted: refused, not trained on as a class or images fewer."""
+    shutil.rmtree(imagenet / "train" / C0)
+    link = imagenet / "train" / C0
+    link.symlink_to(tmp_path / "unmounted" / C0, target_is_directory=True)
+    (line,) = check.check("imagenet", imagenet).problems
+    assert line == f"{link}: a link to {tmp_path / 'unmounted' / C0}, which does not exist (restore it or remove the " \
+                   "link)"
+    with pytest.raises(TreeError, match=f"^{link}: "):
+        samples(imagenet / "train")
+    part = imagenet / "val" / C0 / "part2"  # no image extension: a folder, as far as anyone can tell
+    part.symlink_to(tmp_path / "unmounted" / "part2", target_is_directory=True)
+    with pytest.raises(TreeError, match=f"^{part}: a link to "):
+        samples(imagenet / "val")
 
 
 def test_16bit_grayscale_is_scaled_not_clipped(imagenet: Path) -> None:
