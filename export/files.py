@@ -171,6 +171,13 @@ def load_export(export_dir: str | Path, source: str = "safetensors") -> tuple[di
     return state, meta
 
 
+def verify_export(export_dir: str | Path) -> None:
+    """Every tensor file of an export against its meta.json: meta.json alone says what was exported, not that its
+    files survived (a partial copy, a full disk), and a stage reading a damaged file fails."""
+    load_export(export_dir, "pth")
+    export_to_timm(export_dir)  # backbone.safetensors and head.safetensors
+
+
 def export_to_timm(export_dir: str | Path) -> dict[str, torch.Tensor]:
     """The whole timm classifier state dict (backbone from the export, fc from head.safetensors).
 

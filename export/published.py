@@ -176,20 +176,24 @@ def _fetch_hf(pub: Published) -> Path:
     cfg = timm.models.get_pretrained_cfg(pub.name, allow_unregistered=False)
     # timm prefers the safetensors file and falls back to the pickle (timm.models._hub.load_state_dict_from_hf).
     names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    offline = False
     for filename in names:
         try:
             path = huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, revision=revision or None,
                                                    library_name="timm", library_version=timm.__version__)
             return Path(path)
         except LocalEntryNotFoundError:
-            raise ExportError(f"{pub.source}: not in the Hugging Face cache and the hub cannot be reached; "
-                              f"{_hf_fill_hint(pub)}") from None
+            offline = True  # not cached and no hub: a cache filled by an older timm may hold the next name
+            continue
         except EntryNotFoundError:
             continue  # this file name is not in the repo: the next one
         except (HfHubHTTPError, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"{pub.source}: downloading {repo}/{filename} failed ({first}); "
                               f"{_hf_fill_hint(pub)}") from None
+    if offline:
+        raise ExportError(f"{pub.source}: not in the Hugging Face cache and the hub cannot be reached; "
+                          f"{_hf_fill_hint(pub)}")
     raise ExportError(f"{pub.source}: the hub repo {repo} holds none of {', '.join(names)}; check the timm version")
 
 
@@ -202,13 +206,13 @@ def _fetch_url(pub: Published) -> Path:
         return path
     cache.mkdir(parents=True, exist_ok=True)
     match = torch.hub.HASH_REGEX.search(path.name)
-    tmp = path.with_name(path.name + ".partial")
     try:
-        # torch.hub.download_url_to_file is what load_state_dict_from_url (torchvision's get_state_dict) calls.
-        torch.hub.download_url_to_file(url, str(tmp), match.group(1) if match else None, progress=True)
-        os.replace(tmp, path)
+        # What load_state_dict_from_url (torchvision's get_state_dict) calls. It downloads into a uniquely named
+        # temporary file and moves it onto ``path``: parallel jobs sharing TORCH_HOME (one per seed) cannot collide.
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=True)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
-        tmp.unlink(missing_ok=True)
+        if path.is_file():  # another job's download, checked by torch hub before its move, landed meanwhile
+            return path
         how = (f"python -c \"import torchvision; torchvision.models.get_weight('{pub.name}').get_state_dict()\""
                if pub.library == "torchvision" else f"curl -L -o {path.name} {url}")
         raise ExportError(f"{pub.source}: {path.name} is not in the torch hub cache and {url} cannot be fetched "

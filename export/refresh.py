@@ -1,10 +1,12 @@
-"""Keep an export dir current: redo it only when its source changed, and never leave it invalid.
+"""Keep an export dir current: redo it only when its source changed or its files were damaged, never
+leave it invalid.
 
 ``refresh_export(src, out)`` is what tools/export_backbone.py and export/resolve.py ("export beside the run dir")
 both do:
 - meta.json records what the export came from (for a trained run the checkpoint's path, its sha256, which checkpoint
   and which weights; for a weights file its path and sha256; for published weights the library's name of them).
-  When ``out`` holds an export of exactly that, nothing is written ("up to date"); when the checkpoint changed (the
+  When ``out`` holds an export of exactly that, and its files pass load_export's checks, nothing is written ("up to
+  date"); when its files are damaged it is exported again ("re-exported: WHY"); when the checkpoint changed (the
   run trained further) or other weights were asked for, it is exported again. An option that does not apply to
   the source's kind is refused either way (export/source.py), never ignored because an export exists.
 - The new export is written into a sibling ``.NAME.new-PID`` and swapped in by two renames, so ``out`` holds the
@@ -36,7 +38,7 @@ from lifecycle.run_lock import waiting_lock
 from lifecycle.stop_flag import Preempted
 
 from . import source as sources  # export_source looked up per call: a test replaces it
-from .files import EXPORT_FILES, META
+from .files import EXPORT_FILES, META, verify_export
 from .layout import ExportError
 from .source import Source, as_source
 
@@ -112,7 +114,8 @@ def export_and_swap(source: Source, out: Path, check: Callable[[Path], Any] | No
 def refresh_export(src: Source | str, out: str | Path, *, check: Callable[[Path], Any] | None = None,
                    **options: Any) -> tuple[str, dict[str, Any], list[str]]:
     """Make ``out`` an export of ``src`` (a Source, or a spec and ``identify``'s options: checkpoint, weights,
-    variant): (what happened: "up to date" | "exported" | "re-exported", its meta, the repairs ``recover`` made).
+    variant): (what happened: "up to date" | "exported" | "re-exported" (the source changed) | "re-exported: WHY"
+    (the export of this source was damaged), its meta, the repairs ``recover`` made).
     ``check(dir)`` runs on a new export before it replaces ``out``."""
     out = Path(out)
 
@@ -143,7 +146,13 @@ def _refresh_locked(src, out: Path, check, options: dict[str, Any]) -> tuple[str
         raise ExportError(f"{out}: exists and is not a directory; give another --out")
     source = as_source(src, **options)  # within refresh_export's signal handlers, like the hashing below
     meta = read_meta_quietly(out)
-    if meta is not None and all(meta.get(k) == v for k, v in source.identity().items()):
-        return "up to date", meta, repairs
     what = "exported" if meta is None else "re-exported"  # no meta.json: nothing, or an incomplete export
+    if meta is not None and all(meta.get(k) == v for k, v in source.identity().items()):
+        # Its files too, not only meta.json: a damaged file taken for up to date fails every stage that reads it,
+        # and their "rerun tools/export_backbone.py" would find it up to date again.
+        try:
+            verify_export(out)
+            return "up to date", meta, repairs
+        except ExportError as e:
+            what = f"re-exported: {str(e).split('; ')[0]}"  # the file and what is wrong with it, without its fix
     return what, export_and_swap(source, out, check), repairs

@@ -26,6 +26,7 @@ from .layout import ExportError
 from .published import is_published
 from .refresh import refresh_export
 from .source import export_dir_state, identify
+from .trained import progress_of
 
 DEFAULT_EXPORTS = Path("work_dirs/exports")
 
@@ -51,12 +52,15 @@ def resolve(src: str, variant: str | None = None, exports: str | Path = DEFAULT_
         out = (path if path.is_dir() else path.parent) / "export"  # the final epoch's raw weights, by default
     else:
         out = Path(exports) / (f"{path.stem}-{source.sha256[:12]}" + (f"-{variant.upper()}" if variant else ""))
-    what, _, repairs = refresh_export(source, out)
+    what, meta, repairs = refresh_export(source, out)
     for line in repairs:
         print(line, file=sys.stderr)
     if what != "up to date":
-        why = " (the export there was of other weights)" if what == "re-exported" else ""
-        print(f"{what} {src} -> {out}{why}", file=sys.stderr)
+        what, _, damaged = what.partition(": ")  # "re-exported: WHY": the export of this source was damaged
+        other = " (the export there was of other weights)" if what == "re-exported" else ""
+        why = f" ({damaged})" if damaged else other
+        epoch = f" ({progress_of(meta)})" if source.kind == "trained" else ""
+        print(f"{what} {src}{epoch} -> {out}{why}", file=sys.stderr)
     return str(out)
 
 

@@ -39,6 +39,7 @@ class Source:
     published: Published | None = None  # published: what the library's registry says of them
     weights: str | None = None  # trained: "raw" (None: the default) or "ema"
     variant: str | None = None  # file: the variant given (None: detected from the keys)
+    allow_unfinished: bool = False  # trained: export a stopped or still-training run's last.pth too
 
     @cached_property
     def sha256(self) -> str:
@@ -52,8 +53,11 @@ class Source:
         if self.kind == "published":
             return {"source": self.published.source}  # a library's named weights: the name fixes the file
         if self.kind == "trained":
-            return {"source_checkpoint": str(self.path.resolve()), "sha256": self.sha256, "checkpoint": self.path.name,
-                    "weights": self.weights or "raw"}
+            identity = {"source_checkpoint": str(self.path.resolve()), "sha256": self.sha256,
+                        "checkpoint": self.path.name, "weights": self.weights or "raw"}
+            if not self.allow_unfinished:  # an unfinished run's export (asked for earlier) is not up to date now:
+                identity["source_finished"] = True  # exporting it again refuses it (export/trained.py)
+            return identity
         identity = {"source": str(self.path.resolve()), "sha256": self.sha256}
         if self.variant is not None:
             identity["variant"] = get_variant(self.variant).name
@@ -96,7 +100,7 @@ def _kind(src: str) -> str:
 
 
 def identify(src: str | Path, *, checkpoint: str | None = None, weights: str | None = None,
-             variant: str | None = None) -> Source:
+             variant: str | None = None, allow_unfinished: bool | None = None) -> Source:
     """The source ``src`` names, with the options that apply to its kind; the others are refused, naming the kind,
     whether or not an export of it exists already (an option is refused or used, never ignored)."""
     src = str(src)
@@ -106,8 +110,10 @@ def identify(src: str | Path, *, checkpoint: str | None = None, weights: str | N
             raise ExportError(f"{src}: --variant is for weights files; a run of this toolkit records its variant")
         if weights not in (None, *WEIGHTS):
             raise ExportError(f"weights must be 'ema' or 'raw', got {weights!r}")
-        return Source(src, kind, path=run_checkpoint(src, checkpoint), weights=weights)
-    given = [opt for opt, value in (("--checkpoint", checkpoint), ("--weights", weights)) if value is not None]
+        return Source(src, kind, path=run_checkpoint(src, checkpoint), weights=weights,
+                      allow_unfinished=bool(allow_unfinished))
+    given = [opt for opt, value in (("--checkpoint", checkpoint), ("--weights", weights),
+                                    ("--allow-unfinished", allow_unfinished)) if value not in (None, False)]
     if given:
         raise ExportError(f"{src}: {' and '.join(given)} choose among a training run's checkpoints and weights; "
                           f"published weights and weights files are one set of weights, drop {given[0]}")
@@ -134,7 +140,8 @@ def export_source(source: Source | str, out_dir: str | Path, **options: Any) -> 
     """Export ``source`` (a Source, or a spec and ``identify``'s options) into ``out_dir``; returns its meta."""
     source = as_source(source, **options)
     if source.kind == "trained":
-        return export_backbone(source.path, out_dir, weights=source.weights, sha256=source.sha256)
+        return export_backbone(source.path, out_dir, weights=source.weights, sha256=source.sha256,
+                               allow_unfinished=source.allow_unfinished)
     if source.kind == "file":
         pub, state = file_source(source.path, source.variant)
         return export_published(pub, out_dir, state, sha256=source.sha256)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from classification.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from classification.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, resolve_checkpoint
 from classification.config import ConfigError, config_from_dict
 from classification.variants import get_variant
 
@@ -42,6 +42,20 @@ def _source_top1(ckpt: dict[str, Any], path: Path, weights: str) -> float | None
     return None
 
 
+def progress(ckpt: dict[str, Any], epochs: int) -> tuple[str, bool]:
+    """("epoch 37 of 120, unfinished", False) for a checkpoint of a run trained ``epochs`` epochs in all: a run
+    stopped early (preempted, or still training) or mid-epoch (step > 0) is unfinished."""
+    epoch, step = ckpt.get("epoch"), ckpt.get("step", 0)
+    finished = epoch == epochs and not step
+    return f"epoch {epoch} of {epochs}" + ("" if finished else f"{', mid-epoch' if step else ''}, unfinished"), finished
+
+
+def progress_of(meta: dict[str, Any]) -> str:
+    """``progress``'s words for an export of a trained run, from its meta.json."""
+    epoch = {"epoch": meta.get("source_epoch"), "step": meta.get("source_step", 0)}
+    return progress(epoch, meta.get("source_epochs"))[0]
+
+
 def run_checkpoint(src: str | Path, checkpoint: str | None = None) -> Path:
     """The checkpoint file an export of ``src`` reads (``checkpoint.resolve_checkpoint``: last.pth by default)."""
     try:
@@ -51,12 +65,14 @@ def run_checkpoint(src: str | Path, checkpoint: str | None = None) -> Path:
 
 
 def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = None,
-                    checkpoint: str | None = None, sha256: str | None = None) -> dict[str, Any]:
+                    checkpoint: str | None = None, sha256: str | None = None,
+                    allow_unfinished: bool = False) -> dict[str, Any]:
     """Write ``src``'s (a run dir or checkpoint) backbone to ``out_dir`` in the mm layout; returns the meta.
 
     Defaults are what the paper reports: the final epoch (``last.pth``) and the raw weights. ``checkpoint="best"``
     and ``weights="ema"`` are explicit opt-ins; meta.json records the choice, the epoch and the top-1 of exactly
     the exported weights. ``sha256``: the checkpoint's, where the caller hashed it already (export/source.py).
+    An unfinished run's last.pth is refused unless ``allow_unfinished`` (best.pth is an earlier epoch by choice).
     """
     weights = weights or "raw"
     if weights not in WEIGHTS:
@@ -74,6 +90,13 @@ def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = 
         cfg = config_from_dict(ckpt["config"], str(path))
     except ConfigError as e:
         raise ExportError(str(e)) from e
+    said, finished = progress(ckpt, cfg.epochs)
+    if not finished and path.name != BEST and not allow_unfinished:
+        # Exported silently, a preempted or still-training run passed for the final weights the paper reports.
+        run = path.parent if path.name == LAST else path
+        raise ExportError(f"{path}: {said}: the run was stopped or is still training; finish it (rerun its "
+                          f"tools/train_cls.sh command, which resumes it), or export it anyway with "
+                          f"tools/export_backbone.py {run} --out DIR --allow-unfinished")
     if weights == "ema" and ckpt.get("ema") is None:
         raise ExportError(f"{path}: this run kept no EMA weights (ema_decay was {cfg.ema_decay}); export without "
                           f"--weights ema (raw weights are the default)")
@@ -92,6 +115,9 @@ def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = 
         "weights": weights,
         "sha256": sha256 or file_sha256(path),
         "source_epoch": ckpt.get("epoch"),
+        "source_epochs": cfg.epochs,  # the run's planned epochs: source_epoch < source_epochs is an unfinished run
+        "source_step": ckpt.get("step", 0),  # > 0: saved mid-epoch
+        "source_finished": finished,
         "source_top1": top1,
         "top1_from": None if top1 is None else f"{path.name} history, epoch {ckpt.get('epoch')}, {metric}",
         "mean": [float(m) for m in cfg.mean],  # RGB, 0-255

@@ -91,7 +91,8 @@ def run(request, tmp_path_factory) -> SimpleNamespace:
     """A fake classification run dir (the trainer's checkpoint format) of one variant, and its export."""
     variant = request.param
     root = tmp_path_factory.mktemp(f"run{variant}")
-    cfg = Config(variant=variant, name=f"r50{variant.lower()}_test", ema_decay=0.9 if variant == EMA_VARIANT else 0.0)
+    cfg = Config(variant=variant, name=f"r50{variant.lower()}_test", ema_decay=0.9 if variant == EMA_VARIANT else 0.0,
+                 epochs=1)  # finished: last.pth is at its final epoch
     raw = classifier(variant, seed=1)
     ema = classifier(variant, seed=2) if variant == EMA_VARIANT else None
     history = [dict(epoch=1, top1=40.0, top5=90.0, ema_top1=45.0 if ema else None, ema_top5=None)]
@@ -176,7 +177,7 @@ def test_default_is_the_final_epoch_raw_weights_best_is_an_opt_in(tmp_path):
     """The paper reports final weights: with best.pth (an earlier epoch) and EMA weights in the run, the default
     export is last.pth's raw model, tensor for tensor; --checkpoint best is recorded with its epoch and top-1."""
     variant = "B"
-    cfg = Config(variant=variant, name="r50b_test", ema_decay=0.9)
+    cfg = Config(variant=variant, name="r50b_test", ema_decay=0.9, epochs=2)
     run_dir = tmp_path / "run"
     last, best, ema = classifier(variant, seed=3), classifier(variant, seed=4), classifier(variant, seed=5)
     history = [dict(epoch=1, top1=50.0, ema_top1=48.0), dict(epoch=2, top1=45.0, ema_top1=47.0)]
@@ -349,6 +350,26 @@ def test_corrupted_exports_are_refused(run, tmp_path):
         load_export(broken)
 
 
+@pytest.mark.parametrize("run", ["C"], indirect=True)
+def test_a_damaged_export_of_an_unchanged_source_is_re_exported(run, tmp_path):
+    """meta.json matching the source is not enough: a damaged file taken for up to date failed every stage, whose
+    "rerun tools/export_backbone.py" found it up to date again."""
+    from export.refresh import refresh_export
+
+    out = tmp_path / "e"
+    assert refresh_export(str(run.run_dir), out)[0] == "exported"
+    with open(out / BACKBONE_ST, "r+b") as f:  # a partial copy / a full disk
+        f.truncate(1000)
+    what = refresh_export(str(run.run_dir), out)[0]
+    assert what.startswith("re-exported: ") and "backbone.safetensors: cannot read" in what, what
+    (out / BACKBONE_PTH).unlink()
+    what = refresh_export(str(run.run_dir), out)[0]
+    assert what.startswith("re-exported: ") and "backbone.pth: missing" in what, what
+    for fmt in ("safetensors", "pth"):
+        assert load_export(out, fmt)[1]["state_sha256"] == run.meta["state_sha256"]
+    assert refresh_export(str(run.run_dir), out)[0] == "up to date"
+
+
 @needs_mm
 @pytest.mark.parametrize("run", ["D"], indirect=True)
 def test_check_export_matches_lists_keys(run):
@@ -416,7 +437,7 @@ def test_cli(run, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli_main([str(run.run_dir), "--out", str(out)]) == 0  # in-process: mm is imported already
     stdout = capsys.readouterr().out
-    assert "raw weights of last.pth (default: final epoch, raw weights, epoch 1)" in stdout
+    assert "raw weights of last.pth (default: final epoch, raw weights, epoch 1 of 1)" in stdout
     assert {BACKBONE_PTH, BACKBONE_ST, META} <= {p.name for p in out.iterdir()}
     if HAS_MM:
         assert stdout.count("strict check passed") == 2 and stdout.count("stage outputs within") == 2, stdout
@@ -428,3 +449,41 @@ def test_cli(run, tmp_path, capsys):
     assert cli_main([str(run.run_dir), "--out", str(tmp_path / "o"), "--weights", "ema"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no EMA weights" in err and "raw weights are the default" in err
+
+
+@pytest.mark.parametrize("run", ["B"], indirect=True)
+def test_an_unfinished_run_is_refused_unless_asked_and_its_epoch_is_said(run, tmp_path, capsys):
+    """A preempted or still-training run's last.pth passed silently for the final weights: the export tool and
+    resolve (what tools/transfer_det.sh / transfer_seg.sh call) refuse it in one line naming the checkpoint and both
+    ways out; --allow-unfinished exports it, saying its epoch in meta.json and in the output."""
+    from export.resolve import resolve
+
+    ckpt = torch.load(run.run_dir / "last.pth", map_location="cpu", weights_only=True)
+    ckpt["config"]["epochs"] = 120
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    torch.save(dict(ckpt, epoch=37), unfinished / "last.pth")
+    for refuse in (lambda: resolve(str(unfinished)), lambda: export_backbone(unfinished, tmp_path / "e")):
+        with pytest.raises(ExportError) as e:
+            refuse()
+        line = str(e.value)
+        assert line.startswith(f"{unfinished / 'last.pth'}: epoch 37 of 120, unfinished") and "\n" not in line
+        assert "tools/train_cls.sh" in line
+        assert f"tools/export_backbone.py {unfinished} --out DIR --allow-unfinished" in line
+    assert not (unfinished / "export").exists()
+
+    out = tmp_path / "cli"
+    assert cli_main([str(unfinished), "--out", str(out), "--allow-unfinished"]) == 0
+    assert "(as asked, epoch 37 of 120, unfinished)" in capsys.readouterr().out
+    meta = json.loads((out / META).read_text())
+    assert (meta["source_epoch"], meta["source_epochs"], meta["source_step"], meta["source_finished"]) == (37, 120, 0,
+                                                                                                           False)
+    assert cli_main([str(unfinished), "--out", str(out)]) == 1  # not "up to date": asked for once, not for good
+    assert "epoch 37 of 120, unfinished" in capsys.readouterr().err
+
+    torch.save(dict(ckpt, epoch=120, step=3), unfinished / "last.pth")  # saved mid-epoch at a preemption
+    with pytest.raises(ExportError, match=r"epoch 120 of 120, mid-epoch, unfinished"):
+        resolve(str(unfinished))
+    torch.save(dict(ckpt, epoch=120, step=0), unfinished / "last.pth")
+    assert resolve(str(unfinished)) == str(unfinished / "export")
+    assert f"exported {unfinished} (epoch 120 of 120) -> {unfinished / 'export'}" in capsys.readouterr().err

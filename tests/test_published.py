@@ -218,6 +218,60 @@ def test_torchvision_hub_source(tv_b, fake_torch_hub, tmp_path):
     assert len(fake_torch_hub) == 1  # from the cache
 
 
+def test_offline_timm_falls_back_to_the_cached_pickle(timm_d, monkeypatch):
+    """Offline, with a cache an older timm filled with pytorch_model.bin: used, as timm's own loader does, instead
+    of failing on model.safetensors, the first name tried."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from export.published import fetch
+
+    tried = []
+
+    def offline_with_bin_cached(repo_id, filename, revision=None, **kwargs):
+        tried.append(filename)
+        if filename == "pytorch_model.bin":
+            return str(timm_d[1])
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic has "
+                                      "been disabled.")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline_with_bin_cached)
+    assert fetch(lookup("timm:resnet50d.gluon_in1k")) == timm_d[1]
+    assert tried == ["model.safetensors", "pytorch_model.bin"]
+
+def test_parallel_jobs_sharing_torch_home_all_get_the_weights(monkeypatch, tmp_path):
+    """One study job per seed, sharing TORCH_HOME, fetch the same weights at once: all of them end with the cached
+    file (a fixed X.pth.partial was moved away by one job under the others, which failed blaming the network)."""
+    import uuid
+
+    from export.published import fetch
+
+    pub = lookup("torchvision:ResNet50_Weights.IMAGENET1K_V1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / "resnet50-0676ba61.pth"
+    got, started = {}, []
+
+    def download(url, dst, hash_prefix=None, progress=True):  # torch hub's: a unique temp file, moved onto dst
+        tmp = f"{dst}.{uuid.uuid4().hex}.partial"
+        Path(tmp).write_bytes(b"weights")
+        shutil.move(tmp, dst)
+        if not started:  # job A's download is done; job B starts and finishes before A goes on
+            started.append("B")
+            got["B"] = fetch(pub)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    got["A"] = fetch(pub)
+    assert got == {"A": cached, "B": cached} and cached.read_bytes() == b"weights"
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temporary file left
+
+    def lost_race(url, dst, hash_prefix=None, progress=True):  # another job's file lands while this one fails
+        Path(dst).write_bytes(b"theirs")
+        raise ConnectionResetError("[Errno 104] Connection reset by peer")
+
+    cached.unlink()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lost_race)
+    assert fetch(pub) == cached and cached.read_bytes() == b"theirs"
+
 def test_offline_is_one_line_naming_the_cache_variable(monkeypatch, tmp_path, capsys):
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -293,12 +347,13 @@ def test_transfer_source_exports_published_weights_once(timm_d, fake_hf, tmp_pat
 
 
 def save_run(run: Path, seed: int) -> None:
-    """A ResNet-50-B run dir of the trainer with one checkpoint: last.pth at epoch ``seed``, top-1 10 x ``seed``."""
+    """A finished ResNet-50-B run dir of the trainer with one checkpoint: last.pth at epoch ``seed`` of ``seed``,
+    top-1 10 x ``seed``."""
     from classification.checkpoint import save_checkpoint
     from classification.config import Config
     from classification.models import build_model
 
-    cfg = Config(variant="B", name="r50b_test")
+    cfg = Config(variant="B", name="r50b_test", epochs=seed)
     torch.manual_seed(seed)
     model = build_model("B", 3, zero_gamma=False, init="timm", mean=cfg.mean, std=cfg.std)
     save_checkpoint(run / "last.pth", model=model.state_dict(), ema=None, optimizer={}, scaler={}, scheduler={},

@@ -87,15 +87,20 @@ def main(argv: list[str] | None = None) -> int:
             # It logs nothing while it works: the signal comes 0.5 s after its first line, in the export itself.
             "export": ([sys.executable, "tools/export_backbone.py", str(work / "cls"), "--out", str(work / "export")],
                        r"^exporting ", 0.5),
-            "detection": (["bash", "tools/transfer_det.sh", str(work / "cls"), "--config", DET, "--data-root",
+            # The transfer stages read the stopped run's export, made untimed below: the run is unfinished by design.
+            "detection": (["bash", "tools/transfer_det.sh", str(work / "export"), "--config", DET, "--data-root",
                            str(data / "VOCdevkit"), "--work-dir", str(work / "det"), "--allow-synthetic", *transfer],
                           r"Iter\(train\) \[\s*2/", 0.0),
-            "segmentation": (["bash", "tools/transfer_seg.sh", str(work / "cls"), "--config", SEG, "--data-root",
+            "segmentation": (["bash", "tools/transfer_seg.sh", str(work / "export"), "--config", SEG, "--data-root",
                               str(data / "ADEChallengeData2016"), "--work-dir", str(work / "seg"),
                               "--allow-synthetic", *transfer], r"Iter\(train\) \[\s*2/", 0.0),
         }
         figures = {}
         for name, (cmd, pattern, delay_s) in runs.items():
+            if name == "detection":
+                subprocess.run([sys.executable, "tools/export_backbone.py", str(work / "cls"), "--out",
+                                str(work / "export"), "--allow-unfinished"], cwd=REPO, env=env, check=True,
+                               capture_output=True)
             figures[name] = stop_time(cmd, pattern, env, delay_s)
             shown = "-" if figures[name]["stop_s"] is None else f"{figures[name]['stop_s']:.1f} s"
             print(f"{name:15s} SIGTERM to the group -> exit {figures[name]['exit']} in {shown}", flush=True)
