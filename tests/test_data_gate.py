@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,47 @@ def test_under_torchrun_one_rank_checks_and_every_rank_stops_on_a_problem(voc: P
     assert (n1, m1, k1) == (0, 0, 0)  # rank 1 never checked
     assert bad0 == bad1 and len(bad0) == 1 and bad0[0].startswith(f"{xml}: invalid XML")
     assert "unchanged" in proc.stdout and proc.stdout.count("data check:") == 3  # rank 0's notes only
+
+
+NODE_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+from transfer.data_gate import check_data_once
+
+problems = check_data_once("voc", sys.argv[1], launcher="pytorch", dist_cfg=dict(backend="gloo"))
+out = os.path.join(os.environ["OUT_DIR"], "rank%s.json" % dist.get_rank())
+with open(out, "w") as f:
+    json.dump(dict(node=os.environ["GROUP_RANK"], root=sys.argv[1], problems=problems), f)
+dist.barrier()
+"""
+
+
+def test_each_node_checks_its_own_copy_and_every_rank_hears_of_a_broken_one(voc: Path, tmp_path: Path) -> None:
+    """Two torchrun agents (nodes) of one process each, the data 'staged' to each node under its own path: the
+    second node's copy is broken. Both ranks get its line, named by that node; before, the first node's check
+    answered for both and the broken copy passed."""
+    broken = Path(shutil.copytree(voc, tmp_path / "broken"))
+    xml = sorted((broken / "VOC2007" / "Annotations").glob("*.xml"))[0]
+    xml.write_text("<annotation><object>")
+    script = tmp_path / "node.py"
+    script.write_text(NODE_SCRIPT.format(repo=str(REPO)))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = dict(os.environ, OUT_DIR=str(out_dir), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    with socket.socket() as s:  # a free port for the rendezvous store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                f"--rdzv-conf=is_host={int(root == voc)}", str(script), str(root)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+              for root in (voc, broken)]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs
+    ranks = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
+    (node,) = {r["node"] for r in ranks if r["root"] == str(broken)}
+    assert len(ranks) == 2 and all(r["problems"] == ranks[0]["problems"] for r in ranks)
+    (line,) = ranks[0]["problems"]
+    assert line.startswith(f"node {node} (") and f"): {xml}: invalid XML" in line
+    assert sum(out.count("data check:") for out in outputs) == 2  # each node's own check

@@ -491,8 +491,8 @@ def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
     problem = synthetic_problem(args.data_root, args.allow_synthetic or cfg.get("allow_synthetic", False))
     if problem:
         raise StageError(problem)
-    # Rank 0 checks structure and headers, skipped for a tree unchanged since it passed; the other ranks wait for
-    # its answer, so all stop here with the same one line (transfer/data_gate.py: why, and how they wait).
+    # A rank per node checks structure and headers, skipped for a tree unchanged since it passed; the other ranks
+    # wait for the answers, so all stop here with the same lines (transfer/data_gate.py: why, and how they wait).
     problems = check_data_once(stage.data, args.data_root, launcher=args.launcher,
                                dist_cfg=cfg.get("env_cfg", {}).get("dist_cfg", {}))
     if problems:
