@@ -492,6 +492,21 @@ def test_downstream_runs_keep_two_interval_checkpoints_unless_their_config_says(
     assert cfg.default_hooks.checkpoint.max_keep_ckpts == 5
 
 
+def test_cfg_options_randomness_is_kept_and_the_seed_is_seed_s(monkeypatch):
+    """--cfg-options randomness.deterministic=True was overwritten with False, silently; a seed given there, unlike
+    --seed's, would not be the summary's."""
+    from transfer.runner import StageError
+
+    det = "configs/detection/faster-rcnn_r50_fpn_voc0712.py"
+    cfg, _ = configured(det, monkeypatch=monkeypatch)
+    assert cfg.randomness == dict(deterministic=False, seed=0)
+    cfg, _ = configured(det, monkeypatch=monkeypatch, **{"randomness.deterministic": True,
+                                                        "randomness.diff_rank_seed": True})
+    assert cfg.randomness == dict(deterministic=True, diff_rank_seed=True, seed=0)
+    with pytest.raises(StageError, match=r"randomness.seed=3 .* contradicts --seed 0; give the seed as --seed 3"):
+        configured(det, monkeypatch=monkeypatch, **{"randomness.seed": 3})
+
+
 def test_paper_recipes_refuse_generated_data_unless_allowed(tiny_data, tmp_path, capsys):
     """A tree written by tools/make_data.py carries a marker: the paper's recipes stop before training, naming the
     marker and the flag; --allow-synthetic lets it through."""

@@ -255,7 +255,13 @@ def configure(cfg, stage: DownstreamTask, args: argparse.Namespace, meta: dict |
     cfg.resume = True  # continue from the last checkpoint in work_dir, if any
     cfg.load_from = None
     cfg.launcher = args.launcher
-    cfg.randomness = dict(seed=args.seed, deterministic=False)
+    # The seed is --seed (the summary records it); the rest of mmengine's randomness (deterministic, diff_rank_seed)
+    # is the config's or --cfg-options', not overwritten.
+    randomness = dict(cfg.get("randomness") or {})
+    if randomness.get("seed") not in (None, args.seed):
+        raise StageError(f"{args.config}: randomness.seed={randomness['seed']} (config or --cfg-options) contradicts "
+                         f"--seed {args.seed}; give the seed as --seed {randomness['seed']}, which the summary records")
+    cfg.randomness = {"deterministic": False, **randomness, "seed": args.seed}
     # The export's identity is its tensors, not its folder: recorded so that a rerun can tell another export.
     cfg.export_state_sha256 = meta["state_sha256"] if meta is not None else None
     return dict(decided, control_changes=control_changes, frozen_changes=frozen_changes,
