@@ -281,11 +281,11 @@ def gain_points(view: Results, stage: str, metric: str) -> list[tuple[str, float
 
 
 def transfer_gain(results: Results, path: Path) -> str | None:
-    """One panel per task and backbone mode: each arm's downstream difference to the reference against its backbone's
-    top-1 (``gain_points``), the least-squares line through ours and Spearman's
-    rho in its legend; the paper's gains over its B-standard hollow beside them on the fine-tuned panels (its numbers
-    are fine-tuned). matplotlib's object API on the Agg canvas, no pyplot. None when written, else why not. (Each
-    run's training curves: its TensorBoard log, cls/tb/.)"""
+    """One panel per task and backbone mode: each arm's downstream difference to the reference against its
+    backbone's top-1 (``gain_points``), the least-squares line through ours and Spearman's rho in its legend; the
+    paper's gains over its B-standard hollow beside them on the fine-tuned panels (its numbers are fine-tuned).
+    matplotlib's object API on the Agg canvas, no pyplot. None when written, else why not. (Each run's training
+    curves: its TensorBoard log, cls/tb/.)"""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

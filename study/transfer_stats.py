@@ -6,8 +6,9 @@ features over 16 networks; the Bag of Tricks paper's Table 9 has tricks that rai
 accuracy).
 
 A study has few arms (3 to 10) and few seeds (1 to 5), where a bootstrap is overconfident: resampling five arms that
-lie in order gives rho = 1 every time, an interval [+1, +1]; resampling two seeds gives only their range, which
-covers a ratio about half the time. So the uncertainty comes from small-sample methods instead:
+lie in order gives rho = 1 every time, an interval [+1, +1]; resampling two seeds gives only their range, which held
+the true ratio in 51 % of simulated two-seed studies (docs/protocol.md). So the uncertainty comes from small-sample
+methods instead:
 - Spearman's rho: the exact permutation p-value (every order of the arms; a fixed sample of orders above
   ``EXACT_ARMS``), the chance that arms unrelated to top-1 rank as much alike. Three arms in order: p = 0.33.
 - Pearson's r: the Fisher z interval (needs four arms).
