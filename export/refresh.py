@@ -10,10 +10,11 @@ both do:
   run trained further) or other weights were asked for, it is exported again. An option that does not apply to
   the source's kind is refused either way (export/source.py), never ignored because an export exists.
 - The new export is written into a sibling ``.NAME.new-PID`` and swapped in by two renames, so ``out`` holds the
-  previous valid export until the new one is complete (other files in ``out`` move along into the new one). A
-  kill between the two renames leaves the previous export in ``.NAME.old-PID``: ``recover`` (run first, every
-  time) puts it back; a kill during the export leaves the sibling, which ``recover`` removes with the temporary
-  files of interrupted writes.
+  previous valid export until the new one is complete (other files in ``out`` then move from the old one into it).
+  A kill between the two renames leaves the previous export in ``.NAME.old-PID``: ``recover`` (run first, every
+  time) puts it back; a kill while the other files move leaves some in ``.NAME.old-PID``, which ``recover`` moves
+  into ``out`` before removing it; a kill during the export leaves the sibling, which ``recover`` removes with the
+  temporary files of interrupted writes.
 - One process at a time per export dir (a lock file ``.NAME.lock`` beside it): two started at once (two studies'
   jobs, a detection and a segmentation stage exporting one run) export once; the second waits, then finds it up to
   date. Unlocked, the second's ``recover`` removed the first's sibling mid-write and the first failed.
@@ -55,17 +56,38 @@ def _siblings(out: Path, kind: str) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.{kind}-*"))
 
 
+def _move_other_files(src: Path, dst: Path) -> list[str]:
+    """Move every entry of ``src`` but an export's own files into ``dst``, unless ``dst`` has that name already.
+    Returns the names moved."""
+    moved = []
+    for entry in sorted(src.iterdir()):
+        if entry.name not in EXPORT_FILES and not os.path.lexists(dst / entry.name):
+            os.replace(entry, dst / entry.name)
+            moved.append(entry.name)
+    return moved
+
+
 def recover(out: Path) -> list[str]:
     """Undo what a killed export left: the previous export back in place if the swap was cut between its two
-    renames, half-written siblings and temporary files removed. Returns what was done, one line each."""
+    renames, other files that had not yet moved from it into the new export moved, half-written siblings and
+    temporary files removed. Returns what was done, one line each."""
     done = []
     if not out.exists():
-        for old in _siblings(out, "old"):
-            if (old / META).is_file():
-                os.replace(old, out)
-                done.append(f"restored {out} from {old.name} (an export swap was interrupted)")
-                break
-    for stale in _siblings(out, "new") + _siblings(out, "old"):
+        # An old sibling and no ``out``: the swap was cut between its two renames, and the sibling is the whole
+        # previous ``out``, with or without an export in it (a run dir given as --out), so it goes back either way.
+        olds = sorted(_siblings(out, "old"), key=lambda old: not (old / META).is_file())  # an export first
+        if olds:
+            os.replace(olds[0], out)
+            done.append(f"restored {out} from {olds[0].name} (an export swap was interrupted)")
+    for stale in _siblings(out, "new"):  # only ever export files: the swap moves nothing into it
+        shutil.rmtree(stale, ignore_errors=True)
+        done.append(f"removed {stale}, left by an interrupted export")
+    for stale in _siblings(out, "old"):  # may still hold other files of ``out``: they move back before it goes
+        if stale.is_dir() and out.is_dir():
+            moved = _move_other_files(stale, out)
+            if moved:
+                done.append(f"moved {', '.join(moved)} from {stale.name} back into {out} (an export swap was "
+                            "interrupted)")
         shutil.rmtree(stale, ignore_errors=True)
         done.append(f"removed {stale}, left by an interrupted export")
     if out.is_dir():
@@ -96,11 +118,13 @@ def export_and_swap(source: Source, out: Path, check: Callable[[Path], Any] | No
         if out.exists():
             # Whatever else lives in ``out`` (a study's stage.log, still being written through an open descriptor,
             # which a rename keeps valid) moves into the new export; only the old export's own files are dropped.
-            for entry in out.iterdir():
-                if entry.name not in EXPORT_FILES and not (new / entry.name).exists():
-                    os.replace(entry, new / entry.name)
+            # It moves after the two renames, from old into the new out, so that at every point where a SIGKILL
+            # (which no deferral stops) can land each such file is in ``out`` or in ``old``, the one sibling that
+            # ``recover`` empties into ``out`` rather than deletes. Moved first into ``new``, a kill before the
+            # second rename lost them with the stale ``new`` that ``recover`` deletes.
             os.replace(out, old)
             os.replace(new, out)
+            _move_other_files(old, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(new, out)

@@ -370,6 +370,73 @@ def test_a_damaged_export_of_an_unchanged_source_is_re_exported(run, tmp_path):
     assert refresh_export(str(run.run_dir), out)[0] == "up to date"
 
 
+@pytest.mark.parametrize("run", ["C"], indirect=True)
+def test_a_kill_at_any_point_of_the_export_swap_loses_no_other_file(run, tmp_path, monkeypatch):
+    """Other files in the export dir (a study's stage.log beside the export; everything when --out is a run dir)
+    survive a SIGKILL at every point of the swap: the next run's recover leaves them in ``out``, with the previous or
+    the new export. Moved into the new export before the two renames, a kill between them lost them with the stale
+    ``.NAME.new-PID`` that recover deletes (and a run dir without an export was not even restored)."""
+    import shutil
+
+    from export import refresh
+    from export import source as sources
+    from export.refresh import export_and_swap, recover, refresh_export
+
+    def an_export(dest: Path, tag: str) -> dict:
+        shutil.copytree(run.out, dest)
+        meta = json.loads((dest / META).read_text())
+        (dest / META).write_text(json.dumps(dict(meta, test_tag=tag)))  # which export ``out`` holds
+        return meta
+
+    def fake_export(src, new):
+        return an_export(new, "new")
+
+    class KilledAt:  # export/refresh.py's ``os``, whose Nth os.replace is never reached (SIGKILL: no cleanup runs)
+        def __init__(self, n: int):
+            self.n = n
+
+        def replace(self, a, b):
+            self.n -= 1
+            if self.n == 0:
+                raise SystemExit("killed")
+            os.replace(a, b)
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+    monkeypatch.setattr(sources, "export_source", fake_export)
+    others = {"stage.log": "line 1\nline 2\n", "logs/arm.log": "arm\n", "last.pth": "not a checkpoint"}
+    for with_export in (True, False):  # an export with a stage.log beside it; a run dir exported for the first time
+        n, killed = 0, True
+        while killed:
+            n += 1
+            out = tmp_path / f"case{int(with_export)}_{n}" / "e"
+            if with_export:
+                an_export(out, "old")
+            for name, text in others.items():
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                (out / name).write_text(text)
+            monkeypatch.setattr(refresh, "os", KilledAt(n))
+            try:
+                export_and_swap(sources.as_source(str(run.run_dir)), out)
+                killed = False
+            except SystemExit:
+                pass
+            monkeypatch.setattr(refresh, "os", os)
+            repairs = recover(out)
+            where = f"killed before os.replace #{n}" if killed else "not killed"
+            for name, text in others.items():
+                assert (out / name).is_file() and (out / name).read_text() == text, (where, name, repairs)
+            assert sorted(p.name for p in out.parent.iterdir()) == ["e"], (where, repairs)  # no sibling is left
+            if with_export or (out / META).exists():
+                assert load_export(out)[1]["test_tag"] in ("old", "new"), where
+            assert killed or load_export(out)[1]["test_tag"] == "new"
+        assert n == 2 + 3 + 1, n  # cut before each of the two renames and the three other entries' moves
+    # what recover left is an export like any other: the next refresh finds it up to date
+    monkeypatch.undo()
+    assert refresh_export(str(run.run_dir), tmp_path / "case1_1" / "e")[0] == "up to date"
+
+
 @needs_mm
 @pytest.mark.parametrize("run", ["D"], indirect=True)
 def test_check_export_matches_lists_keys(run):
