@@ -15,12 +15,25 @@ import os
 import signal
 import sys
 
-from lifecycle.preemption import EXIT_INTERRUPTED, STOP_GRACE_S, TORCHRUN_SIGNALS, TORCHRUN_SIGNALS_ENV
+from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS, STOP_GRACE_S, TORCHRUN_SIGNALS, TORCHRUN_SIGNALS_ENV
 
 # torch 2.14's torchrun reads the signals to forward from its --signals-to-handle option (default from the env
 # variable PET_SIGNALS_TO_HANDLE, like all its options) and then overwrites TORCHELASTIC_SIGNALS_TO_HANDLE with it:
 # exporting TORCHRUN_SIGNALS_ENV alone is not enough (measured: SIGUSR1 did not reach the workers). Both are set.
 TORCHRUN_OPTION_ENV = "PET_SIGNALS_TO_HANDLE"
+
+
+def stopped(codes) -> str | None:
+    """How the workers' exit codes make a resumable stop, or None if they do not: each saved and exited 75, or died
+    of a stop signal while it started, before its handlers existed (it had written nothing then, or only whole
+    files: every write is atomic), so the rerun resumes from the last checkpoint. A worker killed (SIGKILL: the end
+    of the grace) or failing otherwise is not one."""
+    codes = list(codes)
+    if codes and all(code == EXIT_INTERRUPTED for code in codes):
+        return f"every worker saved and exited {EXIT_INTERRUPTED}"
+    if codes and all(code == EXIT_INTERRUPTED or (code is not None and -code in SIGNALS) for code in codes):
+        return f"every worker saved and exited {EXIT_INTERRUPTED} or was stopped while starting ({codes})"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,19 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv))
     except SignalException as e:
-        if exit_codes and all(code == EXIT_INTERRUPTED for code in exit_codes.values()):
-            print(f"lifecycle.torchrun: {e.sigval.name}: every worker saved and exited {EXIT_INTERRUPTED}; rerun the "
-                  f"same command to resume", file=sys.stderr)
+        if how := stopped(exit_codes.values()):
+            print(f"lifecycle.torchrun: {e.sigval.name}: {how}; rerun the same command to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
         print(f"lifecycle.torchrun: {e.sigval.name}: workers ended with {exit_codes}", file=sys.stderr)
         return 128 + e.sigval
     except ChildFailedError as e:  # the workers stopped first (the signal reached them directly, e.g. from Slurm)
         # Every worker's end, as the shutdown saw it: the failures name only the workers that had ended when the
         # agent noticed the first, and the others (the writer among them, still saving) were stopped after that.
-        codes = set(exit_codes.values()) or {failure.exitcode for failure in e.failures.values()}
-        if codes == {EXIT_INTERRUPTED}:
-            print(f"lifecycle.torchrun: every worker saved and exited {EXIT_INTERRUPTED}; rerun the same command to "
-                  f"resume", file=sys.stderr)
+        codes = list(exit_codes.values()) or [failure.exitcode for failure in e.failures.values()]
+        if how := stopped(codes):
+            print(f"lifecycle.torchrun: {how}; rerun the same command to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
         print(f"lifecycle.torchrun: {e}", file=sys.stderr)
         return 1

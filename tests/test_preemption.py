@@ -197,6 +197,26 @@ WRITER = """if True:
 """
 
 
+STARTING = """if True:
+    import os, time
+    print("up", os.environ["RANK"], flush=True)
+    time.sleep(600)  # still starting (a data check, a compilation): no stop handlers yet, the signal ends it
+"""
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_a_stop_while_the_workers_start_is_a_resumable_stop_under_torchrun(tmp_path, group):
+    """Workers that die of the stop signal before their handlers exist wrote nothing (or only whole files): the
+    launcher exits 75, as one process does (the study then records 'interrupted', not 'failed: exit code 143').
+    The signal to the whole group, as Slurm sends it, and to the launcher alone, which forwards it."""
+    script = tmp_path / "starting.py"
+    script.write_text(STARTING)
+    env = {**ENV, "PET_MASTER_PORT": str(free_port())}
+    code, out, _ = run_until([sys.executable, "-m", "lifecycle.torchrun", "--nproc_per_node=2", str(script)],
+                             r"up (1)", signal.SIGTERM, env=env, timeout=120, group=group)
+    assert code == EXIT_INTERRUPTED and "or was stopped while starting" in out, out
+
+
 def test_torchrun_reports_a_writer_killed_at_the_end_of_the_grace_as_a_failure(tmp_path):
     """Rank 1 exits 75 at once, rank 0 (the only writer) is still saving when the agent's wait ends and is killed:
     the launcher exits non-zero, never 75 (no checkpoint was completed)."""
