@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lifecycle.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -24,8 +26,22 @@ class Dist:
         return self.rank == 0
 
 
+def check_gpus_usable() -> None:
+    """GPUs given to this process (CUDA_VISIBLE_DEVICES, as Slurm's --gpus and most launchers set it) that torch
+    cannot use are an error: a driver older than torch's CUDA runtime, or a CPU build of torch, would otherwise train
+    on the CPU at a hundredth of the speed (GPUS=8: eight gloo processes) with no word."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not visible or visible in ("-1", "NoDevFiles") or torch.cuda.is_available():  # NoDevFiles: Slurm, no GPU
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+    raise UserError(f"CUDA_VISIBLE_DEVICES={visible} gives this process GPUs, but torch {torch.__version__} ({build}) "
+                    f"cannot use them; check nvidia-smi (the driver must support CUDA {torch.version.cuda or 'N/A'}) "
+                    f"and the set-up (make setup), or set CUDA_VISIBLE_DEVICES= to run on the CPU")
+
+
 def setup_distributed() -> Dist:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    check_gpus_usable()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -302,6 +302,28 @@ def test_stage_cfg_options_error_is_one_line(tmp_path):
         "error: --cfg-options train_cfg.max_iters='abc': the config holds 56 (int) there")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
+def test_gpus_given_but_unusable_stop_both_stages_instead_of_training_on_the_cpu(folder, tmp_path, monkeypatch,
+                                                                               capsys):
+    """CUDA_VISIBLE_DEVICES=0 on this machine, which has no GPU: as a GPU node whose driver is older than torch's
+    CUDA runtime is. Each stage stops with one line naming the variable and both ways out; before, the classifier
+    trained on the CPU (with GPUS=8: eight gloo processes) and said nothing."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert run_train(folder, tmp_path / "r", "epochs=1") == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("error: CUDA_VISIBLE_DEVICES=0 gives this process GPUs, but torch") and \
+        "check nvidia-smi" in line and "set CUDA_VISIBLE_DEVICES= to run on the CPU" in line
+    assert not (tmp_path / "r" / "last.pth").exists()
+    out = subprocess.run([sys.executable, "-m", "detection.train", "--export", "none", "--config",
+                          str(REPO / "configs/detection/demo/faster-rcnn_r50_fpn_voc0712_demo.py"), "--data-root",
+                          str(tmp_path), "--work-dir", str(tmp_path / "w")], capture_output=True, text=True,
+                         cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith(
+        "error: CUDA_VISIBLE_DEVICES=0 gives this process GPUs"), out.stderr
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the way out it names: the CPU, as asked
+    assert run_train(folder, tmp_path / "cpu", "epochs=1") == 0
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 
 

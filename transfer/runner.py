@@ -465,6 +465,10 @@ def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
     import torch
     from mmengine.runner import Runner
 
+    from lifecycle.distributed import check_gpus_usable
+
+    check_gpus_usable()
+
     import transfer.metrics  # noqa: F401 - registers the per-class metrics
     import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
     from export.files import load_export
