@@ -104,13 +104,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save through a same-directory temporary file, fsync and a rename (as ``atomic_write_bytes``)."""
+    """torch.save through a same-directory temporary file, fsync and a rename (as ``atomic_write_bytes``). It writes
+    through a Python file, not a path: torch's own file writer loses the OS's reason (a full disk, a quota) and
+    raises only 'unexpected pos'; through a file object the OSError stays in its chain (errors.writing)."""
     import torch
 
     path = Path(path)
     tmp = _mkstemp_beside(path)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
         _replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

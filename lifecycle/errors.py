@@ -307,6 +307,9 @@ def writing(path: str | Path) -> Iterator[None]:
     except RuntimeError as e:
         if not any(m in str(e) for m in _TORCH_WRITE_FAILED):
             raise
+        if (cause := next((c for c in _chain(e) if isinstance(c, OSError) and c.errno), None)) is not None:
+            # The OS's reason, kept by a torch.save into a file object: a quota is not a disk that looks full.
+            raise OSError(cause.errno, cause.strerror, cause.filename or str(path)) from e
         free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
         if free < 64 * _MIB:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e

@@ -124,8 +124,10 @@ def _atomic_save_checkpoint(original):
         if "://" in str(filename) or file_client_args is not None or backend_args is not None:
             return original(checkpoint, filename, file_client_args=file_client_args, backend_args=backend_args)
         from lifecycle.artifacts import atomic_torch_save
+        from lifecycle.errors import writing
 
-        atomic_torch_save(checkpoint, filename)
+        with writing(filename):  # a full disk or a quota names this checkpoint
+            atomic_torch_save(checkpoint, filename)
 
     return save_checkpoint
 

@@ -110,6 +110,36 @@ def test_damaged_torch_file_is_named_from_the_loading_frame(tmp_path):
     assert "miniz" not in line  # torch's advice, three sentences long, is dropped
 
 
+def test_a_quota_during_a_checkpoint_save_is_named_as_a_quota(tmp_path, monkeypatch):
+    """torch.save to a path lost the OS's reason: a quota (which statvfs does not show as a full disk) read as 'could
+    not write it (unexpected pos ...), N MiB free; check the disk'. Saved through a file object, the quota is named,
+    with the checkpoint's path, in the trainer's saves and in the transfer stages' (mmengine's, patched)."""
+    import io
+
+    from lifecycle import artifacts
+    from mmstack import compat
+
+    class OverQuota(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(artifacts, "open", lambda *a, **k: io.BufferedWriter(OverQuota()), raising=False)
+    target = tmp_path / "last.pth"
+    with pytest.raises(OSError) as info:
+        with errors.writing(target):
+            artifacts.atomic_torch_save({"w": torch.zeros(10**6)}, target)
+    assert info.value.errno == errno.EDQUOT
+    assert errors.known_line(info.value).startswith(f"disk quota exceeded: {target}")
+    save = compat._atomic_save_checkpoint(None)
+    with pytest.raises(OSError) as info:
+        save({"state_dict": {"w": torch.zeros(10**6)}}, str(tmp_path / "iter_56.pth"))
+    assert errors.known_line(info.value).startswith(f"disk quota exceeded: {tmp_path / 'iter_56.pth'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left
+
+
 def test_disk_full_inside_a_library_names_the_file_it_was_writing():
     """mmengine's LocalBackend.put(obj, filepath) writes with f.write, whose ENOSPC names no file."""
     def put(obj: bytes, filepath: str) -> None:
