@@ -420,9 +420,10 @@ class _Prefetch:
 
     def __next__(self):
         item = self.queue.get()
-        if item is self._END:
-            raise StopIteration
-        if isinstance(item, BaseException):
+        if item is self._END or isinstance(item, BaseException):
+            self.queue.put(item)  # the threads are done: a later next() gets the same end, not a wait for ever
+            if item is self._END:
+                raise StopIteration
             raise item
         if self.stream is None:
             return item
@@ -437,3 +438,6 @@ class _Prefetch:
         self.stop.set()
         for thread in self.threads:
             thread.join()
+        for q in (self.queue, self.decoded):  # the prepared batches' device memory, not held until the next epoch
+            while not q.empty():
+                q.get_nowait()

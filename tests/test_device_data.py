@@ -7,6 +7,7 @@ import io
 import math
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -217,6 +218,25 @@ def test_an_unindexed_gpu_is_the_callers_current_gpu_named(monkeypatch):
     assert device_data.with_index(torch.device("cpu")) == torch.device("cpu")
 
 
+def next_within(it, seconds: float = 20):
+    """next(it, None), or a failure after ``seconds`` instead of a test that waits for ever."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(_next_or_error(it)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert out, f"next() still waiting after {seconds} s"
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+def _next_or_error(it):
+    try:
+        return next(it, None)
+    except Exception as e:  # noqa: BLE001 - raised again in the test's thread
+        return e
+
+
 def test_the_loader_yields_device_batches_in_order_and_ends_early_cleanly(photos, device):
     """Through the prefetching thread and two worker processes: the same batches as decoding in the loop, and an
     epoch left early (a stop) does not leave its thread reading the persistent workers' next epoch."""
@@ -230,11 +250,16 @@ def test_the_loader_yields_device_batches_in_order_and_ends_early_cleanly(photos
     first = dev_train.augment(raw_collate([dev_train.dataset[k] for k in keys[:4]]))
     torch.testing.assert_close(batches[0][0], first[0], rtol=0, atol=0)
     assert torch.equal(batches[0][1], first[1])
+    ended = iter(dev_train)
+    assert len(list(ended)) == len(dev_train)
+    assert next_within(ended) is None  # again at the end, as a DataLoader's iterator: not a wait for ever
     it = iter(dev_train)
     next(it)  # left after one batch
+    time.sleep(0.5)  # the threads fill the queues meanwhile
     sampler.set_epoch(1)
     assert len(list(dev_train)) == len(dev_train)
     assert not any(t.is_alive() for t in it.threads)
+    assert it.queue.empty() and it.decoded.empty()  # its prepared batches' memory let go at once
 
 
 @pytest.mark.parametrize("stage", ["decode", "finish"])
@@ -255,8 +280,9 @@ def test_an_error_in_a_preparing_thread_is_raised_in_the_training_thread_after_t
     dev_train.sampler.set_epoch(0)
     it = iter(dev_train)
     assert len(next(it)[0]) == 4
-    with pytest.raises(RuntimeError, match=f"device {stage} failed"):
-        next(it)
+    for _ in range(2):  # and again on a second next(), not a wait for ever
+        with pytest.raises(RuntimeError, match=f"device {stage} failed"):
+            next_within(it)
     for thread in it.threads:
         thread.join(timeout=30)
         assert not thread.is_alive()
