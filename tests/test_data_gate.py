@@ -141,15 +141,22 @@ sys.exit(1 if results[-2] else 0)  # a problem stops every rank, as in transfer/
 """
 
 
-def test_under_torchrun_one_rank_checks_and_every_rank_stops_on_a_problem(voc: Path, tmp_path: Path) -> None:
+def torchrun_case(voc: Path, tmp_path: Path, script_text: str) -> tuple[Path, Path, Path, Path, dict]:
+    """A broken copy of the tree (one XML cut short), the ranks' script, the folder they write their answers to, and
+    their environment: (broken root, its broken XML, script, out dir, env)."""
     broken = Path(shutil.copytree(voc, tmp_path / "broken"))
     xml = sorted((broken / "VOC2007" / "Annotations").glob("*.xml"))[0]
     xml.write_text("<annotation><object>")
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(repo=str(REPO)))
+    script = tmp_path / "ranks.py"
+    script.write_text(script_text.format(repo=str(REPO)))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    env = dict(os.environ, OUT_DIR=str(out_dir), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return broken, xml, script, out_dir, dict(os.environ, OUT_DIR=str(out_dir), CUDA_VISIBLE_DEVICES="",
+                                              OMP_NUM_THREADS="1")
+
+
+def test_under_torchrun_one_rank_checks_and_every_rank_stops_on_a_problem(voc: Path, tmp_path: Path) -> None:
+    broken, xml, script, out_dir, env = torchrun_case(voc, tmp_path, RANK_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), str(voc), str(voc), str(broken)],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -182,14 +189,7 @@ def test_each_node_checks_its_own_copy_and_every_rank_hears_of_a_broken_one(voc:
     """Two torchrun agents (nodes) of one process each, the data 'staged' to each node under its own path: the
     second node's copy is broken. Both ranks get its line, named by that node; before, the first node's check
     answered for both and the broken copy passed."""
-    broken = Path(shutil.copytree(voc, tmp_path / "broken"))
-    xml = sorted((broken / "VOC2007" / "Annotations").glob("*.xml"))[0]
-    xml.write_text("<annotation><object>")
-    script = tmp_path / "node.py"
-    script.write_text(NODE_SCRIPT.format(repo=str(REPO)))
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    env = dict(os.environ, OUT_DIR=str(out_dir), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    broken, xml, script, out_dir, env = torchrun_case(voc, tmp_path, NODE_SCRIPT)
     with socket.socket() as s:  # a free port for the rendezvous store
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
