@@ -239,6 +239,7 @@ def test_offline_timm_falls_back_to_the_cached_pickle(timm_d, monkeypatch):
     assert fetch(lookup("timm:resnet50d.gluon_in1k")) == timm_d[1]
     assert tried == ["model.safetensors", "pytorch_model.bin"]
 
+
 def test_parallel_jobs_sharing_torch_home_all_get_the_weights(monkeypatch, tmp_path):
     """One study job per seed, sharing TORCH_HOME, fetch the same weights at once: all of them end with the cached
     file (a fixed X.pth.partial was moved away by one job under the others, which failed blaming the network)."""
@@ -271,6 +272,7 @@ def test_parallel_jobs_sharing_torch_home_all_get_the_weights(monkeypatch, tmp_p
     cached.unlink()
     monkeypatch.setattr(torch.hub, "download_url_to_file", lost_race)
     assert fetch(pub) == cached and cached.read_bytes() == b"theirs"
+
 
 def test_offline_is_one_line_naming_the_cache_variable(monkeypatch, tmp_path, capsys):
     import huggingface_hub
