@@ -16,6 +16,7 @@ Two kinds of fix live here:
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -50,18 +51,40 @@ def patch_mmcv_source(src_dir: str | Path) -> None:
 
 
 def mmcv_ops_target() -> str:
-    """What mmcv's build compiles its ops for, decided as its setup.py decides (CUDA where torch sees a GPU or
-    ``FORCE_CUDA=1``, else CPU only): ``cu<torch's CUDA version>`` or ``cpu``. tools/setup_env.sh keys its cached
-    wheel by it and passes it on to the build as FORCE_CUDA, so that a wheel built on a node without a GPU (a
-    login node, in a home folder the GPU nodes share) is never reused where CUDA ops are wanted, nor one built for
-    another CUDA. Run with the venv's python once torch is installed there."""
+    """What mmcv's build compiles its ops for, decided as its setup.py and torch's extension builder decide:
+    ``cu<torch's CUDA>-sm<GPU architectures>-cp<Python>`` (CUDA where torch sees a GPU or ``FORCE_CUDA=1``; the
+    architectures those of ``TORCH_CUDA_ARCH_LIST``, else of the visible GPUs) or ``cpu-cp<Python>``.
+    tools/setup_env.sh keys its cached wheel by it and passes it on to the build as FORCE_CUDA, so that a wheel built
+    where it cannot serve is never reused: on a node without a GPU (a login node, in a home folder the GPU nodes
+    share), for another CUDA, on an H100 node for an A100 one (its kernels would be sm_90 only: "no kernel image is
+    available" at the first NMS), or for another Python. Run with the venv's python once torch is installed there."""
     import os
 
     import torch
 
+    python = f"cp{sys.version_info.major}{sys.version_info.minor}"
     if torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1":
-        return f"cu{torch.version.cuda}"  # cuNone: a CPU-only torch with FORCE_CUDA=1, which mmcv can't build
-    return "cpu"
+        # cuNone: a CPU-only torch with FORCE_CUDA=1, which mmcv can't build
+        return f"cu{torch.version.cuda}-{_cuda_archs()}-{python}"
+    return f"cpu-{python}"
+
+
+def _cuda_archs() -> str:
+    """``sm80+90``: TORCH_CUDA_ARCH_LIST's architectures ('8.0;9.0+PTX' -> sm80+90ptx), else the visible GPUs'
+    (what torch's extension builder compiles for without the list); sm-none without either (a build that fails)."""
+    import os
+
+    import torch
+
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if listed:
+        archs = [re.sub(r"[^0-9a-z]", "", a.lower().replace("+ptx", "ptx")) for a in re.split(r"[;\s]+", listed) if a]
+    elif torch.cuda.is_available():
+        archs = [f"{major}{minor}" for major, minor in sorted({torch.cuda.get_device_capability(i)
+                                                               for i in range(torch.cuda.device_count())})]
+    else:
+        archs = []
+    return "sm" + "+".join(archs) if archs else "sm-none"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmstack import mmcv_ops
+from mmstack import compat, mmcv_ops
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = torch.load(Path(__file__).parent / "fixtures" / "mmcv_ops_reference.pt", weights_only=True)
@@ -99,7 +99,7 @@ def test_other_ops_and_max_pooling_raise_one_line_naming_the_op_and_the_fix():
 
 SCRIPT = """
 import sys, torch
-from mmstack import mmcv_ops
+from mmstack import compat, mmcv_ops
 sys.modules[mmcv_ops.EXT] = mmcv_ops.TorchvisionExt()  # even where the compiled mmcv is installed
 from mmcv.ops import RoIAlign, batched_nms, nms
 from mmcv.ops import deform_conv2d  # imports: every op module loads
@@ -258,19 +258,35 @@ def test_sigmoid_focal_loss_keeps_the_kernels_clamp_weights_and_reduced_precisio
     torch.testing.assert_close(half_grad.float(), single_grad, rtol=ULP[torch.float16], atol=1e-7)
 
 
-@pytest.mark.parametrize("force_cuda", [None, "0", "1"])
-def test_the_mmcv_wheel_cache_key_follows_what_mmcvs_build_compiles(force_cuda):
+@pytest.mark.parametrize("force_cuda,arch_list", [(None, None), ("0", None), ("1", None), ("1", "8.0;9.0+PTX")])
+def test_the_mmcv_wheel_cache_key_follows_what_mmcvs_build_compiles(force_cuda, arch_list):
     """tools/setup_env.sh keys its cached compiled mmcv by `python mmstack/compat.py mmcv-ops`, run as it runs it:
-    CUDA ops (and which CUDA) where mmcv's setup.py would compile them (torch sees a GPU, or FORCE_CUDA=1), else
-    cpu; FORCE_CUDA=0 is no request for CUDA (mmcv tests for '1')."""
-    env = {k: v for k, v in os.environ.items() if k != "FORCE_CUDA"}
-    if force_cuda is not None:
-        env["FORCE_CUDA"] = force_cuda
+    CUDA ops (which CUDA, for which GPU architectures) where mmcv's setup.py would compile them (torch sees a GPU,
+    or FORCE_CUDA=1), else cpu; FORCE_CUDA=0 is no request for CUDA (mmcv tests for '1'); and the Python."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST")}
+    env.update({k: v for k, v in (("FORCE_CUDA", force_cuda), ("TORCH_CUDA_ARCH_LIST", arch_list)) if v is not None})
     run = subprocess.run([sys.executable, "mmstack/compat.py", "mmcv-ops"], capture_output=True, text=True,
                          cwd=REPO, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    cuda = force_cuda == "1" or torch.cuda.is_available()
-    assert run.stdout.strip() == (f"cu{torch.version.cuda}" if cuda else "cpu")
+    python = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    if force_cuda == "1" or torch.cuda.is_available():
+        archs = "sm80+90ptx" if arch_list else compat._cuda_archs()
+        assert run.stdout.strip() == f"cu{torch.version.cuda}-{archs}-{python}"
+    else:
+        assert run.stdout.strip() == f"cpu-{python}"
+
+
+def test_a_wheel_built_for_one_gpu_architecture_is_not_another_ones(monkeypatch):
+    """Without TORCH_CUDA_ARCH_LIST torch's extension builder compiles for the visible GPUs only: a wheel built on
+    an H100 node (sm_90) has no kernel for an A100 (sm_80), so the two get their own cached wheels."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    targets = {}
+    for name, caps in (("A100", [(8, 0)]), ("H100", [(9, 0)]), ("both", [(9, 0), (8, 0), (9, 0)])):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda caps=caps: len(caps))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, caps=caps: caps[i])
+        targets[name] = compat.mmcv_ops_target().split("-")[1]
+    assert targets == {"A100": "sm80", "H100": "sm90", "both": "sm80+90"}
 
 
 def test_mmdetections_focal_loss_gives_on_the_gpu_path_what_it_gives_on_the_cpu_path():

@@ -27,6 +27,10 @@ def _executable(path: Path, text: str) -> None:
     path.chmod(0o755)
 
 
+# Ops targets as mmstack/compat.py mmcv-ops names them: a login node, an H100 node, an A100 node.
+CPU, H100, A100 = "cpu-cp312", "cu13.0-sm90-cp312", "cu13.0-sm80-cp312"
+
+
 @pytest.fixture
 def tree(tmp_path):
     root = tmp_path / "repo"
@@ -41,7 +45,7 @@ def tree(tmp_path):
     _executable(root / ".venv" / "bin" / "python",
                 '#!/bin/sh\nif [ "$1 $2" = "mmstack/compat.py mmcv-ops" ]; then echo "$FAKE_OPS"; fi\n')
     pins = dict(line.split("==") for line in (REPO / INPUTS[1]).read_text().splitlines() if "==" in line)
-    for ops in ("cpu", "cu13.0"):
+    for ops in (CPU, H100, A100):
         wheels = tmp_path / "wheels" / f"torch-{pins['torch']}-{ops}"
         wheels.mkdir(parents=True)
         (wheels / f"mmcv-{pins['mmcv']}-cp312-cp312-linux_x86_64.whl").touch()
@@ -63,16 +67,18 @@ def tree(tmp_path):
 def test_an_unchanged_set_up_returns_at_once_and_a_changed_one_installs_again(tree):
     assert any(" install " in c for c in tree())
     assert tree() == []
-    assert any("mmcv==" in c for c in tree(MMCV="full", FAKE_OPS="cpu"))  # another mmcv build: installed
+    assert any("mmcv==" in c for c in tree(MMCV="full", FAKE_OPS=CPU))  # another mmcv build: installed
 
 
 def test_a_compiled_mmcv_set_up_on_a_node_without_a_gpu_is_redone_on_a_gpu_node(tree):
     """MMCV=full in a venv that a login node (no GPU: CPU-only ops) and the GPU nodes share: the GPU node's set-up
     installs the wheel with CUDA ops, and the login node's puts its own back; each returns at once on a second run."""
-    login = tree(MMCV="full", FAKE_OPS="cpu")
-    assert any("-cpu" in c and "mmcv==" in c for c in login), login
-    assert tree(MMCV="full", FAKE_OPS="cpu") == []
-    gpu = tree(MMCV="full", FAKE_OPS="cu13.0")
-    assert any("-cu13.0" in c and "mmcv==" in c for c in gpu), gpu
-    assert tree(MMCV="full", FAKE_OPS="cu13.0") == []
-    assert any("-cpu" in c and "mmcv==" in c for c in tree(MMCV="full", FAKE_OPS="cpu"))
+    login = tree(MMCV="full", FAKE_OPS=CPU)
+    assert any(f"-{CPU}" in c and "mmcv==" in c for c in login), login
+    assert tree(MMCV="full", FAKE_OPS=CPU) == []
+    gpu = tree(MMCV="full", FAKE_OPS=H100)
+    assert any(f"-{H100}" in c and "mmcv==" in c for c in gpu), gpu
+    assert tree(MMCV="full", FAKE_OPS=H100) == []
+    assert any(f"-{CPU}" in c and "mmcv==" in c for c in tree(MMCV="full", FAKE_OPS=CPU))
+    # An A100 partition sharing the home folder: its own wheel (sm_80 kernels), not the H100 node's (sm_90 only).
+    assert any(f"-{A100}" in c and "mmcv==" in c for c in tree(MMCV="full", FAKE_OPS=A100))

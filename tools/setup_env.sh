@@ -34,7 +34,7 @@ UV_VERSION=$(pin uv)
 UV_HOME=${UV_HOME:-$HOME/.cache/bot-toolkit/uv-$UV_VERSION}
 
 # Everything that decides what gets installed; the stamp records its hash. With MMCV=full that includes the ops
-# target (cu<CUDA> or cpu, as mmcv's build decides; see below): a venv set up on a node without a GPU (a login node,
+# target (cu<CUDA>-sm<archs>-cp<Python> or cpu-cp<Python>, as mmcv's build decides; see below): a venv set up on a node without a GPU (a login node,
 # in a folder the GPU nodes share) holds CPU-only ops, so a GPU node's set-up must not take it as done.
 stamp_inputs=(tools/setup_env.sh "$CONSTRAINTS" setup.py mmstack/compat.py mmstack/mmcv_ops.py)
 stamp() {  # stamp OPS_TARGET
@@ -130,7 +130,7 @@ build_mmcv() {
         tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build" &&
         "$VENV/bin/python" mmstack/compat.py patch-mmcv-source "$build/mmcv-$MMCV_VERSION" &&
         mkdir -p "$WHEEL_DIR" &&
-        MMCV_WITH_OPS=1 FORCE_CUDA=$([[ $ops == cpu ]] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+        MMCV_WITH_OPS=1 FORCE_CUDA=$([[ $ops == cpu-* ]] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-$(nproc)} \
             "${pip[@]}" wheel --no-deps --no-build-isolation -w "$WHEEL_DIR" "$build/mmcv-$MMCV_VERSION" || rc=$?
     rm -rf "$build"
     return "$rc"
@@ -138,8 +138,9 @@ build_mmcv() {
 mmcv=("$MMCV_DIST==$MMCV_VERSION")
 if [[ $MMCV == full ]]; then
     # mmcv's compiled ops link against torch's ABI and, with CUDA ops, its CUDA: one cached wheel per torch version
-    # and ops target, decided as mmcv's build decides (mmstack/compat.py mmcv-ops) and passed on to it, so that a
-    # CPU-only wheel built on a login node is never taken for a GPU node's, nor a cu12 wheel for a cu13 torch.
+    # and ops target, decided as mmcv's build decides (mmstack/compat.py mmcv-ops: CUDA, GPU architectures, Python)
+    # and passed on to it, so that a CPU-only wheel built on a login node is never taken for a GPU node's, nor a
+    # cu12 wheel for a cu13 torch, nor an H100 node's (sm_90 kernels only) for an A100 node.
     step "install torch $TORCH_VERSION (it decides mmcv's build)" \
         "${install[@]}" pip setuptools wheel ninja torch torchvision
     ops=$("$VENV/bin/python" mmstack/compat.py mmcv-ops)
