@@ -51,10 +51,23 @@ def _mkstemp_beside(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     return tmp
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it: os.umask(0) and back leaves a moment in which the files other
+    threads create (TensorBoard's, the compiler's) are world-writable. Linux's /proc/self/status has it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)  # elsewhere: the only portable way to read it
+    os.umask(umask)
+    return umask
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
