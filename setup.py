@@ -10,7 +10,7 @@ setup(
     name="bot-transfer",
     version="0.1.0",
     description="Bag of Tricks (He et al., CVPR 2019) classification and downstream transfer toolkit",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(
         include=["lifecycle*", "datakit*", "mmstack*", "classification*", "export*", "transfer*", "detection*",
                  "segmentation*", "study*"]

@@ -196,7 +196,7 @@ def write_summary(
         "lr_schedule": lr_schedule or [],
         "wall_time_s": round(float(wall_time_s), 2),
         "versions": stack_versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     atomic_write_json(path, summary)
     return summary

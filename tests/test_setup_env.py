@@ -40,25 +40,34 @@ def tree(tmp_path):
     uv_home = tmp_path / "uv"
     (uv_home / "bin").mkdir(parents=True)
     (uv_home / "bin" / "python").symlink_to(sys.executable)  # runs `pip config list` for the package sources
-    _executable(uv_home / "bin" / "uv", f'#!/bin/sh\necho "$*" >> {tmp_path}/uv.log\n')
-    # The venv's python: the ops target from FAKE_OPS, everything else a success.
-    _executable(root / ".venv" / "bin" / "python",
-                '#!/bin/sh\nif [ "$1 $2" = "mmstack/compat.py mmcv-ops" ]; then echo "$FAKE_OPS"; fi\n')
+    # The venv's python: the ops target from FAKE_OPS, its version from FAKE_VENV_PYTHON (else this Python's),
+    # everything else a success. `uv venv DIR` makes one.
+    venv_python = tmp_path / "venv_python"
+    _executable(venv_python, '#!/bin/sh\nif [ "$1 $2" = "mmstack/compat.py mmcv-ops" ]; then echo "$FAKE_OPS"; fi\n'
+                f'if [ "$1" = -c ]; then [ -n "$FAKE_VENV_PYTHON" ] && echo "$FAKE_VENV_PYTHON" || exec {sys.executable} '
+                '"$@"; fi\n')
+    _executable(uv_home / "bin" / "uv", f'#!/bin/sh\necho "$*" >> {tmp_path}/uv.log\n'
+                f'if [ "$1" = venv ]; then eval last=\\${{$#}}; mkdir -p "$last/bin"; cp {venv_python} "$last/bin/python"; fi\n')
+    (root / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy2(venv_python, root / ".venv" / "bin" / "python")
     pins = dict(line.split("==") for line in (REPO / INPUTS[1]).read_text().splitlines() if "==" in line)
     for ops in (CPU, H100, A100):
         wheels = tmp_path / "wheels" / f"torch-{pins['torch']}-{ops}"
         wheels.mkdir(parents=True)
         (wheels / f"mmcv-{pins['mmcv']}-cp312-cp312-linux_x86_64.whl").touch()
     env = {**{k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "MMCV")},
-           "UV_HOME": str(uv_home), "WHEEL_CACHE": str(tmp_path / "wheels"), "SETUP_LOG": str(tmp_path / "setup.log")}
+           "UV_HOME": str(uv_home), "WHEEL_CACHE": str(tmp_path / "wheels"), "SETUP_LOG": str(tmp_path / "setup.log"),
+           "PYTHON": sys.executable}
 
-    def setup(**extra) -> list[str]:
-        """Runs the set-up; returns the uv commands it ran."""
+    def setup(expect: int = 0, **extra) -> list[str] | subprocess.CompletedProcess:
+        """Runs the set-up; returns the uv commands it ran (or, expecting a failure, the finished process)."""
         log = tmp_path / "uv.log"
         log.unlink(missing_ok=True)
         run = subprocess.run(["bash", str(root / "tools/setup_env.sh")], capture_output=True, text=True,
                              env={**env, **extra}, timeout=120)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        assert run.returncode == expect, run.stdout[-2000:] + run.stderr[-2000:]
+        if expect:
+            return run
         return log.read_text().splitlines() if log.exists() else []
 
     return setup
@@ -82,3 +91,18 @@ def test_a_compiled_mmcv_set_up_on_a_node_without_a_gpu_is_redone_on_a_gpu_node(
     assert any(f"-{CPU}" in c and "mmcv==" in c for c in tree(MMCV="full", FAKE_OPS=CPU))
     # An A100 partition sharing the home folder: its own wheel (sm_80 kernels), not the H100 node's (sm_90 only).
     assert any(f"-{A100}" in c and "mmcv==" in c for c in tree(MMCV="full", FAKE_OPS=A100))
+
+
+def test_a_python_older_than_the_pins_need_is_refused_and_a_venv_of_another_python_is_made_again(tree, tmp_path):
+    """The pins (numpy 2.4, scipy 1.17) need Python 3.11: an older PYTHON is refused in one line before anything is
+    made; a .venv left by a set-up with another Python (a failed first try) is made again, not installed into."""
+    old = tmp_path / "python3.10"
+    _executable(old, "#!/bin/sh\necho 3.10\n")
+    run = tree(expect=2, PYTHON=str(old))
+    assert run.stderr.strip().splitlines() == [
+        f"error: PYTHON={old} is Python 3.10; the pinned stack needs 3.11 or later: set PYTHON=python3.11 (or newer) "
+        "and rerun"]
+    made = tree(FAKE_VENV_PYTHON="3.10")  # the venv answers 3.10, this PYTHON is this Python (3.11 or later)
+    assert any(c.startswith("venv ") for c in made), made
+    again = tree(MMCV="full", FAKE_OPS=CPU)  # another set-up, the venv of this Python's version: kept
+    assert any(" install " in c for c in again) and not any(c.startswith("venv ") for c in again), again

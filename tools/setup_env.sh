@@ -28,6 +28,14 @@ case $MMCV in
     full) MMCV_DIST=mmcv ;;
     *) echo "error: MMCV=$MMCV: expected 'lite' (default, no compiler) or 'full' (mmcv's compiled ops)" >&2; exit 2 ;;
 esac
+# The pins (numpy 2.4, scipy 1.17, ...) have wheels for Python 3.11 and later only.
+py_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || {
+    echo "error: PYTHON=$PYTHON: not a Python interpreter; set PYTHON to Python 3.11 or later" >&2; exit 2; }
+if [[ $(printf '%s\n' 3.11 "$py_version" | sort -V | head -n 1) != 3.11 ]]; then
+    echo "error: PYTHON=$PYTHON is Python $py_version; the pinned stack needs 3.11 or later: set PYTHON=python3.11" \
+        "(or newer) and rerun" >&2
+    exit 2
+fi
 MMCV_VERSION=$(pin "$MMCV_DIST")
 TORCH_VERSION=$(pin torch)
 UV_VERSION=$(pin uv)
@@ -115,6 +123,16 @@ for ((i = 0; i < ${#pip_sources[@]}; i += 2)); do
 done
 install=("$uv" pip install --no-progress --python "$VENV/bin/python" "${sources[@]}" "${constraints[@]}")
 
+# A venv of another Python (left by a set-up with another PYTHON) is made again: installing into it would resolve
+# the pins for its Python, not the one asked for.
+if [[ -x $VENV/bin/python ]]; then
+    venv_version=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) ||
+        venv_version=broken
+    if [[ $venv_version != "$py_version" ]]; then
+        echo "setup: $VENV has Python $venv_version where PYTHON=$PYTHON is $py_version: making it again"
+        rm -rf "$VENV"
+    fi
+fi
 if [[ ! -x $VENV/bin/python ]]; then
     # The same interpreter as before (never a uv-managed download); --seed adds pip (pinned below) for the mmcv
     # build and for users.
