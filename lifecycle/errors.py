@@ -255,6 +255,9 @@ def report(exc: BaseException) -> str:
     line = known_line(exc)
     if line is not None:
         return line
+    if isinstance(exc, ModuleNotFoundError):  # a tool run with another Python than the set-up's (python, not .venv's)
+        return (f"{exc}: {sys.executable} is not the toolkit's environment; run `. .venv/bin/activate` (made by "
+                f"tools/setup_env.sh) or .venv/bin/python")
     return (f"unexpected {type(exc).__name__}: {_first_line(str(exc), 200)} (rerun with {DEBUG_FLAG} or "
             f"{DEBUG_ENV}=1 for the traceback, and report it if the input was valid)")
 

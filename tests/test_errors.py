@@ -73,6 +73,12 @@ def test_unknown_exceptions_name_their_type_and_the_debug_switch():
     assert "BOT_DEBUG=1" in line
 
 
+def test_a_missing_package_names_the_toolkits_environment():
+    """`python tools/study.py` with the system's Python (no torch) says which environment to use."""
+    line = errors.report(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert line.startswith("No module named 'torch': ") and ". .venv/bin/activate" in line, line
+
+
 def test_disk_full_names_the_path(tmp_path, monkeypatch):
     with pytest.raises(OSError) as info:  # /dev/full: every write fails with ENOSPC, and write() names no file
         with errors.writing(tmp_path / "last.pth"), open("/dev/full", "wb") as f:
