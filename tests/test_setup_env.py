@@ -44,10 +44,11 @@ def tree(tmp_path):
     # everything else a success. `uv venv DIR` makes one.
     venv_python = tmp_path / "venv_python"
     _executable(venv_python, '#!/bin/sh\nif [ "$1 $2" = "mmstack/compat.py mmcv-ops" ]; then echo "$FAKE_OPS"; fi\n'
-                f'if [ "$1" = -c ]; then [ -n "$FAKE_VENV_PYTHON" ] && echo "$FAKE_VENV_PYTHON" || exec {sys.executable} '
-                '"$@"; fi\n')
+                'if [ "$1" = -c ]; then\n'
+                f'    [ -n "$FAKE_VENV_PYTHON" ] && echo "$FAKE_VENV_PYTHON" || exec {sys.executable} "$@"\nfi\n')
     _executable(uv_home / "bin" / "uv", f'#!/bin/sh\necho "$*" >> {tmp_path}/uv.log\n'
-                f'if [ "$1" = venv ]; then eval last=\\${{$#}}; mkdir -p "$last/bin"; cp {venv_python} "$last/bin/python"; fi\n')
+                'if [ "$1" = venv ]; then\n    eval last=\\${$#}; mkdir -p "$last/bin"\n'
+                f'    cp {venv_python} "$last/bin/python"\nfi\n')
     (root / ".venv" / "bin").mkdir(parents=True)
     shutil.copy2(venv_python, root / ".venv" / "bin" / "python")
     pins = dict(line.split("==") for line in (REPO / INPUTS[1]).read_text().splitlines() if "==" in line)
