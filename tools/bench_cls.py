@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
@@ -45,6 +46,7 @@ from classification.models import build_model  # noqa: E402
 from classification.tricks import build_mixup, build_optimizer, build_scaler, build_scheduler, build_task  # noqa: E402
 from classification.variants import get_variant  # noqa: E402
 from lifecycle.distributed import Dist  # noqa: E402
+from lifecycle.errors import cli  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -178,12 +180,7 @@ def compare(args) -> dict:
                   threads=torch.get_num_threads(), variant=args.variant, image_size=args.image_size,
                   batch_size=args.batch_size, amp=args.amp, channels_last=args.channels_last, workers=args.workers)
 
-    ours_loader = build_loaders(cfg, 0, 1, pin_memory=device.type == "cuda")[0]
-    ours_loader.sampler.set_epoch(0)
-    theirs_loader = timm_loader(cfg, Path(args.data_root), args.workers)
-    updates = min(len(ours_loader), len(theirs_loader))
-
-    # step: the same in-memory batches for both
+    # step: the same in-memory batches for both (no data read)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     batches = [(x, y, 0)] * args.steps
@@ -193,6 +190,10 @@ def compare(args) -> dict:
                                lambda: timed(lambda: o_tr.epoch(batches), device))
     if args.skip_data:
         return result
+    ours_loader = build_loaders(cfg, 0, 1, pin_memory=device.type == "cuda")[0]
+    ours_loader.sampler.set_epoch(0)
+    theirs_loader = timm_loader(cfg, Path(args.data_root), args.workers)
+    updates = min(len(ours_loader), len(theirs_loader))
     result["loader"] = alternate("loader", args.rounds, lambda: loader_rate(theirs_loader),
                                  lambda: loader_rate(ours_loader))
     if args.skip_epoch:
@@ -270,7 +271,8 @@ def decode_paths(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="data/demo/imagenet", help="ImageFolder root holding train/")
+    p.add_argument("--data-root", default=str(REPO / "data/demo/imagenet"),
+                   help="ImageFolder root holding train/ (default: the demo's, made by make demo)")
     p.add_argument("--variant", default="D")
     p.add_argument("--image-size", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=32)
@@ -294,4 +296,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main)())  # one line per failure (a missing data root names it); --debug shows the traceback
