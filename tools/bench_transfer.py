@@ -163,14 +163,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="the CPU demo's recipes on tiny data, 3 iterations after 1, fp32: checks the script")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.iters, args.warmup, args.amp, args.scale, args.workers = 3, 1, "none", "tiny", 0
+        args.recipes = ",".join(SMOKE)
+    # Checked before any data is made or any recipe runs: a typo in the last name would cost the earlier rows.
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    for name in recipes:
+        if name not in RECIPES and not args.smoke:
+            p.error(f"--recipes: unknown {name!r} (choose from {', '.join(RECIPES)})")
+    try:
+        sizes = [int(n) for n in args.images_per_gpu.split(",") if n.strip()] or [None]
+    except ValueError:
+        p.error(f"--images-per-gpu: {args.images_per_gpu!r} is not a comma-separated list of whole numbers")
+    if any(n is not None and n < 1 for n in sizes):
+        p.error(f"--images-per-gpu: {args.images_per_gpu!r}: each count must be at least 1")
 
     import torch
 
     from mmstack import mmcv_ops
 
-    if args.smoke:
-        args.iters, args.warmup, args.amp, args.scale, args.workers = 3, 1, "none", "tiny", 0
-        args.recipes = ",".join(SMOKE)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     with tempfile.TemporaryDirectory(prefix="bench_transfer_") as tmp:
         data = args.data
@@ -180,10 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             data = Path(tmp) / "data"
             generate(data, seed=0, scale=args.scale, sets=("voc", "ade20k"), log=None)
         rows = []
-        for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-            if name not in RECIPES and not args.smoke:
-                p.error(f"--recipes: unknown {name!r} (choose from {', '.join(RECIPES)})")
-            for images in [int(n) for n in args.images_per_gpu.split(",") if n.strip()] or [None]:
+        for name in recipes:
+            for images in sizes:
                 rows.append(bench(name, data, Path(tmp) / f"{name.replace(' ', '_')}_{images}", args, device,
                                   images))
                 print(json.dumps(rows[-1]), flush=True)
