@@ -85,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.batches), "--batch-size", str(args.batch_size)]
             if args.decode_wait_ms is not None:
                 cmd += ["--decode-wait-ms", str(args.decode_wait_ms)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:  # its own last lines say why (a checkout that does not import, ...)
+                tail = "\n".join("    " + line for line in run.stderr.strip().splitlines()[-15:])
+                print(f"bench_prefetch: the process timing {checkout} failed (exit {run.returncode}):\n{tail}",
+                      file=sys.stderr)
+                return 1
+            out = run.stdout
             rates[checkout].append(json.loads(out.splitlines()[-1])["img_s"])
             print(out.strip(), flush=True)
     for checkout, r in rates.items():
