@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.artifacts import SummaryError, atomic_write_bytes
+from lifecycle.errors import EXIT_ERROR, debug_requested
 from lifecycle.stages import STAGES, SUMMARY_STAGES
 from study import paper
 from study.results import FINE_TUNED, Difference, Results, ResultsError, Stat, load_results, stat
@@ -416,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         text = write_report(load_results(args.study_dir), args.out or args.study_dir / "report")
-    except (ResultsError, SummaryError) as e:
+    except (ResultsError, SummaryError) as e:  # one line and exit 1, as every tool (docs/preemption.md)
+        if debug_requested():
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     print(text, end="")
     return 0

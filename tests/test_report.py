@@ -297,7 +297,7 @@ def test_duplicate_summary_is_an_error(tmp_path, capsys):
 
 
 def test_empty_or_missing_study_dir(tmp_path, capsys):
-    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) != 0
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1  # exit 1 as every tool; 2 is a bad command
     assert f"{tmp_path}: no summary.json found below it" in capsys.readouterr().err
     assert main([str(tmp_path / "nope")]) != 0
     assert "not a directory" in capsys.readouterr().err
