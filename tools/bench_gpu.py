@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="synthetic rounds (the median is the row)")
     p.add_argument("--images", type=int, default=20480, help="generated training JPEGs")
     p.add_argument("--epochs", type=int, default=2, help="epochs per real-data row (the last one is the row)")
-    p.add_argument("--workers", type=int, default=min(14, (os.cpu_count() or 2) - 2), help="loader workers")
+    p.add_argument("--workers", type=int, default=max(0, min(14, (os.cpu_count() or 2) - 2)), help="loader workers")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--timm-train", help="timm's train.py (a checkout of huggingface/pytorch-image-models)")
     p.add_argument("--data", help="keep the generated JPEGs here (default: a temporary folder)")

@@ -8,6 +8,7 @@ incompatibility.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata as md
 import math
 import sys
@@ -37,6 +38,9 @@ def size(nbytes: int) -> str:
 
 @cli  # a crash of the doctor itself is one line too; --debug shows the traceback
 def main(argv: list[str] | None = None) -> int:
+    # No options: --help says what it checks, and a mistyped flag is an error rather than a silent full check.
+    argparse.ArgumentParser(prog="tools/doctor.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     problems: list[str] = []
     ok: list[str] = []
     pins = pinned()
