@@ -121,7 +121,8 @@ def paper_table(results: Results, key: str, title: str, stage: str, metrics: tup
                      *(_paper(key, arm, m, marks, gain=True) if theirs else DASH for m, _ in metrics)])
     notes = [f"Top-1 and its data: {data}." + (f" {paper.TABLE6_NOTE}" if stage == "classification" else
              " It is that of the exported weights (the export's meta.json): a trained arm's final-epoch raw weights "
-             "unless exported otherwise, a published arm's as its library states it.")]
+             "unless exported otherwise, a published arm's as its library states it (measured with that library's own "
+             "resize, crop and interpolation, not ours; the gap between the two is not measured).")]
     protocol, differs = describe_protocol(results, stage)
     notes += [f"† paper cell {m}." for m in sorted(marks)] + [protocol]
     for reference in dict.fromkeys([ref, paper.RANDOM_INIT]):
