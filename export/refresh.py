@@ -9,6 +9,10 @@ both do:
   date"); when its files are damaged it is exported again ("re-exported: WHY"); when the checkpoint changed (the
   run trained further) or other weights were asked for, it is exported again. An option that does not apply to
   the source's kind is refused either way (export/source.py), never ignored because an export exists.
+- A finished run whose checkpoints were removed to save space (its summary.json says it finished, last.pth is
+  gone) cannot be hashed or exported again: its export is up to date when meta.json agrees with the summary
+  (``export_matches_summary``: the checkpoint's path, final epoch, config and top-1) and its files pass the same
+  checks; anything else is an error of one line.
 - The new export is written into a sibling ``.NAME.new-PID`` and swapped in by two renames, so ``out`` holds the
   previous valid export until the new one is complete (other files in ``out`` then move from the old one into it).
   A kill between the two renames leaves the previous export in ``.NAME.old-PID``: ``recover`` (run first, every
@@ -33,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from classification.checkpoint import LAST
 from lifecycle.artifacts import fsync_dir, remove_stale_temporaries
 from lifecycle.preemption import SIGNALS
 from lifecycle.run_lock import waiting_lock
@@ -41,7 +46,8 @@ from lifecycle.stop_flag import Preempted
 from . import source as sources  # export_source looked up per call: a test replaces it
 from .files import EXPORT_FILES, META, verify_export
 from .layout import ExportError
-from .source import Source, as_source
+from .source import Source, as_source, export_dir_state
+from .trained import WEIGHTS, export_matches_summary, finished_summary
 
 
 def read_meta_quietly(out: Path) -> dict[str, Any] | None:
@@ -157,6 +163,36 @@ def refresh_export(src: Source | str, out: str | Path, *, check: Callable[[Path]
             signal.signal(sig, handler)
 
 
+def _run_without_checkpoint(src: Source | str, options: dict[str, Any]) -> Path | None:
+    """The run dir ``src`` names when it finished (its summary.json says so) and its last.pth was removed to save
+    space, and the options ask for its final epoch; else None (identify decides, and names what is wrong)."""
+    if isinstance(src, Source) or options.get("variant") is not None or options.get("checkpoint") not in (None, "last"):
+        return None
+    run_dir = Path(src)
+    if (not run_dir.is_dir() or export_dir_state(run_dir) is not None or (run_dir / LAST).exists()
+            or options.get("weights") not in (None, *WEIGHTS)):
+        return None
+    return run_dir if finished_summary(run_dir) is not None else None
+
+
+def _kept_export(run_dir: Path, out: Path, meta: dict[str, Any] | None, weights: str) -> dict[str, Any]:
+    """``out``'s meta where it is an intact export of ``run_dir``'s final ``weights``: with the checkpoint gone it
+    cannot be exported again, so anything else is an error (one line), never a silent pass."""
+    last = run_dir / LAST
+    if meta is None or not export_matches_summary(meta, run_dir, weights):
+        what = (f"holds no export of its final {weights} weights" if meta is None else f"holds an export that does "
+                f"not match its summary.json (of another run, or not of its final {weights} weights)")
+        raise ExportError(f"{last}: no such checkpoint: the run finished (its summary.json says so) but its "
+                          f"checkpoints were removed, and {out} {what}; restore {LAST}, or train the run again in "
+                          f"another --work-dir")
+    try:
+        verify_export(out)  # its files too, as for any export called up to date (_refresh_locked)
+    except ExportError as e:
+        raise ExportError(f"{str(e).split('; ')[0]}; it cannot be exported again since {last} was removed: restore "
+                          f"{LAST}, or train the run again in another --work-dir") from None
+    return meta
+
+
 def _refresh(src: Source | str, out: Path, check, options: dict[str, Any]) -> tuple[str, dict[str, Any], list[str]]:
     # One process at a time per export dir: another's recover() would delete this one's sibling mid-write. The
     # second waits, then finds the export up to date.
@@ -168,8 +204,10 @@ def _refresh_locked(src, out: Path, check, options: dict[str, Any]) -> tuple[str
     repairs = recover(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory; give another --out")
-    source = as_source(src, **options)  # within refresh_export's signal handlers, like the hashing below
     meta = read_meta_quietly(out)
+    if (run_dir := _run_without_checkpoint(src, options)) is not None:
+        return "up to date", _kept_export(run_dir, out, meta, options.get("weights") or "raw"), repairs
+    source = as_source(src, **options)  # within refresh_export's signal handlers, like the hashing below
     what = "exported" if meta is None else "re-exported"  # no meta.json: nothing, or an incomplete export
     if meta is not None and all(meta.get(k) == v for k, v in source.identity().items()):
         # Its files too, not only meta.json: a damaged file taken for up to date fails every stage that reads it,

@@ -131,6 +131,47 @@ def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = 
     })
 
 
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run dir's summary.json where it says the run trained all its epochs (what decides that a run is complete
+    once its checkpoints were removed to save space, classification/run_dir.py), else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        finished = summary.get("stage") == "classification" and len(summary["history"]) >= summary["config"]["epochs"]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return summary if finished else None
+
+
+def _result_config(values: Any) -> dict[str, Any] | None:
+    """A saved config as the trainer rebuilds it, less the keys that do not change the result (RUNTIME_KEYS)."""
+    from classification.run_dir import RUNTIME_KEYS
+
+    try:
+        return {k: v for k, v in config_from_dict(values, "summary.json").to_dict().items() if k not in RUNTIME_KEYS}
+    except (ConfigError, TypeError, AttributeError, ValueError):
+        return None
+
+
+def export_matches_summary(meta: dict[str, Any], run_dir: Path, weights: str) -> bool:
+    """Whether ``meta`` (an export's meta.json) is of ``run_dir``'s final ``weights`` although its last.pth is gone.
+    The checkpoint's sha256 can no longer be checked; what meta.json recorded of it can be, against what the run's
+    summary.json says of its end: the checkpoint's path, the final epoch, the config (seed included), and the top-1
+    of exactly these weights. A rerun of the run in that dir, or an export of another run, differs in one of them."""
+    summary = finished_summary(run_dir)
+    if summary is None or meta.get("source_kind") != "trained":
+        return False
+    top1 = (summary.get("metrics") or {}).get("ema_top1" if weights == "ema" else "top1")
+    last_row = summary["history"][-1] if isinstance(summary["history"][-1], dict) else {}
+    recorded = (meta.get("source_checkpoint"), meta.get("checkpoint"), meta.get("weights"),
+                meta.get("source_finished"), meta.get("source_step"), meta.get("source_epoch"),
+                meta.get("source_epochs"), meta.get("source_top1"), meta.get("arm"))
+    expected = (str((run_dir / LAST).resolve()), LAST, weights, True, 0, last_row.get("epoch"),
+                summary["config"]["epochs"], top1, summary.get("arm"))
+    config = _result_config(summary["config"])
+    return top1 is not None and recorded == expected and config is not None and config == _result_config(
+        meta.get("config"))
+
+
 def is_run_checkpoint(obj: Any) -> bool:
     """A checkpoint written by this toolkit's trainer (as opposed to a plain state dict of timm / torchvision)."""
     return isinstance(obj, dict) and all(k in obj for k in ("config", "model", "num_classes"))

@@ -554,3 +554,37 @@ def test_an_unfinished_run_is_refused_unless_asked_and_its_epoch_is_said(run, tm
     torch.save(dict(ckpt, epoch=120, step=0), unfinished / "last.pth")
     assert resolve(str(unfinished)) == str(unfinished / "export")
     assert f"exported {unfinished} (epoch 120 of 120) -> {unfinished / 'export'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("run", ["B"], indirect=True)
+def test_a_finished_runs_export_stays_up_to_date_after_its_checkpoints_were_removed(run, tmp_path, capsys):
+    """docs/preemption.md: a run is complete by its summary.json, also after its checkpoints were deleted to save
+    space. A rerun of the export (a study's rerun) finds its export up to date by what meta.json and the summary both
+    record, its files still verified; an export of another run, a damaged one or none is one line, not a pass."""
+    run_dir, out = tmp_path / "run", tmp_path / "export"
+    run_dir.mkdir()
+    os.link(run.run_dir / "last.pth", run_dir / "last.pth")  # the module's run stays whole
+    summary = {"stage": "classification", "arm": run.cfg.name, "seed": run.cfg.seed, "config": run.cfg.to_dict(),
+               "metrics": {"top1": 40.0, "ema_top1": None}, "history": [dict(epoch=1, top1=40.0, top5=90.0)]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    export_backbone(run_dir, out)
+    (run_dir / "last.pth").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert cli_main([str(run_dir), "--out", str(out)]) == 0
+    assert f"{out}: up to date" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    def refused(out_dir: Path) -> str:
+        assert cli_main([str(run_dir), "--out", str(out_dir)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+        return err
+
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "metrics": {"top1": 41.0}}))  # another run's
+    assert "does not match its summary.json" in refused(out) and "last.pth: no such checkpoint" in refused(out)
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "config": {**summary["config"], "seed": 1}}))
+    assert "does not match its summary.json" in refused(out)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert "holds no export" in refused(tmp_path / "none")
+    (out / "head.safetensors").write_bytes(b"damaged")
+    assert "cannot be exported again" in refused(out)

@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in repairs:
         print(line)
     if what == "up to date":  # meta.json records this source and its sha256: nothing to redo
-        print(f"{out}: up to date, an export of {meta.get('source_checkpoint') or meta.get('source')} (sha256 "
-              f"{str(meta.get('sha256'))[:12]}...); nothing written")
+        source = meta.get("source_checkpoint") or meta.get("source")
+        gone = " (removed since; the run's summary.json matches the export)" if meta.get(
+            "source_kind") == "trained" and not Path(source).exists() else ""
+        print(f"{out}: up to date, an export of {source}{gone} (sha256 {str(meta.get('sha256'))[:12]}...); nothing "
+              f"written")
         return 0
     if what == "re-exported":
         what = "re-exported: the source changed since the previous export"
