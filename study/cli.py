@@ -1,6 +1,7 @@
 """The whole transfer study in one command: per seed and arm, classification -> export -> detection -> segmentation,
 each stage its own CLI in a subprocess, then the report. Rerunning continues: each stage resumes, finds itself done,
 or refuses changed inputs in one line ('inputs changed: KEYS; use another --work-dir'); nothing is moved or deleted.
+One local study at a time per work dir: a second one stops with one line naming the first's host and pid.
 
     python tools/study.py configs/studies/demo.yaml --work-dir work_dirs/demo [--dry-run] [--status]
     GPUS=8 python tools/study.py configs/studies/paper.yaml --work-dir work_dirs/paper --only cls --arms d_cosine
@@ -20,8 +21,8 @@ from lifecycle import errors
 from lifecycle.preemption import EXIT_INTERRUPTED
 from lifecycle.stages import NAMES
 from study.plan import command, plan, stage_protocols
-from study.run import STATUS_FILE, echo, passing_signals_on, read_status, run_steps, status_table
-from study.spec import STAGE_DIRS, SpecError, check_data, load_spec
+from study.run import STATUS_FILE, echo, passing_signals_on, read_status, run_steps, status_table, study_lock
+from study.spec import REPORT_DIR, SLURM_DIR, STAGE_DIRS, SpecError, check_data, load_spec
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,14 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def slurm_executor(spec, steps, args) -> int:
     from study import slurm
 
-    jobs, folder = slurm.arm_jobs(spec, steps, args), args.work_dir / "slurm" / "%j"
+    jobs, folder = slurm.arm_jobs(spec, steps, args), args.work_dir / SLURM_DIR / "%j"
     for job in jobs if args.dry_run else []:
         after = "afterok:" + ":".join(f"<{t}>" for t in job.after) if job.after else None
         print(slurm.submission_text(job, slurm.sbatch_parameters(job, args, after), folder) + "\n")
     if args.dry_run:
         return 0
-    for name, job in slurm.submit(jobs, args, folder).items():
-        echo(f"submitted {name}: Slurm job {job.job_id}")
+    slurm.submit(jobs, args, folder)  # each job's id said as soon as it is queued
     echo(f"logs in {folder.parent}; progress: tools/study.py {args.study} --work-dir {args.work_dir} --status")
     return 0
 
@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"(arms: {', '.join(spec.arms)})")
     if bad := next((i for i in args.slurm if "=" not in i), None):
         raise SpecError(f"--slurm {bad}: expected KEY=VALUE (an sbatch parameter, e.g. qos=high)")
+    if args.executor == "slurm":  # a key the tool derives (gpus_per_node, ...): refused before any stage is planned
+        from study.slurm import extra_parameters
+
+        extra_parameters(args.slurm)
     if not (gpus := os.environ.get("GPUS", "").strip() or "0").isdigit():
         raise SpecError(f"GPUS={gpus!r}: expected the number of GPUs per machine (an integer), or leave it unset")
     steps = plan(spec, args.work_dir, stages, arms)
@@ -100,10 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         check_data(spec, stages)
     if args.executor == "slurm":
         return slurm_executor(spec, steps, args)
+    with study_lock(args.work_dir):  # the read-only modes (--status, --dry-run) returned above, without it
+        return run_locally(spec, steps, args, int(gpus))
+
+
+def run_locally(spec, steps, args, gpus: int) -> int:
     echo(f"{spec.path}: {len({s.arm for s in steps})} arm(s) x {len(spec.seeds)} seed(s), {len(steps)} stage(s) -> "
-         f"{args.work_dir}" + (f", GPUS={gpus}" if int(gpus) > 1 else ""))
+         f"{args.work_dir}" + (f", GPUS={gpus}" if gpus > 1 else ""))
     with passing_signals_on():
-        rc = run_steps(steps, args.work_dir, int(gpus))
+        rc = run_steps(steps, args.work_dir, gpus)
     answers = {(e["arm"], e["seed"], e["stage"]): e for e in read_status(args.work_dir)}
     print(status_table([answers[s.key] for s in steps if s.key in answers]))
     if rc == EXIT_INTERRUPTED:
@@ -112,5 +121,5 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report and any(args.work_dir.rglob("summary.json")):
         from study import report
 
-        rc = report.main([str(args.work_dir), "--out", str(args.work_dir / "report")]) or rc
+        rc = report.main([str(args.work_dir), "--out", str(args.work_dir / REPORT_DIR)]) or rc
     return rc

@@ -3,7 +3,8 @@ on its allocation), and WORK_DIR/study_status.json: each stage's last answer, ``
 before it starts, then ``done``, ``stopped by max_steps`` (where told, without a summary), ``interrupted`` (exit 75,
 after saving a resumable checkpoint), ``failed`` (its error line) or ``blocked`` (an upstream stage is not done; the
 other arms go on). A ``running`` entry whose process is gone (SIGKILL) reads back as ``not finished``. SIGTERM and
-SIGUSR1 are passed on to the running stage (Ctrl-C reaches it from the terminal); the study then stops with 75.
+SIGUSR1 are passed on to the running stage (Ctrl-C reaches it from the terminal); the study then stops with 75. A
+stop that comes while a stage is being recorded does not let it start; one that comes as it starts reaches it.
 
 The console gets one line when a stage starts and one when it ends (its time and headline metric), and while it runs
 its newest progress line (lifecycle/progress.py: rewritten in place on a terminal, else every PROGRESS_EVERY_S); the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import fcntl
 import json
 import os
 import re
@@ -24,16 +26,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from lifecycle import progress
 from lifecycle.artifacts import atomic_write_json
+from lifecycle.errors import UserError
 from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS
-from lifecycle.run_lock import waiting_lock
+from lifecycle.run_lock import UNSUPPORTED, waiting_lock
 from lifecycle.stages import NAMES
 from study.plan import FROZEN, REPO, Step, command
+from study.spec import STATUS_FILE
 
 _ERROR_LINE = re.compile(r"^(error:|\w+(\.\w+)*(Error|Exception)\b)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -45,7 +50,7 @@ TAIL_LINES = 15  # of a failing stage's output, shown on the console
 # The one number a stage's end line shows: (file, key in it), the first found.
 HEADLINES = (("summary.json", "top1", "top-1"), ("summary.json", "mAP", "mAP"), ("summary.json", "mIoU", "mIoU"),
              ("meta.json", "source_top1", "top-1 of the exported weights"))
-STATUS_FILE = "study_status.json"
+STUDY_LOCK = ".study.lock"  # in the work dir: held by the local study running there, naming its host and pid
 DONE, RUNNING, NOT_FINISHED = "done", "running", "not finished"
 MAX_STEPS, INTERRUPTED, FAILED, BLOCKED = "stopped by max_steps", "interrupted", "failed", "blocked"
 
@@ -96,6 +101,43 @@ def status_table(entries: list[dict[str, Any]]) -> str:
     return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[6]).rstrip() for r in rows)
 
 
+class StudyBusy(UserError, RuntimeError):
+    """Another study runs in this work dir."""
+
+
+@contextmanager
+def study_lock(work_dir: Path) -> Iterator[None]:
+    """One local study per work dir: a second one stops at once with one line, before it records anything. Without
+    it, its stages hit the run dirs' locks and were recorded ``failed`` over the first study's ``running`` entries,
+    blocking their students. An flock, which the kernel releases when its holder dies, SIGKILL included."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work_dir / STUDY_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if _locked(fd, work_dir):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _locked(fd: int, work_dir: Path) -> bool:
+    """True when this process holds the lock, False on a file system without locks (a warning, as RunLock)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "its host and pid not yet written"
+        raise StudyBusy(f"{work_dir}: another study is running in this work dir ({holder}); wait for it or stop "
+                        f"it, then rerun (--status shows its stages)") from None
+    except OSError as e:
+        if e.errno not in UNSUPPORTED:
+            raise
+        echo(f"{work_dir / STUDY_LOCK}: this file system does not support locks; two studies in this work dir are "
+             f"not kept apart: do not start it twice")
+        return False
+
+
 class _Running:  # the stage running now, for the signal handlers (ours, or submitit's checkpoint in a Slurm job)
     proc = step = work_dir = signum = None  # its Popen, Step and work dir; the signal that stops the study
     output = None  # the _Output thread copying its output to stage.log
@@ -111,6 +153,14 @@ def _pass_on(signum, frame) -> None:
         _Running.proc.send_signal(signum)  # Ctrl-C: the terminal sent SIGINT to the stage's process group already
 
 
+def _pass_on_late(proc: subprocess.Popen) -> None:
+    """A stop that came after run_steps' last look and before ``_Running.proc`` was set found no stage to pass it on
+    to: passed on now, or the stage ran to its end. SIGINT too: the terminal's may have come before the stage
+    existed, and a stage takes the same signal twice within a moment as one stop (lifecycle/stop_flag.py)."""
+    if (signum := _Running.signum) is not None and proc.poll() is None:
+        proc.send_signal(signum)
+
+
 @contextmanager
 def passing_signals_on():
     old = {sig: signal.signal(sig, _pass_on) for sig in SIGNALS}
@@ -120,6 +170,12 @@ def passing_signals_on():
         for sig, handler in old.items():
             signal.signal(sig, handler)
         _Running.signum = None
+
+
+def no_stage_after(signum: int | None) -> None:
+    """After a stop signal that the running stage got itself (from Slurm): run_steps starts no further stage, and
+    returns EXIT_INTERRUPTED. None: clears it."""
+    _Running.signum = signum
 
 
 def stop_running_stage(signum: int, wait_s: float) -> None:
@@ -214,6 +270,7 @@ def run_stage(step: Step, argv: list[str], work_dir: Path, rank: int = 0) -> tup
     output.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()}: {shlex.join(argv)}\n")
     output.start()
     _Running.proc, _Running.step, _Running.work_dir, _Running.output = proc, step, work_dir, output
+    _pass_on_late(proc)
     try:
         # To the end of its output, then its exit. Not proc.wait() first: it holds Popen's wait lock while it
         # blocks, and the stop in a signal handler (stop_running_stage) could then never see the exit.
@@ -281,6 +338,10 @@ def run_steps(steps: list[Step], work_dir: Path, gpus: int, nodes: int = 1, rank
             continue
         argv = command(step, gpus, nodes, master, job_id, rank)
         note(work_dir, step.key, RUNNING, command=shlex.join(argv))  # the command: in study_status.json and the log
+        if _Running.signum is not None:  # the stop came while it was being recorded: it does not start
+            note(work_dir, step.key, INTERRUPTED, error=f"stopped by {signal.Signals(_Running.signum).name} before it "
+                                                        f"started; rerun to continue")
+            return EXIT_INTERRUPTED
         echo(f"{step.label}: started; its output: {step.dir / log_name(rank)}")
         t0 = time.perf_counter()
         rc, error, last_lines = run_stage(step, argv, work_dir, rank)

@@ -6,6 +6,8 @@ teacher's classification, not for the teacher's transfer. A job whose dependency
 (``kill-on-invalid-dep``), not left pending. Before its end the job gets SIGUSR1 (the stop contract's signal,
 sent by Slurm to every process of the job): the running stage saves and exits 75, and submitit, listening to
 SIGUSR1 too, calls ``ArmJob.checkpoint`` and requeues the job, whose stages then find themselves done or resume.
+SIGTERM (scancel, a preemption) reaches the running stage from Slurm; the job starts no further stage after it.
+Each job's id is said, and added to WORK_DIR/slurm/submitted.txt, as soon as it is queued.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import os
 import shlex
 import signal
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +31,38 @@ from submitit.slurm.slurm import _make_sbatch_string  # the sbatch text SlurmExe
 from lifecycle.preemption import STOP_GRACE_S
 from lifecycle.stages import STAGES
 from study.plan import Step, command
-from study.run import STATUS_FILE, run_steps, stop_running_stage
-from study.spec import StudySpec
+from study.run import STATUS_FILE, echo, no_stage_after, run_steps, stop_running_stage
+from study.spec import SpecError, StudySpec
 
 # Slurm's warning before the time limit: the stage's grace to save and exit, then time for submitit to requeue.
 SIGNAL_DELAY_S = STOP_GRACE_S + 30
+SUBMITTED = "submitted.txt"  # in WORK_DIR/slurm: a line per job as it is submitted (time, job, Slurm job id)
 # How often a job may reach its time limit and be requeued (submitit's default, 3, ends a job that needs more
 # allocations than that: 120 epochs of 4.4 min on a partition of 2 h). Every requeue resumes from a checkpoint saved
 # at the signal, so each allocation makes progress.
 MAX_TIME_LIMIT_REQUEUES = 1000
+
+
+def _fixed(why: str) -> str:
+    return f" ({why}); drop it"
+
+
+# The sbatch parameters that the tool derives, refused in --slurm, where they came last and won: gpus_per_node=4 had
+# Slurm give 4 GPUs per node and torchrun start --gpus-per-node processes. cpus_per_task and mem may be given (the
+# srun line follows cpus_per_task); partition, account and time too (they replace their flags' values).
+_TORCHRUN, _LOGS = _fixed("one task per node, which starts torchrun for its GPUs"), _fixed("submitit's log files")
+DERIVED = {  # key -> the rest of its error line: the flag to use, or why it is fixed
+    "nodes": "; use --nodes", "gpus_per_node": "; use --gpus-per-node", "gres": "; use --gpus-per-node",
+    "gpus": "; use --gpus-per-node and --nodes", "gpus_per_task": "; use --gpus-per-node",
+    "ntasks": _TORCHRUN, "ntasks_per_node": _TORCHRUN,
+    "cpus_per_gpu": "; use --cpus-per-gpu, or cpus_per_task=", "mem_per_gpu": "; use --mem-per-gpu, or mem=",
+    "signal": _fixed("the stop contract's warning before the time limit"),
+    "requeue": _fixed("requeued at each time limit"), "no_requeue": _fixed("requeued at each time limit"),
+    "dependency": _fixed("each job waits for the jobs holding what it reads"),
+    "kill_on_invalid_dep": _fixed("a job whose dependency failed is cancelled"),
+    "array": _fixed("one job per arm, seed and part, run once"), "job_name": _fixed("the job's arm, seed and part"),
+    "output": _LOGS, "error": _LOGS, "open_mode": _LOGS,
+}
 
 
 @dataclass
@@ -48,14 +76,48 @@ class ArmJob:  # pickled by submitit, run on every node of the allocation; ``che
 
     def __call__(self) -> int:
         env = submitit.JobEnvironment()
-        if rc := run_steps(self.steps, self.work_dir, self.gpus_per_node, self.nodes, rank=env.global_rank,
-                           master=env.hostnames[0], job_id=str(env.job_id)):  # a failed job, for sacct and afterok
+        with no_stage_after_sigterm():
+            rc = run_steps(self.steps, self.work_dir, self.gpus_per_node, self.nodes, rank=env.global_rank,
+                           master=env.hostnames[0], job_id=str(env.job_id))
+        if rc:  # a failed job, for sacct and afterok
             raise RuntimeError(f"{self.name}: a stage is not done (exit {rc}); see {self.work_dir / STATUS_FILE}")
         return rc
 
     def checkpoint(self, *args: Any) -> DelayedSubmission:
         stop_running_stage(signal.SIGUSR1, wait_s=STOP_GRACE_S + 15)
         return DelayedSubmission(self)
+
+
+@contextmanager
+def no_stage_after_sigterm() -> Iterator[None]:
+    """SIGTERM (scancel, a preemption, the time limit) stops the job: the running stage got it from Slurm too and
+    saves; no further stage starts. submitit only logs it ("bypass"), so the next stage started; its handler still
+    runs after ours."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum, frame) -> None:
+        no_stage_after(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        no_stage_after(None)
+
+
+def extra_parameters(items: list[str]) -> dict[str, str]:
+    """--slurm KEY=VALUE items as sbatch parameters (KEY with - or _), refusing in one line those the tool derives."""
+    extra = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key.lower() in DERIVED:
+            raise SpecError(f"--slurm {item}: tools/study.py sets {key} itself{DERIVED[key.lower()]}")
+        extra[key] = value
+    return extra
 
 
 def arm_jobs(spec: StudySpec, steps: list[Step], args) -> list[ArmJob]:
@@ -76,7 +138,7 @@ def arm_jobs(spec: StudySpec, steps: list[Step], args) -> list[ArmJob]:
 
 def sbatch_parameters(job: ArmJob, args, dependency: str | None = None) -> dict[str, Any]:
     """The sbatch parameters of a job, in the names of submitit's SlurmExecutor.update_parameters."""
-    extra = dict(item.split("=", 1) for item in args.slurm)
+    extra = extra_parameters(args.slurm)
     # CPUs and memory for the whole node's processes (one task per node): without them a job gets the cluster's
     # default, often one CPU, and the loader workers of 8 GPUs share it. --slurm cpus_per_task=/mem= replace them.
     gpus = max(job.gpus_per_node, 1)
@@ -121,4 +183,14 @@ def submit(jobs: list[ArmJob], args, folder: Path, executor_factory=None) -> dic
             after = [submitted[t].job_id for t in job.after]
             executor.update_parameters(**sbatch_parameters(job, args, "afterok:" + ":".join(after) if after else None))
         submitted[job.name] = executor.submit(job)
+        note_submitted(job.name, submitted[job.name].job_id, folder.parent)
     return submitted
+
+
+def note_submitted(name: str, job_id: str, where: Path) -> None:
+    """Said and kept (WHERE/submitted.txt) as soon as sbatch answers: when a later submission fails, the jobs already
+    queued are the user's to see or cancel, not lost with the traceback."""
+    echo(f"submitted {name}: Slurm job {job_id}")
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / SUBMITTED, "a", encoding="utf-8") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name} {job_id}\n")

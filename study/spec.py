@@ -21,6 +21,16 @@ DATA_DIRS = {s.data: s.data_dir for s in STAGES.values() if s.data}  # under --d
 TEACHER_REF = re.compile(r"\{cls:([^{}]*)\}")  # in an arm's `set`: that arm's classification run dir, same seed
 ARM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 STUDY_KEYS = ("name", "seed", "data_root")  # the study sets these itself
+TEACHER_KEYS = ("distill_teacher",)  # the classification keys that take a run dir: the only ones {cls:ARM} may fill
+# What a {cls:ARM} stands for while its arm's recipe is checked (the work dir is not known yet): a run dir path, as
+# study/plan.py puts there, so that the item is checked with its key rather than dropped. Not the arm's name, which
+# load_spec checks after the recipe.
+TEACHER_PLACEHOLDER = "WORK_DIR/TEACHER/seed0/cls"
+VARIANTS = ("A", "B", "C", "D")
+# WORK_DIR's entries besides the arms' dirs (and hidden lock files, which no arm name can spell): an arm named so
+# would share its dir with them.
+STATUS_FILE, SLURM_DIR, REPORT_DIR = "study_status.json", "slurm", "report"
+RESERVED = (STATUS_FILE, SLURM_DIR, REPORT_DIR)
 
 
 class SpecError(UserError, ValueError):
@@ -96,7 +106,9 @@ def load_spec(path: str | Path, data_root: Path | None = None, allow_synthetic: 
         return value
 
     def existing_file(value: Any, where: str) -> Path:
-        if not isinstance(value, str) or not Path(value).is_file():
+        if not isinstance(value, str) or not value:  # "" is no path, not the current directory
+            raise fail(where, f"expected a file path, got {value!r}")
+        if not Path(value).is_file():
             raise fail(where, f"{value}: no such file (paths are relative to the current directory, {Path.cwd()})")
         return Path(value)
 
@@ -166,9 +178,11 @@ def _arm(name: Any, spec: Any, fail, mapping, existing_file, items, boolean) -> 
     from export.published import is_published, lookup
 
     where = f"arms.{name}"
-    if not isinstance(name, str) or not ARM_NAME.fullmatch(name) or yaml.safe_load(name) != name or name == "report":
-        raise fail(where, "an arm name must be a plain identifier (letters, digits, _ . -), not a YAML "
-                          "number/boolean/null nor 'report': it names a directory and the summaries' 'arm'")
+    if not isinstance(name, str) or not ARM_NAME.fullmatch(name) or yaml.safe_load(name) != name or (
+            name.lower() in RESERVED):  # lower(): a case-insensitive file system takes 'Report' for 'report'
+        raise fail(where, f"an arm name must be a plain identifier (letters, digits, _ . -), not a YAML "
+                          f"number/boolean/null nor one of {', '.join(RESERVED)} (the work dir's own entries): it "
+                          f"names a directory and the summaries' 'arm'")
     spec = mapping(spec, where, {"classification", "set", "backbone", "variant", "frozen_backbone"})
     frozen = spec.get("frozen_backbone")
     frozen = None if frozen is None else boolean(frozen, f"{where}.frozen_backbone")
@@ -176,16 +190,21 @@ def _arm(name: Any, spec: Any, fail, mapping, existing_file, items, boolean) -> 
         raise fail(where, "give either 'classification: RECIPE' (null: random init) or 'backbone: SOURCE' "
                           "(timm:NAME, torchvision:WEIGHTS or a weights file), not both or neither")
     recipe, backbone, variant = spec.get("classification"), spec.get("backbone"), spec.get("variant")
-    recipe = recipe and existing_file(recipe, f"{where}.classification")
+    recipe = None if recipe is None else existing_file(recipe, f"{where}.classification")
     sets = items(spec.get("set"), f"{where}.set")
     if sets and recipe is None:
         raise fail(f"{where}.set", "this arm has no classification stage (classification: null, or a backbone)")
     if key := next((k for i in sets if (k := i.partition("=")[0].strip()) in STUDY_KEYS), None):
         raise fail(f"{where}.set", f"'{key}' is set by the study (arm name, seed, data.imagenet)")
+    if bad := next((i for i in sets if TEACHER_REF.search(i) and i.partition("=")[0].strip() not in TEACHER_KEYS),
+                   None):
+        raise fail(f"{where}.set", f"{bad!r}: {{cls:ARM}} stands for that arm's run dir, a value of "
+                                   f"{', '.join(TEACHER_KEYS)} only")
     try:
         if recipe:
-            load_config(recipe, [i for i in sets if not TEACHER_REF.search(i)])
-        if variant is not None and (backbone is None or is_published(backbone) or str(variant).upper() not in "ABCD"):
+            load_config(recipe, [TEACHER_REF.sub(TEACHER_PLACEHOLDER, i) for i in sets])
+        if variant is not None and (backbone is None or is_published(backbone) or str(variant).upper() not in
+                                    VARIANTS):
             raise fail(f"{where}.variant", f"{variant!r}: variant is A, B, C or D, for a 'backbone:' weights file")
         if backbone is not None and is_published(backbone):
             backbone = lookup(backbone).source

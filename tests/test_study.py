@@ -301,6 +301,14 @@ def test_only_a_stage_needs_its_upstream_outputs(tiny_data, tmp_path, capsys):
     (lambda s: s.update(seeds=[0, 0]), "seeds"),
     (lambda s: s.update(detection={"config": "missing.py"}), "detection.config: missing.py"),
     (lambda s: s["data"].pop("imagenet"), "missing key 'imagenet'"),
+    (lambda s: s["arms"]["b_standard"].update(classification=""), "arms.b_standard.classification: expected a file "
+                                                                  "path, got ''"),
+    (lambda s: s["arms"].update(w={"backbone": RECIPE_B, "variant": "BC"}), "arms.w.variant: 'BC': variant is A"),
+    (lambda s: s["arms"].update(slurm={"classification": None}), "arms.slurm: an arm name must"),
+    (lambda s: s["arms"].update({"study_status.json": {"classification": None}}), "the work dir's own entries"),
+    (lambda s: s["arms"]["d_student"].update(set=["epochs={cls:b_standard}"]), "a value of distill_teacher only"),
+    (lambda s: s["arms"]["d_student"].update(set=["distill_teacher=[{cls:b_standard}]"]),
+     "arms.d_student.set: --set: 'distill_teacher' must be str"),
 ])
 def test_bad_study_file_gives_one_line_naming_it(tiny_data, tmp_path, capsys, change, message):
     path = write_study(tmp_path / "bad.yaml", tiny_data, json.loads(json.dumps(ARMS)))
@@ -648,3 +656,132 @@ def test_a_multi_node_step_forms_one_world_across_its_nodes(tmp_path):
     assert worlds == ["world 2 rank 0", "world 2 rank 1"], outputs
     after = Step("d_mixup", 0, "detection", tmp_path / "det", (str(worker),), True)
     assert len({rdzv_port(step, "4242"), rdzv_port(after, "4242"), rdzv_port(step, "4243")}) == 3
+
+
+def test_a_second_study_on_one_work_dir_stops_at_once_naming_the_first(tmp_path, capsys):
+    """Two local studies on one work dir: the second stops with one line naming the first's host and pid, before it
+    records anything (its stages hit the run dirs' locks and were recorded failed over the first's running entries);
+    --status and --dry-run read only and still run."""
+    import socket
+
+    from study.run import study_lock
+
+    study = write_study(tmp_path / "study.yaml", tmp_path, {"random_init": {"classification": None}})  # no stage
+    work = tmp_path / "work"
+    with study_lock(work):
+        assert run(study, work) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {work}: another study is running in this work dir")
+        assert f"host {socket.gethostname()}, pid {os.getpid()}" in err
+        for read_only in ("--status", "--dry-run"):
+            assert cli.main([str(study), "--work-dir", str(work), read_only]) == 0
+        assert not (work / "study_status.json").exists()
+    assert run(study, work) == 0  # released with its holder
+
+
+def test_a_stop_while_its_stage_is_recorded_starts_no_stage(tmp_path, monkeypatch):
+    """A stop signal that comes while the stage's 'running' entry is written: the stage does not start, and the
+    study stops with 75 at once rather than after the whole stage."""
+    from study import run as study_run
+    from study.plan import Step
+
+    ran = tmp_path / "ran"
+    step = Step("a", 0, "classification", tmp_path / "a/seed0/cls", ("-c", f"open({str(ran)!r}, 'w')"), False)
+    record = study_run.record
+
+    def stopped_while_recording(work_dir, key, state, **fields):
+        if state == study_run.RUNNING:
+            study_run._Running.signum = signal.SIGTERM  # what _pass_on does with no stage to pass it on to
+        record(work_dir, key, state, **fields)
+
+    monkeypatch.setattr(study_run, "record", stopped_while_recording)
+    try:
+        assert study_run.run_steps([step], tmp_path, 0) == 75
+    finally:
+        study_run._Running.signum = None
+    entry = status(tmp_path)[("a", "classification")]
+    assert not ran.exists() and entry["status"] == "interrupted" and "SIGTERM before it started" in entry["error"]
+
+
+def test_a_stop_before_the_running_stage_is_known_is_passed_on_to_it(tmp_path, monkeypatch):
+    """A stop signal between the stage's start and its process being known to the handler: passed on once known,
+    not lost while the stage runs to its end."""
+    from study import run as study_run
+    from study.plan import Step
+
+    step = Step("a", 0, "classification", tmp_path / "a/seed0/cls", ("-c", "import time; time.sleep(60)"), False)
+    popen = subprocess.Popen
+
+    def stopped_as_it_starts(*args, **kwargs):
+        proc = popen(*args, **kwargs)
+        study_run._Running.signum = signal.SIGTERM  # _pass_on, before _Running.proc is set
+        return proc
+
+    monkeypatch.setattr(study_run.subprocess, "Popen", stopped_as_it_starts)
+    t0 = time.monotonic()
+    try:
+        assert study_run.run_steps([step], tmp_path, 0) == 75
+    finally:
+        study_run._Running.signum = None
+    entry = status(tmp_path)[("a", "classification")]
+    assert entry["status"] == "interrupted" and "SIGTERM" in entry["error"] and time.monotonic() - t0 < 30, entry
+
+
+def test_sigterm_to_a_slurm_job_starts_no_further_stage(tmp_path, monkeypatch):
+    """scancel or a preemption: Slurm's SIGTERM reaches the running stage itself, and submitit only logs it; the job
+    must not start its next stage after it."""
+    from types import SimpleNamespace
+
+    import submitit
+
+    from study import run as study_run
+    from study import slurm
+    from study.plan import Step
+
+    ran = tmp_path / "second"
+    first = Step("a", 0, "classification", tmp_path / "a/seed0/cls",
+                 ("-c", "import os, signal; os.kill(os.getppid(), signal.SIGTERM)"), False)  # as scancel
+    second = Step("a", 0, "export", tmp_path / "a/seed0/export", ("-c", f"open({str(ran)!r}, 'w')"), False)
+    monkeypatch.setattr(submitit, "JobEnvironment",
+                        lambda: SimpleNamespace(global_rank=0, hostnames=["localhost"], job_id="1"))
+    bypassed = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: bypassed.append(signum))  # submitit's bypass
+    try:
+        with pytest.raises(RuntimeError, match=r"exit 75"):
+            slurm.ArmJob("a.seed0.imagenet", [first, second], tmp_path, gpus_per_node=0)()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        study_run._Running.signum = None
+    assert bypassed == [signal.SIGTERM] and not ran.exists()
+
+
+@pytest.mark.parametrize("item, fix", [("gpus_per_node=4", "; use --gpus-per-node"), ("nodes=2", "; use --nodes"),
+                                       ("gres=gpu:4", "; use --gpus-per-node"), ("ntasks-per-node=4", "drop it"),
+                                       ("signal=USR1@60", "drop it"), ("requeue=", "drop it"),
+                                       ("dependency=afterok:1", "drop it")])
+def test_slurm_parameters_the_tool_derives_are_refused_naming_the_flag(item, fix, tmp_path, capsys):
+    """--slurm gpus_per_node=4 replaced what --gpus-per-node told torchrun: another number of processes than Slurm
+    gave. Refused in one line naming the flag, before anything is planned, printed or queued."""
+    paper = str(REPO / "configs/studies/paper.yaml")
+    assert cli.main([paper, "--work-dir", str(tmp_path / "w"), "--executor", "slurm", "--dry-run", "--slurm",
+                     "qos=high", item]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"error: --slurm {item}: tools/study.py sets ")
+    assert err.rstrip().endswith(fix) and not (tmp_path / "w").exists()
+
+
+def test_each_slurm_job_id_is_said_and_kept_as_soon_as_it_is_queued(tiny_data, tmp_path, monkeypatch, capsys):
+    """The second sbatch fails: the first job, queued already, is named on the console and in
+    WORK_DIR/slurm/submitted.txt (the ids were said only once every job was queued, so the user lost them)."""
+    import submitit
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    answers = iter([["echo", "Submitted batch job 4242"], ["false"]])
+    monkeypatch.setattr(submitit.SlurmExecutor, "_make_submission_command", lambda self, path: next(answers))
+    study = write_study(tmp_path / "study.yaml", tiny_data, ARMS)
+    assert cli.main([str(study), "--work-dir", str(tmp_path / "w"), "--executor", "slurm", "--time", "30",
+                     "--gpus-per-node", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert "[study] submitted b_standard.seed0.imagenet: Slurm job 4242\n" in out and err.count("\n") == 1, out + err
+    assert (tmp_path / "w" / "slurm" / "submitted.txt").read_text().split()[2:] == ["b_standard.seed0.imagenet",
+                                                                                    "4242"]
