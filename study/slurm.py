@@ -29,7 +29,7 @@ from submitit.helpers import DelayedSubmission
 from submitit.slurm.slurm import _make_sbatch_string  # the sbatch text SlurmExecutor writes, for --dry-run
 
 from lifecycle.preemption import STOP_GRACE_S
-from lifecycle.stages import STAGES
+from lifecycle.stages import DOWNSTREAM, STAGES
 from study.plan import Step, command
 from study.run import STATUS_FILE, echo, no_stage_after, run_steps, stop_running_stage
 from study.spec import SpecError, StudySpec
@@ -126,10 +126,17 @@ def arm_jobs(spec: StudySpec, steps: list[Step], args) -> list[ArmJob]:
     jobs: dict[str, ArmJob] = {}
     holder: dict[tuple, str] = {}  # step key -> the job that runs it
     for step in steps:
-        name = f"{step.arm}.seed{step.seed}.{STAGES[step.stage].part}"
+        part = STAGES[step.stage].part
+        if step.stage == "export" and not step.needs:
+            # Published weights: an export that reads no classification. Run first in its arm's transfer job, not
+            # as an ImageNet job of its own that would hold a whole GPU allocation for a download and a conversion.
+            part = STAGES[DOWNSTREAM[0]].part
+        name = f"{step.arm}.seed{step.seed}.{part}"
         jobs.setdefault(name, ArmJob(name, [], args.work_dir, args.gpus_per_node, args.nodes)).steps.append(step)
         holder[step.key] = name
     for job in jobs.values():
+        if all(step.stage == "export" for step in job.steps):  # a conversion on the CPU (--only export): no GPU
+            job.gpus_per_node = 0
         job.after = sorted({holder[need] for step in job.steps for need in step.needs
                             if need in holder and holder[need] != job.name})
     order = graphlib.TopologicalSorter({name: job.after for name, job in jobs.items()}).static_order()

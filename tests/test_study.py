@@ -519,6 +519,29 @@ def test_a_student_job_waits_only_for_its_teachers_classification(tiny_data, tmp
     assert [s.stage for j in jobs if j.name == "d_student.seed0.transfer" for s in j.steps] == ["detection"]
 
 
+def test_published_weights_are_exported_in_their_transfer_job_and_an_export_alone_asks_for_no_gpu(tiny_data,
+                                                                                                    tmp_path):
+    """A published arm's export reads no classification: it runs first in the arm's transfer job, where it held a
+    whole GPU allocation as an ImageNet job of its own, waited for by the transfer job."""
+    import argparse
+
+    from study import slurm
+    from study.plan import plan
+    from study.spec import load_spec
+
+    study = write_study(tmp_path / "study.yaml", tiny_data, {"gluon_d": {"backbone": "timm:resnet50d.gluon_in1k"}})
+    data = yaml.safe_load(study.read_text())
+    data["detection"] = {"config": str(REPO / "configs/detection/demo/faster-rcnn_r50_fpn_voc0712_demo.py")}
+    study.write_text(yaml.safe_dump(data))
+    spec = load_spec(study)
+    args = argparse.Namespace(work_dir=tmp_path / "w", gpus_per_node=8, nodes=1)
+    (job,) = slurm.arm_jobs(spec, plan(spec, args.work_dir), args)
+    assert (job.name, [s.stage for s in job.steps], job.after, job.gpus_per_node) == (
+        "gluon_d.seed0.transfer", ["export", "detection"], [], 8)
+    (alone,) = slurm.arm_jobs(spec, plan(spec, args.work_dir, ("export",)), args)
+    assert ([s.stage for s in alone.steps], alone.gpus_per_node) == (["export"], 0)
+
+
 def test_slurm_job_runs_its_arm_through_submitit(tiny_data, tmp_path):
     """One ArmJob through submitit's LocalExecutor (a real job process): the arm's stages run and are recorded."""
     import argparse
