@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +72,40 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load one of our checkpoints (weights_only=True: tensors and plain containers only)."""
     path = Path(path)
-    try:
+    with _loading(path):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint_hashed(path: str | Path) -> tuple[dict[str, Any], str]:
+    """``load_checkpoint`` and the sha256 of the very file it loaded: hashed and loaded through one open file, since
+    a run still training replaces its file (a rename) at any moment, and two opens could see two files."""
+    path = Path(path)
+    with _loading(path), open(path, "rb") as f:
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        f.seek(0)
+        return torch.load(f, map_location="cpu", weights_only=True), h.hexdigest()
+
+
+@contextmanager
+def _loading(path: Path):
+    """A missing or damaged checkpoint as one line naming it."""
+    try:
+        yield
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: no such checkpoint; give a run dir holding {LAST} or a .pth file") from e
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CheckpointError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
                               f"it is damaged or not one of ours: retrain or pick another file") from e
+
+
+def run_progress(ckpt: dict[str, Any], epochs: int) -> tuple[str, bool]:
+    """("epoch 37 of 120, unfinished", False) for a checkpoint of a run planned for ``epochs`` epochs: a run stopped
+    early (preempted, or still training) or mid-epoch (step > 0) is unfinished (export/trained.py's words too)."""
+    epoch, step = ckpt.get("epoch"), ckpt.get("step", 0)
+    finished = epoch == epochs and not step
+    return f"epoch {epoch} of {epochs}" + ("" if finished else f"{', mid-epoch' if step else ''}, unfinished"), finished
 
 
 # Which checkpoint of a run dir: the final epoch (the default everywhere, what the paper reports) or the epoch with
@@ -106,6 +135,11 @@ def load_classifier(src: str | Path, *, ema: bool = False) -> tuple[nn.Module, C
     """Rebuild a trained classifier from a run dir or checkpoint: (model in eval mode, its config, checkpoint)."""
     path = resolve_checkpoint(src)
     ckpt = load_checkpoint(path)
+    return (*classifier_from(ckpt, path, ema=ema), ckpt)
+
+
+def classifier_from(ckpt: dict[str, Any], path: Path, *, ema: bool = False) -> tuple[nn.Module, Config]:
+    """The classifier a loaded checkpoint holds (model in eval mode, its config); ``path`` names it in errors."""
     if "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a classification checkpoint of this toolkit (no config/model)")
     cfg = config_from_dict(ckpt["config"], str(path))
@@ -117,4 +151,4 @@ def load_classifier(src: str | Path, *, ema: bool = False) -> tuple[nn.Module, C
     model = build_model(cfg.variant, ckpt["num_classes"], zero_gamma=cfg.zero_gamma, init="timm", mean=cfg.mean,
                         std=cfg.std)
     model.load_state_dict(weights, strict=True)
-    return model.eval(), cfg, ckpt
+    return model.eval(), cfg

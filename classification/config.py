@@ -253,6 +253,12 @@ def validate(cfg: Config) -> None:
 
     for key in ("epochs", "global_batch", "device_batch", "image_size", "log_interval", "max_nonfinite_steps"):
         at_least(key, 0, strict=True)
+    # Passes of one image passed validation and stopped at the first update, blaming the data (the trainer's guard
+    # against passes emptied by unreadable images).
+    need(cfg.device_batch >= 2, f"'device_batch' must be >= 2, got {cfg.device_batch!r}: BatchNorm normalises over "
+                                f"each pass's device_batch images, and with one it has a single image's statistics "
+                                f"(where the last stage's maps are 1x1, e.g. image_size 32, torch refuses it); raise "
+                                f"device_batch (global_batch stays the same)")
     for key in ("base_lr", "step_gamma", "distill_temperature"):
         at_least(key, 0, strict=True)
     for key in ("weight_decay", "momentum", "color_jitter", "pca_lighting", "mixup_alpha", "seed",

@@ -304,11 +304,13 @@ class ImageFolderData(Dataset):
 
 
 def unreadable(path: str, e: Exception) -> DataError:
-    """The error for an image that cannot be decoded (bad_images=error), naming the file and the fixes."""
+    """The error for an image that cannot be decoded (bad_images=error), naming the file and the fixes: both resume
+    a started run (bad_images is a runtime key); deleting the file would not (run_dir.check_same_data)."""
     if isinstance(e, ImageModeError):  # already names the file and the fix
-        return DataError(f"{e}; or set bad_images=skip")
-    return DataError(f"{path}: unreadable image ({type(e).__name__}: {e}); replace or delete it, or set "
-                     f"bad_images=skip")
+        return DataError(f"{e}; or rerun with --set bad_images=skip")
+    return DataError(f"{path}: unreadable image ({type(e).__name__}: {e}); replace it with a readable copy, or rerun "
+                     f"with --set bad_images=skip (either resumes a started run; deleting the file does not, it "
+                     f"changes the training set)")
 
 
 class EpochSampler(Sampler):

@@ -16,19 +16,82 @@ from .tricks import lr_at
 
 log = logging.getLogger("classification")
 
-# Keys that may change between a run and its resume without changing the result.
+# Keys that may change between a run and its resume without changing the result. bad_images too: it decides only
+# what an unreadable image does from now on, stop the run (error) or be dropped and counted in its epoch's row
+# (skip); no update already done differs either way (under error none skipped an image; under skip each skip is in
+# the history), and "set bad_images=skip" is the fix the error itself gives a run stopped on day 3.
+# data_root too (data moved to a faster disk): check_same_data compares what it holds instead.
 RUNTIME_KEYS = {"name", "data_root", "workers", "pin_memory", "persistent_workers", "log_interval",
-                "checkpoint_interval", "compile", "compile_backend", "max_steps", "allow_synthetic"}
+                "checkpoint_interval", "compile", "compile_backend", "max_steps", "allow_synthetic", "bad_images"}
 
 
 def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
-    saved = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_KEYS}
-    now = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}
+    # A checkpoint that pins its teacher (check_same_teacher compares the teacher file's sha256) leaves its path
+    # out: the same file spelled another way (relative, a work dir moved) resumes, another file at that path not.
+    ignored = RUNTIME_KEYS | ({"distill_teacher"} if "teacher" in ckpt else set())
+    saved = {k: v for k, v in ckpt["config"].items() if k not in ignored}
+    now = {k: v for k, v in cfg.to_dict().items() if k not in ignored}
     defaults = Config().to_dict()  # a key added since the run started (e.g. decode) counts as its default
     changed = sorted(k for k in now if saved.get(k, defaults[k]) != now[k])
     if changed:
         raise CheckpointError(f"{path}: this run dir was started with different settings ({', '.join(changed)}); "
                               f"use another --work-dir or restore the original settings")
+
+
+def check_resume(ckpt: dict, cfg: Config, path: Path, classes: list[str], train_images: int,
+                 teacher: dict | None) -> None:
+    """What a resume from ``path`` must keep: the settings, and the training set and teacher, unless the run is
+    complete (its summary written): it trains nothing more, and what it trained on is its record."""
+    check_resumable(ckpt, cfg, path)
+    if ckpt["epoch"] >= cfg.epochs and (path.parent / "summary.json").exists():
+        return
+    check_same_data(ckpt, classes, train_images, cfg, path)
+    check_same_teacher(ckpt, teacher, cfg, path)
+
+
+def check_same_data(ckpt: dict, classes: list[str], train_images: int, cfg: Config, path: Path) -> None:
+    """The training set a run resumes on must be the one it started on: other class names relabel every image
+    silently, and another image count (a file deleted or added) reshuffles every later epoch and moves the
+    updates per epoch and with them the lr schedule. Checkpoints from before the count was kept resume unchecked."""
+    train = Path(cfg.data_root) / "train"
+    saved = ckpt.get("classes")
+    if saved is not None and list(saved) != list(classes):
+        k = next((i for i, (a, b) in enumerate(zip(saved, classes)) if a != b), min(len(saved), len(classes)))
+        was = f"class {k} was {saved[k]!r}" if k < len(saved) else f"{len(saved)} classes"
+        now = f"{classes[k]!r}" if k < len(classes) else f"{len(classes)} classes"
+        raise CheckpointError(f"{path}: the run trained on other classes than {train} holds ({was}, now {now}): "
+                              f"resumed, labels would change meaning; point --data-root at the run's data or use "
+                              f"another --work-dir")
+    count = ckpt.get("train_images")
+    if count is not None and count != train_images:
+        diff = f"{abs(train_images - count)} {'fewer' if train_images < count else 'more'}"
+        raise CheckpointError(f"{path}: the run trained on {count} images, {train} now holds {train_images} ({diff}), "
+                              f"which would reshuffle every later epoch and move the lr schedule; restore the files "
+                              f"(an unreadable one: put it back and rerun with --set bad_images=skip, which skips it "
+                              f"in place) or use another --work-dir")
+
+
+def check_same_teacher(ckpt: dict, teacher: dict | None, cfg: Config, path: Path) -> None:
+    """A run distils from one teacher throughout: a teacher run dir trained further (or replaced) between two
+    starts of the student would otherwise change the targets mid-run. Checkpoints from before teachers were pinned
+    have no ``teacher``: check_resumable compared distill_teacher's path instead."""
+    old = ckpt.get("teacher")
+    if "teacher" not in ckpt or _teacher_key(old) == _teacher_key(teacher):
+        return
+    was = f"distilled from {_teacher_words(old)}" if old else "trained without a teacher"
+    now = f"distill_teacher {cfg.distill_teacher} is {_teacher_words(teacher)}" if teacher else "distill_teacher is off"
+    raise CheckpointError(f"{path}: the run was {was}, now {now}; restore the run's teacher or use another --work-dir")
+
+
+def _teacher_key(teacher: dict | None) -> str | None:
+    return None if teacher is None else teacher.get("sha256") or teacher.get("timm")
+
+
+def _teacher_words(teacher: dict) -> str:
+    if "timm" in teacher:
+        return f"timm's {teacher['timm']}"
+    step = f" step {teacher['step']}" if teacher.get("step") else ""
+    return f"a checkpoint of epoch {teacher.get('epoch')}{step} (sha256 {teacher['sha256'][:12]})"
 
 
 def complete_without_checkpoint(cfg: Config, run_dir: Path) -> bool:

@@ -41,7 +41,7 @@ from .config import Config, load_config
 from .data import DataError, build_loaders, loader_advice, process_cpus
 from .models import build_model
 from .run_dir import (
-    check_resumable,
+    check_resume,
     complete_without_checkpoint,
     setup_logging,
     write_epoch_metrics,
@@ -324,6 +324,33 @@ def run(cfg: Config, run_dir: Path, d: Dist) -> int:
             lock.release()
 
 
+def agreed_checkpoint(last: Path, d: Dist, device: torch.device) -> dict | None:
+    """The checkpoint to resume from, or None to start afresh: the same on every rank. Each rank reads its own view
+    of ``last``, and one all_gather of (found, epoch, step, wall time) compares them with rank 0's; a rank that sees
+    no file, or another one (a node-local work dir), would start afresh while rank 0 resumes and DDP drift with no
+    error, so every rank refuses instead."""
+    ckpt = load_checkpoint(last) if last.exists() else None
+    if not dist.is_initialized():
+        return ckpt
+    mine = torch.tensor([-1.0, -1.0, -1.0, -1.0] if ckpt is None else
+                        [1.0, ckpt["epoch"], ckpt["step"], ckpt.get("wall_time_s", 0.0)],
+                        dtype=torch.float64, device=device)  # on the device: NCCL gathers nothing else
+    views = [torch.empty_like(mine) for _ in range(d.world_size)]
+    dist.all_gather(views, mine)
+    views = [v.tolist() for v in views]
+    other = next((r for r, v in enumerate(views) if v != views[0]), None)
+    if other is not None:
+        raise CheckpointError(f"{last}: rank 0 finds {_seen(views[0])}, rank {other} {_seen(views[other])}; every "
+                              f"process must read the same run dir: give --work-dir on a file system all nodes share")
+    return ckpt
+
+
+def _seen(view: list[float]) -> str:
+    """A rank's view of the checkpoint, for agreed_checkpoint's message."""
+    found, epoch, step, wall = view
+    return "no checkpoint" if found < 0 else f"one of epoch {int(epoch)} update {int(step)} ({wall:.1f} s trained)"
+
+
 def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
@@ -349,7 +376,8 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
                         std=cfg.std).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    task = build_task(model, cfg, load_teacher(cfg, classes, device), device)
+    teacher, teacher_identity = load_teacher(cfg, classes, device)
+    task = build_task(model, cfg, teacher, device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, ipe)
     scaler = build_scaler(cfg, device)
@@ -362,9 +390,9 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
     if d.is_main:  # what a save killed mid-write (SIGKILL, power loss) left behind: never a valid file
         for tmp in remove_stale_temporaries(run_dir):
             log.info("removed %s, left by an interrupted save", tmp)
-    if last.exists():
-        ckpt = load_checkpoint(last)
-        check_resumable(ckpt, cfg, last)
+    ckpt = agreed_checkpoint(last, d, device)
+    if ckpt is not None:
+        check_resume(ckpt, cfg, last, classes, sampler.n, teacher_identity)
         model.load_state_dict(ckpt["model"], strict=True)
         if ema is not None:
             ema.module.load_state_dict(ckpt["ema"], strict=True)
@@ -401,7 +429,8 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                                 scheduler=scheduler.state_dict(), epoch=epoch, step=step, history=history,
                                 best_top1=best_top1, config=cfg.to_dict(), num_classes=len(classes), classes=classes,
-                                world_size=d.world_size, rng=rngs, epoch_tally=vars(tally) if tally else None,
+                                train_images=sampler.n, teacher=teacher_identity, world_size=d.world_size, rng=rngs,
+                                epoch_tally=vars(tally) if tally else None,
                                 wall_time_s=wall_before + time.perf_counter() - t0)
         if dist.is_initialized():
             dist.barrier()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -22,7 +23,7 @@ from torch import nn
 
 from lifecycle.distributed import rank0_first
 
-from .checkpoint import load_classifier
+from .checkpoint import BEST, LAST, classifier_from, load_checkpoint_hashed, resolve_checkpoint, run_progress
 from .config import Config, ConfigError
 
 
@@ -63,7 +64,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, iters_per_epo
     - cosine (§5.1): 0.5 (1 + cos(pi t / T)) peak, t counted from the end of warmup, T = the rest of training.
     """
     total = cfg.epochs * iters_per_epoch
-    warmup = round(cfg.warmup_epochs * iters_per_epoch)
+    warmup = warmup_updates(cfg, iters_per_epoch)
     if cfg.schedule == "cosine":
         return CosineLRScheduler(
             optimizer, t_initial=total - warmup, lr_min=0.0, cycle_mul=1.0, cycle_decay=1.0, cycle_limit=1,
@@ -77,11 +78,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, iters_per_epo
     )
 
 
+def warmup_updates(cfg: Config, iters_per_epoch: int) -> int:
+    """warmup_epochs in updates, rounded. The config allows any warmup_epochs < epochs, but the updates per epoch
+    come from the data: rounding can make the warmup the whole run (epochs=2, warmup_epochs=1.9, 1 update per
+    epoch), which leaves no update at the peak and no cosine to follow it (timm asserts t_initial > 0)."""
+    total = cfg.epochs * iters_per_epoch
+    warmup = round(cfg.warmup_epochs * iters_per_epoch)
+    if warmup >= total:
+        raise ConfigError(f"config: warmup_epochs {cfg.warmup_epochs:g} is {warmup} of the run's {total} updates "
+                          f"({iters_per_epoch} per epoch with this data and global_batch {cfg.global_batch}): the "
+                          f"warmup must leave at least one update after it; lower warmup_epochs or raise epochs")
+    return warmup
+
+
 def lr_at(cfg: Config, iters_per_epoch: int, i: int) -> float:
     """Closed form of the schedule for the i-th update (0-based); used for plots and the summary."""
     peak = cfg.peak_lr
     total = cfg.epochs * iters_per_epoch
-    warmup = round(cfg.warmup_epochs * iters_per_epoch)
+    warmup = warmup_updates(cfg, iters_per_epoch)
     t = i + 1
     if t < warmup:
         return peak * t / warmup
@@ -189,31 +203,21 @@ def build_task(model: nn.Module, cfg: Config, teacher: nn.Module | None, device:
     )
 
 
-def load_teacher(cfg: Config, classes: list[str], device: torch.device) -> torch.nn.Module | None:
-    """§5.3 teacher: one of our run dirs / checkpoints, or a timm model name with its pretrained weights. Its outputs
+def load_teacher(cfg: Config, classes: list[str],
+                 device: torch.device) -> tuple[torch.nn.Module | None, dict[str, Any] | None]:
+    """§5.3 teacher: one of our run dirs / checkpoints, or a timm model name with its pretrained weights; and its
+    identity, which the student's checkpoints pin (run_dir.check_same_teacher): None without distillation. Its outputs
     must be the data's classes in the data's order (its logit k the data's label k): checked by name where the
     teacher names its classes (our checkpoints; timm's ImageNet label sets), by count otherwise."""
     if not cfg.distill_teacher:
-        return None
+        return None, None
     what = f"distill_teacher {cfg.distill_teacher}"
     if Path(cfg.distill_teacher).exists():
-        teacher, _, ckpt = load_classifier(cfg.distill_teacher, ema=False)
-        count, theirs = ckpt["num_classes"], ckpt.get("classes")
+        teacher, identity, count, theirs = _run_teacher(cfg.distill_teacher, what)
         other_count = other_order = "train the teacher on the same data"
     else:
-        name = cfg.distill_teacher
-        try:  # downloaded from the Hugging Face hub into its cache once (rank 0), read from the cache after
-            teacher = rank0_first(lambda: timm.create_model(name, pretrained=True))
-        except (RuntimeError, OSError, ValueError) as e:
-            raise ConfigError(
-                f"{what}: cannot load its pretrained weights ({str(e).splitlines()[0][:200]}); "
-                f"fill the hub cache on a machine with network (python -c \"import timm; timm.create_model('{name}', "
-                f"pretrained=True)\", cache in $HF_HOME, default ~/.cache/huggingface, copied to the same place "
-                f"here), or distil from a teacher trained by the toolkit (distill_teacher=<its run dir>)") from e
-        # timm's ImageNet models predict their label set's classes in its order: for ImageNet-1k the sorted WordNet
-        # ids, which are the folder names of ImageNet's own layout (and so of the data's classes, sorted)
-        subset = infer_imagenet_subset(teacher)
-        count, theirs = teacher.num_classes, ImageNetInfo(subset).label_names() if subset else None
+        teacher, count, theirs = _hub_teacher(cfg.distill_teacher, what)
+        identity = {"timm": cfg.distill_teacher}
         other_count = "use a teacher trained on this label space"
         other_order = "name the class folders by WordNet id, as ImageNet's own layout does"
     if count != len(classes):
@@ -224,4 +228,38 @@ def load_teacher(cfg: Config, classes: list[str], device: torch.device) -> torch
                           f"teacher's logit k must be the data's label k); {other_order}")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher.to(device).eval()
+    return teacher.to(device).eval(), identity
+
+
+def _run_teacher(src: str, what: str) -> tuple[nn.Module, dict[str, Any], int, list[str] | None]:
+    """A teacher the toolkit trained: (model, identity, class count, class names). A run dir means its last.pth,
+    which must be the finished run's, as an export requires: an unfinished one (preempted, still training) would
+    teach with half-trained weights, and differently at each start of the student. Identity: the sha256 of the
+    file (0.4 s for the 300 MB of a ResNet-50 run's last.pth on one CPU core, once per start), with its epoch and
+    step for the messages."""
+    path = resolve_checkpoint(src)
+    ckpt, sha256 = load_checkpoint_hashed(path)
+    teacher, teacher_cfg = classifier_from(ckpt, path)
+    said, finished = run_progress(ckpt, teacher_cfg.epochs)
+    if path.name == LAST and not finished:  # another file (best.pth, a copy) is picked on purpose
+        raise ConfigError(f"{what}: {path} is {said}; finish the teacher run first (rerun its training command, "
+                          f"which resumes it), or pick one of its checkpoints on purpose "
+                          f"(distill_teacher={path.parent / BEST})")
+    identity = {"sha256": sha256, "epoch": ckpt.get("epoch"), "step": ckpt.get("step", 0)}
+    return teacher, identity, ckpt["num_classes"], ckpt.get("classes")
+
+
+def _hub_teacher(name: str, what: str) -> tuple[nn.Module, int, list[str] | None]:
+    """A timm model name with its pretrained weights: (model, class count, class names where timm knows them)."""
+    try:  # downloaded from the Hugging Face hub into its cache once (rank 0), read from the cache after
+        teacher = rank0_first(lambda: timm.create_model(name, pretrained=True))
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"{what}: cannot load its pretrained weights ({str(e).splitlines()[0][:200]}); "
+            f"fill the hub cache on a machine with network (python -c \"import timm; timm.create_model('{name}', "
+            f"pretrained=True)\", cache in $HF_HOME, default ~/.cache/huggingface, copied to the same place "
+            f"here), or distil from a teacher trained by the toolkit (distill_teacher=<its run dir>)") from e
+    # timm's ImageNet models predict their label set's classes in its order: for ImageNet-1k the sorted WordNet
+    # ids, which are the folder names of ImageNet's own layout (and so of the data's classes, sorted)
+    subset = infer_imagenet_subset(teacher)
+    return teacher, teacher.num_classes, ImageNetInfo(subset).label_names() if subset else None

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,90 @@ def test_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path, capsys)
     assert summary["history"][0]["bad_images"] == 1
 
 
+def test_a_resume_refuses_another_training_set_and_takes_the_errors_own_fix(folder, tmp_path, capsys):
+    """Day 3, an unreadable image stops the run: the error's fix, rerunning with bad_images=skip, resumes it (before,
+    it was refused as a changed setting). Deleting the image instead (one image fewer: other updates per epoch and
+    every later epoch's order) or a data root with other class names (labels renamed) is refused in one line naming
+    what changed; before, both resumed silently. A checkpoint from before the count was kept still resumes."""
+    def resume_on(data, run, *sets):
+        shutil.copytree(tmp_path / "started", tmp_path / run)
+        return run_train(data, tmp_path / run, "epochs=2", "base_lr=0.01", *sets)  # 0.01: batches of 3 stay finite
+
+    def changed_copy(name):
+        return Path(shutil.copytree(folder, tmp_path / "data" / name))
+
+    assert run_train(folder, tmp_path / "started", "epochs=2", "base_lr=0.01", "max_steps=1") == 0
+    broken = changed_copy("broken")
+    bad = broken / "train" / "class1" / "3.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    assert resume_on(broken, "skip") == 1  # epoch 1 reads every image
+    err = capsys.readouterr().err
+    assert str(bad) in err and "--set bad_images=skip" in err and err.count("\n") == 1
+    assert run_train(broken, tmp_path / "skip", "epochs=2", "base_lr=0.01", "bad_images=skip") == 0
+    assert read_summary(tmp_path / "skip" / "summary.json")["history"][1]["bad_images"] == 1
+
+    deleted = changed_copy("deleted")
+    (deleted / "train" / "class1" / "3.jpg").unlink()
+    assert resume_on(deleted, "deleted") == 1
+    err = capsys.readouterr().err
+    assert f"trained on 16 images, {deleted / 'train'} now holds 15 (1 fewer)" in err and "bad_images=skip" in err
+    assert err.count("\n") == 1
+
+    renamed = changed_copy("renamed")
+    for split in ("train", "val"):
+        for old, new in (("class0", "ant"), ("class1", "bee")):
+            (renamed / split / old).rename(renamed / split / new)
+    assert resume_on(renamed, "renamed") == 1
+    err = capsys.readouterr().err
+    assert "other classes" in err and "class 0 was 'class0', now 'ant'" in err and err.count("\n") == 1
+
+    shutil.copytree(tmp_path / "started", tmp_path / "older")
+    ckpt = torch.load(tmp_path / "older" / "last.pth", weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k not in ("train_images", "teacher")}, tmp_path / "older" / "last.pth")
+    assert run_train(folder, tmp_path / "older", "epochs=2", "base_lr=0.01") == 0
+
+
+def test_a_student_distils_from_a_finished_teacher_pinned_by_its_hash(folder, tmp_path, capsys):
+    """An unfinished teacher run is refused (it was read from its last.pth at whatever epoch), naming the run and
+    the fixes. The student's checkpoint pins the teacher file's sha256: the same teacher moved and spelled as a
+    relative path resumes (before: refused as changed distill_teacher), a teacher file changed between two starts
+    of the student is refused (before: silently distilled from the new one)."""
+    teacher = tmp_path / "teacher"
+    assert run_train(folder, teacher, "epochs=1", "max_steps=2") == 0
+
+    def student(teacher_path, *sets):
+        return run_train(folder, tmp_path / "student", "epochs=2", f"distill_teacher={teacher_path}", *sets)
+
+    assert student(teacher, "max_steps=1") == 1
+    err = capsys.readouterr().err
+    assert f"{teacher / 'last.pth'} is epoch 0 of 1, mid-epoch, unfinished" in err and "best.pth" in err
+    assert err.count("\n") == 1 and not (tmp_path / "student" / "last.pth").exists()
+
+    assert run_train(folder, teacher, "epochs=1") == 0  # finished
+    assert student(teacher, "max_steps=1") == 0
+    moved = Path(shutil.move(teacher, tmp_path / "moved"))
+    assert student(os.path.relpath(moved), "max_steps=2") == 0
+    assert torch.load(tmp_path / "student" / "last.pth", weights_only=True)["step"] == 2
+
+    ckpt = torch.load(moved / "last.pth", weights_only=True)
+    ckpt["model"]["fc.bias"] += 1  # the teacher's file changed (retrained, or replaced) at the same epoch
+    torch.save(ckpt, moved / "last.pth")
+    assert student(moved) == 1
+    err = capsys.readouterr().err
+    assert "was distilled from a checkpoint of epoch 1" in err and "restore the run's teacher" in err
+    assert err.count("\n") == 1
+
+
+def test_a_warmup_rounded_to_the_whole_run_is_refused_with_its_reason(folder, tmp_path, capsys):
+    """16 images, global batch 16: one update per epoch, so warmup_epochs 1.9 of 2 rounds to both updates; the
+    cosine schedule had nothing left and the run died on timm's assertion ("unexpected AssertionError")."""
+    assert run_train(folder, tmp_path / "r", "epochs=2", "warmup_epochs=1.9", "schedule=cosine",
+                     "global_batch=16") == 1
+    err = capsys.readouterr().err
+    assert "warmup_epochs 1.9 is 2 of the run's 2 updates" in err and "leave at least one update" in err
+    assert err.count("\n") == 1
+
+
 def test_missing_data_root_is_one_clear_line(tmp_path, capsys):
     assert run_train(tmp_path / "nowhere", tmp_path / "r", "epochs=1") == 1
     err = capsys.readouterr().err.strip()
@@ -274,6 +359,39 @@ def test_ddp_run_stopped_at_max_steps_resumes_to_the_same_weights(folder, tmp_pa
     assert a["history"][-1]["top1"] == b["history"][-1]["top1"]
     for run in ("straight", "resumed"):
         assert_best_and_last(tmp_path / run)
+
+
+RANK1_SEES_NO_CHECKPOINT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import os
+from classification import train
+
+if os.environ["RANK"] == "1":  # a node-local work dir: this node has no last.pth
+    exists = Path.exists
+    Path.exists = lambda self, *a, **kw: self.name != "last.pth" and exists(self, *a, **kw)
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_ranks_that_see_different_checkpoints_refuse_to_resume(folder, tmp_path):
+    """Rank 1 cannot see the last.pth rank 0 resumes from (a work dir on each node's own disk): every rank
+    refuses in one line naming the file and the fix. Before, rank 1 started afresh beside a resumed rank 0 and DDP
+    trained on silently (its first update overwrote the weights, not its optimizer state or place)."""
+    sets = [*TINY, "epochs=2", "global_batch=8"]
+    assert run_train(folder, tmp_path / "r", "epochs=2", "global_batch=8", "max_steps=1") == 0
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK1_SEES_NO_CHECKPOINT.format(repo=str(REPO)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561", str(script),
+           str(REPO / "configs/classification/demo/smoke.yaml"), "--data-root", str(folder), "--work-dir",
+           str(tmp_path / "r"), "--set", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode != 0, out.stdout + out.stderr
+    line = f"error: {tmp_path / 'r' / 'last.pth'}: rank 0 finds one of epoch 0 update 1"
+    assert line in out.stderr and "rank 1 no checkpoint" in out.stderr and "file system all nodes share" in out.stderr
+    assert torch.load(tmp_path / "r" / "last.pth", weights_only=True)["step"] == 1  # nothing trained or saved
 
 
 UPDATE_LINE = re.compile(r"epoch (\d+) \[(\d+)/\d+\] loss \S+ lr (\S+)")

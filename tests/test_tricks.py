@@ -276,7 +276,8 @@ def test_a_teacher_must_predict_the_datas_classes_in_the_datas_order(tmp_path, m
     save_checkpoint(tmp_path / "teacher.pth", model=model.state_dict(), config=cfg.to_dict(), num_classes=4,
                     classes=["ant", "bee", "cat", "dog"])
     cfg = cfg_with(distill_teacher=tmp_path / "teacher.pth")
-    assert load_teacher(cfg, ["ant", "bee", "cat", "dog"], torch.device("cpu")) is not None
+    teacher, identity = load_teacher(cfg, ["ant", "bee", "cat", "dog"], torch.device("cpu"))
+    assert teacher is not None and len(identity["sha256"]) == 64
     with pytest.raises(ConfigError, match=r"its class 2 is 'cat', the data's class 2 is 'dog' .*train the teacher"):
         load_teacher(cfg, ["ant", "bee", "dog", "cat"], torch.device("cpu"))
 
@@ -284,8 +285,24 @@ def test_a_teacher_must_predict_the_datas_classes_in_the_datas_order(tmp_path, m
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained: created(name, pretrained=False))  # offline
     cfg = cfg_with(distill_teacher="resnet18.tv_in1k")
     wnids = timm.data.ImageNetInfo("imagenet-1k").label_names()
-    assert load_teacher(cfg, list(wnids), torch.device("cpu")) is not None
+    assert load_teacher(cfg, list(wnids), torch.device("cpu"))[1] == {"timm": "resnet18.tv_in1k"}
     with pytest.raises(ConfigError, match=r"its class 0 is 'n01440764', the data's class 0 is '0' .*WordNet id"):
         load_teacher(cfg, sorted(str(i) for i in range(1000)), torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"predicts 1000 classes, the data has 4; use a teacher trained on this"):
         load_teacher(cfg, ["ant", "bee", "cat", "dog"], torch.device("cpu"))
+
+
+def test_a_warmup_rounded_to_the_whole_run_and_a_device_batch_of_one_are_refused_with_their_reasons():
+    """warmup_epochs < epochs passes the config, but rounded to updates it can be the whole run (1.9 of 2 epochs of
+    one update each): the cosine schedule then had no updates left (timm's assertion: "unexpected AssertionError"),
+    the step schedule was all warmup. device_batch=1 passed the config and stopped at the first update,
+    blaming unreadable images."""
+    for schedule in ("cosine", "step"):
+        cfg = cfg_with(epochs=2, warmup_epochs=1.9, schedule=schedule)
+        with pytest.raises(ConfigError, match=r"warmup_epochs 1.9 is 2 of the run's 2 updates .* at least one") as e:
+            build_scheduler(build_optimizer(tiny_model(), cfg), cfg, 1)
+        assert "\n" not in str(e.value)
+    cfg = cfg_with(epochs=2, warmup_epochs=1.4, schedule="cosine")  # 1 update of warmup, 1 of cosine
+    build_scheduler(build_optimizer(tiny_model(), cfg), cfg, 1)
+    with pytest.raises(ConfigError, match=r"'device_batch' must be >= 2, got 1: BatchNorm normalises over"):
+        cfg_with(device_batch=1, global_batch=4)
