@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from lifecycle.errors import cli
-from transfer.runner import DownstreamTask, walk
+from transfer.runner import DownstreamTask, recipe_schedule, walk
 from transfer.runner import main as run_stage
 
 
@@ -20,10 +20,9 @@ def summarize(mm: dict[str, float], cfg) -> tuple[dict, dict]:
     walk(cfg.test_dataloader, lambda d: scales.append(d["scale"]) if d.get("type") == "Resize" else None)
     modes = []
     walk(cfg.test_evaluator, lambda d: modes.append(d.get("eval_mode", "11points")) if "metric" in d else None)
-    loop = cfg.train_cfg
+    length, unit = recipe_schedule(cfg)  # in updates: the same on any GPU count
     protocol = dict(dataset="VOC07+12 trainval -> VOC07 test", test_scale=list(scales[0]) if scales else None,
-                    schedule=f"{loop.get('max_epochs', loop.get('max_iters'))} "
-                             f"{'epochs' if 'max_epochs' in loop else 'iterations'}",
+                    schedule=f"{length} {unit}",
                     eval_mode=modes[0] if modes else None, iou_thr=0.5, model=cfg.model.type,
                     neck=cfg.model.get("neck", {}).get("type"))
     return dict(mAP=mm[prefix + "mAP"] * 100, per_class_AP=per_class), protocol

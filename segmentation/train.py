@@ -9,7 +9,7 @@ import math
 import sys
 
 from lifecycle.errors import cli
-from transfer.runner import DownstreamTask, walk
+from transfer.runner import DownstreamTask, recipe_schedule, walk
 from transfer.runner import main as run_stage
 
 
@@ -21,11 +21,12 @@ def summarize(mm: dict[str, float], cfg) -> tuple[dict, dict]:
     walk(cfg.train_dataloader, lambda d: reduce_zero.append(d["reduce_zero_label"])
          if d.get("type") == "LoadAnnotations" else None)
     crop = cfg.model.data_preprocessor.get("size")
+    length, unit = recipe_schedule(cfg)  # in updates: the same on any GPU count
     protocol = dict(dataset="ADE20K train -> val", crop_size=list(crop) if crop else None,
                     reduce_zero_label=reduce_zero[0] if reduce_zero else None,
                     test="multi-scale" if cfg.get("tta_model") and "TestTimeAug" in str(cfg.test_dataloader)
                     else "single-scale",
-                    schedule=f"{cfg.train_cfg.get('max_iters')} iterations", model=cfg.model.decode_head.type)
+                    schedule=f"{length} {unit}", model=cfg.model.decode_head.type)
     metrics = dict(mIoU=float(mm["mIoU"]), aAcc=float(mm["aAcc"]), mAcc=float(mm["mAcc"]), per_class_IoU=per_class)
     return metrics, protocol
 

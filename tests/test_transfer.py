@@ -26,12 +26,16 @@ STAGES = {
 }
 
 
-def run_stage(stage, export, data_root, work_dir, *extra):
+def run_stage_cmd(stage, export, data_root, work_dir, *extra):
     s = STAGES[stage]
-    cmd = [sys.executable, "-m", f"{stage}.train", "--export", str(export), "--config", str(REPO / s["config"]),
-           "--data-root", str(data_root), "--work-dir", str(work_dir), "--arm", "test", "--cfg-options", *s["short"],
-           *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    return [sys.executable, "-m", f"{stage}.train", "--export", str(export), "--config", str(REPO / s["config"]),
+            "--data-root", str(data_root), "--work-dir", str(work_dir), "--arm", "test", "--cfg-options", *s["short"],
+            *extra]
+
+
+def run_stage(stage, export, data_root, work_dir, *extra):
+    return subprocess.run(run_stage_cmd(stage, export, data_root, work_dir, *extra), capture_output=True, text=True,
+                          cwd=REPO, timeout=900)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -105,11 +109,27 @@ def test_corrupt_export_is_refused_before_training(tiny_data, tiny_export, tmp_p
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "meta.json" in out.stderr
 
 
-def test_random_init_arm_runs(tiny_data, tmp_path):
-    out = run_stage("segmentation", "none", tiny_data / "ADEChallengeData2016", tmp_path / "run")
+def test_random_init_arm_runs_and_its_rerun_is_complete_on_any_gpu_layout(tiny_data, tmp_path):
+    """A random-init run with accumulation (2 images per GPU of the demo's 4) ends without the loader workers'
+    "killed by signal" traceback and records its schedule in updates; rerun on another layout (another memory
+    limit, two processes whose BatchNorm would need SyncBN, so GPUs) it is complete; a changed recipe is refused."""
+    data, work = tiny_data / "ADEChallengeData2016", tmp_path / "run"
+    out = run_stage("segmentation", "none", data, work, "max_images_per_gpu=2")
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = read_summary(tmp_path / "run" / "summary.json")
-    assert summary["backbone"] is None and "init_cfg=None" in (tmp_path / "run" / "config.py").read_text()
+    assert "killed by signal" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr[-3000:]
+    summary = read_summary(work / "summary.json")
+    assert summary["backbone"] is None and "init_cfg=None" in (work / "config.py").read_text()
+    assert summary["layout"]["accumulation"] == 2 and summary["protocol"]["schedule"] == "2 iterations"
+    two = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
+    for extra, env in ((["max_images_per_gpu=4"], None), (["--launcher", "pytorch"], two)):
+        again = subprocess.run(run_stage_cmd("segmentation", "none", data, work, *extra), capture_output=True,
+                               text=True, cwd=REPO, env=env, timeout=300)
+        assert again.returncode == 0 and "complete" in again.stdout, again.stderr[-3000:]
+    changed = subprocess.run(run_stage_cmd("segmentation", "none", data, work, "optim_wrapper.optimizer.lr=0.5",
+                                           "--launcher", "pytorch"), capture_output=True, text=True, cwd=REPO,
+                             env=two, timeout=300)
+    assert changed.returncode == 1 and "inputs changed: optim_wrapper.optimizer.lr;" in changed.stderr, \
+        changed.stderr[-3000:]
 
 
 def test_broken_voc_tree_gives_the_checkers_lines(tiny_data, tmp_path):
@@ -469,7 +489,8 @@ if os.environ["RANK"] == "0":
     if not torch.cuda.is_available():  # the stage itself: SyncBN cannot run on CPU tensors, so it says so first
         refused = subprocess.run([sys.executable, "-m", "segmentation.train", "--export", "none", "--config",
                                   str(REPO / DOWNSTREAM["fcn"]), "--data-root", str(tmp_path / "absent"),
-                                  "--work-dir", str(tmp_path / "run")], env={**os.environ, "WORLD_SIZE": "2"},
+                                  "--work-dir", str(tmp_path / "run"), "--launcher", "pytorch"],
+                                 env={**os.environ, "WORLD_SIZE": "2"},
                                  capture_output=True, text=True, cwd=REPO, timeout=300)
         last = refused.stderr.splitlines()[-1]  # after the libraries' import warnings
         assert refused.returncode == 1 and last.startswith("error: "), refused.stderr[-2000:]
@@ -552,7 +573,11 @@ def test_out_of_gpu_memory_names_the_limit_and_a_lower_one_starts_again(tiny_dat
         assert err.count("\n") == 1 and "out of GPU memory with 2 images per GPU; set max_images_per_gpu lower (" in err
         assert (tmp_path / "run" / "config.py").exists() and not list((tmp_path / "run").glob("*.pth"))
     assert det_main([*argv, "max_images_per_gpu=1"]) == 0
-    assert read_summary(tmp_path / "run" / "summary.json")["layout"]["accumulation"] == 2
+    summary = read_summary(tmp_path / "run" / "summary.json")
+    assert summary["layout"]["accumulation"] == 2 and summary["protocol"]["schedule"] == "2 iterations"  # updates
+    capsys.readouterr()
+    # Finished: its rerun without the limit (another split: no accumulation) finds it complete.
+    assert det_main(argv) == 0 and "this run is complete" in capsys.readouterr().out
 
 
 def test_a_downstream_run_resumes_only_on_its_own_split(tmp_path, monkeypatch):
@@ -604,3 +629,137 @@ def test_a_launcher_that_sets_the_process_count_after_the_batch_plan_is_refused(
         with pytest.raises(SystemExit) as e:
             parse_args(STAGE, [*required, "--launcher", launcher])
         assert e.value.code == 2 and f"invalid choice: '{launcher}'" in capsys.readouterr().err
+
+
+def test_a_torchrun_process_without_launcher_pytorch_is_refused(tmp_path, monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE=2) with the default --launcher none each process would train alone on its share of
+    the batch while the summary records all of it: refused in one line naming the fix, before anything loads."""
+    from detection.train import main as det_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert det_main(["--export", "none", "--config", "c.py", "--data-root", "d", "--work-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--launcher pytorch" in err and "GPUS=N" in err, err
+
+
+def test_a_loop_given_by_by_epoch_or_a_scoped_type_is_planned_as_mmengine_builds_it(monkeypatch):
+    """mmengine builds an iteration-based loop from ``by_epoch=False`` or a scoped type too: under accumulation its
+    length is multiplied as the lr schedule's is, and the protocol line gives it in updates; a loop of neither kind
+    is refused in one line."""
+    from transfer.runner import StageError, protocol_line
+
+    seg = DOWNSTREAM["fcn"]
+    for loop in (dict(by_epoch=False, max_iters=80000, val_interval=8000),
+                 dict(type="mmengine.IterBasedTrainLoop", max_iters=80000, val_interval=8000)):
+        cfg, decided = configured(seg, monkeypatch=monkeypatch, max_images_per_gpu=4, train_cfg=dict(_delete_=True,
+                                                                                                   **loop))
+        assert (cfg.train_cfg.max_iters, cfg.train_cfg.val_interval) == (4 * 80000, 4 * 8000), loop
+        assert cfg.param_scheduler[0]["end"] == 4 * 80000 and ", 80000 updates, PolyLR" in protocol_line(cfg, decided)
+    cfg, decided = configured(seg, monkeypatch=monkeypatch, max_images_per_gpu=4,
+                              train_cfg=dict(_delete_=True, by_epoch=True, max_epochs=3))
+    assert cfg.train_cfg.max_epochs == 3 and ", 3 epochs, PolyLR" in protocol_line(cfg, decided)
+    with pytest.raises(StageError, match=r"train_cfg.type='ValLoop' is neither an iteration- nor an epoch-based"):
+        configured(seg, monkeypatch=monkeypatch, train_cfg=dict(_delete_=True, type="ValLoop"))
+
+
+def test_the_generated_config_keeps_the_recipes_custom_imports(monkeypatch):
+    """Our modules are added to the recipe's custom_imports, not put in their place (the dumped config would fail
+    under the library's own tools/train.py without them); allow_failed_imports stays the recipe's."""
+    ours = ["transfer.hooks", "transfer.metrics", "transfer.preemption_hook"]
+    fpn = DOWNSTREAM["fpn"]
+    cfg, _ = configured(fpn, monkeypatch=monkeypatch,
+                        custom_imports=dict(imports=["mmdet.engine"], allow_failed_imports=True))
+    assert cfg.custom_imports == dict(imports=["mmdet.engine", *ours], allow_failed_imports=True)
+    cfg, _ = configured(fpn, monkeypatch=monkeypatch, custom_imports=dict(imports="transfer.hooks"))  # mmengine's str
+    assert cfg.custom_imports == dict(imports=ours, allow_failed_imports=False)
+
+
+@pytest.fixture
+def _restore_stop_handlers():
+    import signal
+
+    from lifecycle.preemption import SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def accumulating_toy_runner(work: Path, stop_in_validation: bool = False):
+    """mmengine's Runner on a linear model, SGD with momentum, accumulation 2 and PreemptionHook: 2 epochs of 5
+    batches, validated after each; SIGTERM to itself in the first validation if asked."""
+    import signal
+
+    from mmengine.dataset import DefaultSampler
+    from mmengine.evaluator import BaseMetric, Evaluator
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+    from torch.utils.data import DataLoader
+
+    import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 1)
+
+        def forward(self, inputs, targets, mode="loss"):
+            return dict(loss=((self.fc(inputs) - targets) ** 2).mean()) if mode == "loss" else list(self.fc(inputs))
+
+    class Count(BaseMetric):
+        def process(self, data_batch, data_samples):
+            self.results.extend(data_samples)
+
+        def compute_metrics(self, results):
+            return dict(n=len(results))
+
+    class StopInValidation(Hook):
+        priority = "HIGHEST"
+
+        def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if stop_in_validation and runner.epoch == 1 and batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    g = torch.Generator().manual_seed(0)
+    data = [dict(inputs=torch.randn(3, generator=g), targets=torch.randn(1, generator=g)) for _ in range(10)]
+    torch.manual_seed(0)
+    return Runner(model=Toy(), work_dir=str(work),
+                  train_dataloader=DataLoader(data, batch_size=2, sampler=DefaultSampler(data, shuffle=True, seed=0)),
+                  val_dataloader=DataLoader(data[:4], batch_size=2), val_evaluator=Evaluator(Count()), val_cfg=dict(),
+                  optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9), accumulative_counts=2),
+                  train_cfg=dict(by_epoch=True, max_epochs=2, val_interval=1),
+                  default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=100)),
+                  custom_hooks=[dict(type="PreemptionHook"), StopInValidation()], resume=True, randomness=dict(seed=0),
+                  experiment_name=f"acc_toy_{work.parent.name}_{work.name}_{stop_in_validation}")
+
+
+def test_a_stop_during_validation_inside_an_update_is_saved_at_the_update_boundary(tmp_path, _restore_stop_handlers):
+    """Accumulation 2 over epochs of 5 batches: the validation after epoch 1 falls inside the third update (mmengine
+    counts passes across epochs). Saved there, the partial gradient would be lost on resume; the stop waits for the
+    update's end instead (iteration 6), and the resumed run ends at the uninterrupted run's weights."""
+    from lifecycle.stop_flag import Preempted
+
+    straight = accumulating_toy_runner(tmp_path / "straight")
+    straight.train()
+    work = tmp_path / "stopped"
+    with pytest.raises(Preempted):
+        accumulating_toy_runner(work, stop_in_validation=True).train()
+    assert Path((work / "last_checkpoint").read_text().strip()).name == "iter_6.pth"
+    resumed = accumulating_toy_runner(work)
+    resumed.train()
+    assert resumed.iter == straight.iter == 10
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_the_transfer_script_guards_its_possibly_empty_arrays():
+    """bash before 4.4 takes "${arr[@]}" of an empty array for an unbound variable under set -u (macOS's bash 3.2):
+    each array the script may leave empty is expanded as ${arr[@]+"${arr[@]}"}."""
+    text = (REPO / "tools/transfer_stage.sh").read_text()
+    empty = re.findall(r"^(\w+)=\(\)$", text, re.M)
+    assert {"variant", "extra"} <= set(empty)
+    for name in empty:
+        bare = text.replace(f'${{{name}[@]+"${{{name}[@]}}"}}', "")
+        assert f'"${{{name}[@]}}"' not in bare, name

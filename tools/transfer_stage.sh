@@ -35,8 +35,10 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 work_dir=${work_dir:-work_dirs/$stage/${name//:/_}$frozen}  # timm:resnet50d.gluon_in1k -> timm_resnet50d.gluon_in1k
-export_dir=$("$PY" -m export.resolve "$src" "${variant[@]}")
-args=(--export "$export_dir" --config "$config" --data-root "$data_root" --work-dir "$work_dir" "${extra[@]}")
+# ${a[@]+"${a[@]}"}: an empty array is "unbound" under set -u before bash 4.4 (macOS's bash 3.2).
+export_dir=$("$PY" -m export.resolve "$src" ${variant[@]+"${variant[@]}"})
+args=(--export "$export_dir" --config "$config" --data-root "$data_root" --work-dir "$work_dir")
+args+=(${extra[@]+"${extra[@]}"})
 [[ $# -gt 0 ]] && args+=(--cfg-options "$@")
 if [[ ${GPUS:-1} -gt 1 ]]; then
     # torchrun through lifecycle/torchrun.py: it sets TORCHELASTIC_SIGNALS_TO_HANDLE so that SIGUSR1 (Slurm's

@@ -128,15 +128,17 @@ class PreemptionHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         self._remove_superseded(runner)
-        # With gradient accumulation only an update boundary is a consistent state (the partial gradients are not
-        # saved); the iteration counter counts passes.
-        counts = getattr(runner.optim_wrapper, "_accumulative_counts", 1)
-        if (runner.iter + 1) % counts == 0 and self.stop.agreed():
+        if self._update_done(runner, runner.iter + 1) and self.stop.agreed():
             self._save_and_exit(runner, runner.iter + 1)
 
     def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        training = isinstance(getattr(runner, "_train_loop", None), BaseLoop)  # (runner.val() alone: not)
+        # Validation inside an update (an epoch's end in an epoch-based loop, with accumulation: mmengine counts
+        # passes across epochs) is no state to save: the stop is not polled, so it waits for the update's end.
+        # Every rank is at the same iteration, so all skip the poll together.
+        if training and not self._update_done(runner, runner.iter):
+            return
         if self.stop.agreed():  # validation during training: the weights of the iterations trained so far
-            training = isinstance(getattr(runner, "_train_loop", None), BaseLoop)  # (runner.val() alone: not)
             self._save_and_exit(runner, runner.iter if training else None)
 
     def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -164,6 +166,13 @@ class PreemptionHook(Hook):
         quiet_exit_of_loader_workers()  # the loop is left without the loaders' shutdown
         where = f"iteration {iteration}" if iteration is not None else "the test"
         raise Preempted(f"stopped by a signal at {where}; rerun the same command to resume")
+
+    @staticmethod
+    def _update_done(runner, passes: int) -> bool:
+        """After ``passes`` training passes the optimizer has just updated (mmengine's OptimWrapper.should_update):
+        with gradient accumulation only that is a consistent state, the partial gradients are not saved."""
+        counts = getattr(runner.optim_wrapper, "_accumulative_counts", 1)
+        return passes % counts == 0 or passes == runner.max_iters
 
     @staticmethod
     def _remove_superseded(runner) -> None:

@@ -13,6 +13,7 @@ iteration and exit 75 (transfer/preemption_hook.py).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Any
 from datakit.synthetic import synthetic_problem
 from lifecycle.artifacts import atomic_write_bytes, write_summary
 from lifecycle.distributed import BatchPlan, process_counts
-from lifecycle.errors import UserError
+from lifecycle.errors import UserError, quiet_exit_of_loader_workers
 from lifecycle.preemption import EXIT_INTERRUPTED
 from lifecycle.stages import STAGES
 from lifecycle.stop_flag import Preempted
@@ -67,6 +68,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def refuse_a_launch_without_its_group(launcher: str) -> None:
+    """Under torchrun (WORLD_SIZE > 1) with --launcher none, mmengine starts no process group: each process would
+    train alone on its share of the batch while the batch plan and the summary count all of them."""
+    if world_size() > 1 and launcher == "none":
+        raise StageError(f"WORLD_SIZE={world_size()} (torchrun) but --launcher none: each process would train alone "
+                         f"on 1/{world_size()} of the batch; add --launcher pytorch (tools/transfer_det.sh and "
+                         f"tools/transfer_seg.sh with GPUS=N do)")
+
+
 # The config key stating how many training images fit on one GPU (the recipe's own default, measured with
 # tools/bench_transfer.py --images-per-gpu; lower it for smaller GPUs). Only above it does the batch plan accumulate
 # gradients.
@@ -90,7 +100,7 @@ def plan_batch(recipe_batch: int, processes: int, trains_bn: bool, limit: int | 
     return BatchPlan(recipe_batch, processes, per_device, share // per_device, bn)
 
 
-_TRAINS_BN: dict[str, bool] = {}
+_TRAINS_BN: dict[str, tuple] = {}  # model config -> (trains BN, the config as built)
 
 
 def trains_batchnorm(cfg) -> bool:
@@ -111,18 +121,56 @@ def trains_batchnorm(cfg) -> bool:
         init_default_scope(cfg.get("default_scope"))
         with warnings.catch_warnings():  # the libraries' deprecation notes while importing and building: not ours
             warnings.simplefilter("ignore")
+            built = copy.deepcopy(cfg.model)
             try:
                 with torch.device("meta"):
-                    model = MODELS.build(cfg.model)
+                    model = MODELS.build(built)
             except (NotImplementedError, RuntimeError):  # a constructor computing on its tensors: build it for real
-                model = MODELS.build(cfg.model)
+                built = copy.deepcopy(cfg.model)
+                model = MODELS.build(built)
         model.train()
-        _TRAINS_BN[key] = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-                              for m in model.modules())
-    return _TRAINS_BN[key]
+        _TRAINS_BN[key] = (any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                               for m in model.modules()), built)
+    trains, built = _TRAINS_BN[key]
+    # mmdet's detectors write their train and test settings into the model config they are built from
+    # (roi_head.test_cfg, ...); config.py has always recorded the config so completed, and a rerun compares it. The
+    # same whether this process built the model or found it above (a second run in one process, as in the tests).
+    cfg.model = copy.deepcopy(built)
+    return trains
 
 
-def _scale_iterations(cfg, factor: int) -> dict[str, Any]:
+def train_loop_kind(cfg, source: str) -> str:
+    """'iterations' or 'epochs': the loop mmengine's Runner.build_train_loop makes of ``train_cfg`` (``by_epoch``
+    without a type; else the class its type names, scoped or not, as registered). The plan puts the loop's length in
+    updates, so a loop of neither kind is refused."""
+    from mmengine.registry import LOOPS, init_default_scope
+    from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+
+    loop = cfg.train_cfg
+    if "type" not in loop:
+        if "by_epoch" not in loop:
+            raise StageError(f"{source}: train_cfg has neither type nor by_epoch; add by_epoch=True or False")
+        return "epochs" if loop.by_epoch else "iterations"
+    kind = loop.type
+    if isinstance(kind, str):
+        init_default_scope(cfg.get("default_scope"))
+        kind = LOOPS.get(kind)
+    for base, name in ((IterBasedTrainLoop, "iterations"), (EpochBasedTrainLoop, "epochs")):
+        if isinstance(kind, type) and issubclass(kind, base):
+            return name
+    raise StageError(f"{source}: train_cfg.type={loop.type!r} is neither an iteration- nor an epoch-based training "
+                     f"loop (mmengine's IterBasedTrainLoop / EpochBasedTrainLoop or a subclass); use one of them")
+
+
+def recipe_schedule(cfg) -> tuple[int, str]:
+    """The schedule's length as the recipe states it: (max_epochs, 'epochs'), or (max_iters, 'iterations') in the
+    recipe's iterations, which are optimizer updates (under accumulation mmengine's max_iters counts passes)."""
+    if train_loop_kind(cfg, "train_cfg") == "epochs":
+        return cfg.train_cfg.max_epochs, "epochs"
+    return cfg.train_cfg.max_iters // cfg.optim_wrapper.get("accumulative_counts", 1), "iterations"
+
+
+def _scale_iterations(cfg, factor: int, loop_kind: str) -> dict[str, Any]:
     """With accumulation, mmengine counts passes, not updates: multiply every iteration count of the recipe (loop
     length, validation/checkpoint intervals, iteration-based lr schedules) so that it holds in updates."""
     changed = {}
@@ -135,7 +183,7 @@ def _scale_iterations(cfg, factor: int) -> dict[str, Any]:
             changed[where] = [list(node[key]), [v * factor for v in node[key]]]
             node[key] = [v * factor for v in node[key]]
 
-    if cfg.train_cfg.get("type") == "IterBasedTrainLoop":
+    if loop_kind == "iterations":
         for key in ("max_iters", "val_interval"):
             scale(cfg.train_cfg, key, f"train_cfg.{key}")
         ckpt = cfg.get("default_hooks", {}).get("checkpoint")
@@ -202,8 +250,9 @@ def _freeze_backbone(cfg) -> dict[str, list]:
 
 
 def configure(cfg, stage: DownstreamTask, args: argparse.Namespace, meta: dict | None,
-              export_ckpt: Path | None) -> dict:
-    """Edit the loaded mmengine config in place for our backbone and data; return what was decided."""
+              export_ckpt: Path | None, processes: int | None = None) -> dict:
+    """Edit the loaded mmengine config in place for our backbone and data, planned for ``processes`` (default: this
+    launch's WORLD_SIZE); return what was decided."""
     backbone = cfg.model.backbone
     control_changes = {}
     if meta is not None:
@@ -249,8 +298,8 @@ def configure(cfg, stage: DownstreamTask, args: argparse.Namespace, meta: dict |
     ckpt = cfg.get("default_hooks", {}).get("checkpoint")
     if ckpt is not None and ckpt.get("max_keep_ckpts", -1) <= 0:  # unless the config keeps its own number
         ckpt["max_keep_ckpts"] = KEEP_CHECKPOINTS
-    decided = keep_recipe_batch(cfg, world_size(), str(args.config))
-    cfg.custom_imports = dict(imports=imports, allow_failed_imports=False)
+    decided = keep_recipe_batch(cfg, processes or world_size(), str(args.config))
+    cfg.custom_imports = _with_imports(cfg.get("custom_imports"), imports)
     cfg.work_dir = str(Path(args.work_dir).resolve())
     cfg.resume = True  # continue from the last checkpoint in work_dir, if any
     cfg.load_from = None
@@ -266,6 +315,17 @@ def configure(cfg, stage: DownstreamTask, args: argparse.Namespace, meta: dict |
     cfg.export_state_sha256 = meta["state_sha256"] if meta is not None else None
     return dict(decided, control_changes=control_changes, frozen_changes=frozen_changes,
                 backbone_mode="frozen" if args.frozen_backbone else "fine-tuned")
+
+
+def _with_imports(recipe: dict | None, ours: list[str]) -> dict[str, Any]:
+    """The recipe's custom_imports (a module name or a list, as mmengine takes them) and ours after them, once each;
+    its allow_failed_imports kept. Replaced, the dumped config would miss the recipe's modules under the library's
+    own tools/train.py."""
+    recipe = dict(recipe or {})
+    theirs = recipe.get("imports") or []
+    theirs = [theirs] if isinstance(theirs, str) else list(theirs)
+    return dict(imports=list(dict.fromkeys([*theirs, *ours])),
+                allow_failed_imports=recipe.get("allow_failed_imports", False))
 
 
 def keep_recipe_batch(cfg, processes: int, source: str) -> dict[str, Any]:
@@ -284,7 +344,8 @@ def keep_recipe_batch(cfg, processes: int, source: str) -> dict[str, Any]:
     cfg.train_dataloader.batch_size = plan.per_device
     cfg.optim_wrapper.accumulative_counts = plan.accumulation
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=plan.recipe_batch)  # never rescale: the batch is kept
-    schedule = _scale_iterations(cfg, plan.accumulation) if plan.accumulation > 1 else {}
+    loop_kind = train_loop_kind(cfg, source)  # refused here, also without accumulation: the protocol line reads it
+    schedule = _scale_iterations(cfg, plan.accumulation, loop_kind) if plan.accumulation > 1 else {}
     lr = cfg.optim_wrapper.optimizer.lr
     return dict(recipe_batch=plan.recipe_batch, batch=plan.per_device * processes * plan.accumulation,
                 bn_batch=plan.bn_batch, processes=processes, recipe_per_device=recipe_per_device,
@@ -423,9 +484,8 @@ def describe_recipe(config: str | Path, cfg_options: dict | None, processes: int
 
 def protocol_line(cfg, decided: dict[str, Any]) -> str:
     """The batch line, the schedule's length in optimizer updates and its lr schedulers: what a stage logs first."""
-    loop = cfg.train_cfg
-    length = (f"{loop.max_iters // decided['accumulation']} updates" if loop.get("type") == "IterBasedTrainLoop"
-              else f"{loop.get('max_epochs')} epochs")
+    count, unit = recipe_schedule(cfg)
+    length = f"{count} {'updates' if unit == 'iterations' else unit}"
     scheds = cfg.get("param_scheduler") or []
     names = "+".join(s["type"] for s in ([scheds] if isinstance(scheds, dict) else scheds))
     mode = ", backbone frozen" if decided.get("backbone_mode") == "frozen" else ""
@@ -468,6 +528,7 @@ def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
     from lifecycle.distributed import check_gpus_usable
 
     check_gpus_usable()
+    refuse_a_launch_without_its_group(args.launcher)
 
     import transfer.metrics  # noqa: F401 - registers the per-class metrics
     import transfer.preemption_hook  # noqa: F401 - registers PreemptionHook
@@ -483,6 +544,8 @@ def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
     if args.export != "none":
         _, meta = load_export(args.export)  # refuses a damaged or inconsistent export, naming the keys
         export_ckpt = (Path(args.export) / "backbone.pth").resolve()
+    if (work_dir / "summary.json").exists():
+        return report_complete(stage, args, meta, export_ckpt)
     cfg = load_mm_config(args.config)
     merge_cfg_options(cfg, args.cfg_options)
     decided = configure(cfg, stage, args, meta, export_ckpt)
@@ -491,13 +554,10 @@ def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
                          f"on a CPU, run this stage on one process (GPUS=1)")
     if main_process:
         print(f"{stage.name}: {protocol_line(cfg, decided)}", flush=True)
-    # Before "complete": a finished run with other inputs is refused too. An attempt that stopped before its first
-    # checkpoint (out of GPU memory at its first step, say) left nothing to mix with: it starts again as configured.
-    if (work_dir / "summary.json").exists() or any(work_dir.glob("*.pth")):
+    # An attempt that stopped before its first checkpoint (out of GPU memory at its first step, say) left nothing to
+    # mix with: it starts again as configured.
+    if any(work_dir.glob("*.pth")):
         refuse_changed_inputs(work_dir / "config.py", cfg)
-    if (work_dir / "summary.json").exists():
-        print(f"{work_dir / 'summary.json'} exists: this run is complete (delete it to evaluate again)")
-        return 0
     problem = synthetic_problem(args.data_root, args.allow_synthetic or cfg.get("allow_synthetic", False))
     if problem:
         raise StageError(problem)
@@ -532,6 +592,8 @@ def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
         raise StageError(f"{args.config}: out of GPU memory with {decided['per_device']} images per GPU; set "
                          f"{MEMORY_LIMIT_KEY} lower{saved} (--cfg-options {MEMORY_LIMIT_KEY}=N or the study's "
                          f"cfg_options; tools/bench_transfer.py --images-per-gpu measures what fits)") from e
+    finally:  # mmengine never shuts down persistent loader workers: at exit they would be reported killed
+        quiet_exit_of_loader_workers()
     if main_process:
         metrics, protocol = stage.summarize(mm_metrics, cfg)
         # The batch is part of what makes arms comparable; how it is laid out on processes is not (config below).
@@ -547,6 +609,34 @@ def run(stage: DownstreamTask, args: argparse.Namespace) -> int:
                       wall_time_s=time.perf_counter() - t0)
         print(f"{stage.name}: {work_dir / 'summary.json'}: " + ", ".join(
             f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
+    return 0
+
+
+def _recorded_layout(previous: Path, cfg) -> int | None:
+    """The process count the run recorded in ``previous`` (its config.py) was planned for: its recipe batch over
+    images per process and accumulation. Its memory limit is set in ``cfg`` too, so that a plan from ``cfg`` splits
+    as it did. None without a record."""
+    if not previous.is_file():
+        return None
+    from mmengine.config import Config
+
+    old = Config.fromfile(str(previous), import_custom_modules=False)
+    cfg[MEMORY_LIMIT_KEY] = old.get(MEMORY_LIMIT_KEY)
+    per_process = old.train_dataloader.batch_size * old.optim_wrapper.get("accumulative_counts", 1)
+    return old.auto_scale_lr.base_batch_size // per_process
+
+
+def report_complete(stage: DownstreamTask, args: argparse.Namespace, meta: dict | None,
+                    export_ckpt: Path | None) -> int:
+    """A finished run (its summary.json written) is complete on any GPU count, as its protocol is: its inputs are
+    compared as planned for the layout it ran with, so that only another experiment (recipe, export) is refused,
+    and nothing of this launch's GPUs (their count, SyncBN's need of them) is checked."""
+    work_dir = Path(args.work_dir)
+    cfg = load_mm_config(args.config)
+    merge_cfg_options(cfg, args.cfg_options)
+    configure(cfg, stage, args, meta, export_ckpt, processes=_recorded_layout(work_dir / "config.py", cfg))
+    refuse_changed_inputs(work_dir / "config.py", cfg)
+    print(f"{work_dir / 'summary.json'} exists: this run is complete (delete it to evaluate again)")
     return 0
 
 
