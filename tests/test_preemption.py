@@ -563,6 +563,8 @@ def test_epoch_based_loop_stopped_mid_epoch_resumes_mid_epoch_to_the_same_weight
     resumed = toy_runner(work)
     resumed.train()
     assert resumed.iter == straight.iter == 10
+    # The batches of epoch 2 trained before the stop are not read again (its sampler is moved past them).
+    assert resumed.train_dataloader.dataset.read == straight.train_dataloader.dataset.read[7 * 2:]
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
 

@@ -7,8 +7,8 @@ lost up to that much training. Registered in the generated config (``custom_hook
 ``custom_imports``), so it also works under MMDetection's / MMSegmentation's own ``tools/train.py``.
 
 Also, for epoch-based loops (the full VOC recipe), a checkpoint saved in the middle of an epoch resumes in the middle
-of it: mmengine itself restarts the epoch from its first batch, which would train those batches twice. And an
-iteration-based loop (the ADE20K recipe) resumes without reading what it already trained: mmengine advances its
+of it: mmengine itself restarts the epoch from its first batch, which would train those batches twice; the batch
+sampler is moved past them, reading none of their images. And an iteration-based loop (the ADE20K recipe) resumes without reading what it already trained: mmengine advances its
 dataloader by loading every batch up to the resumed iteration (80k iterations x 16 crops: 1.28 M images decoded
 after a preemption at the end); the sampler is advanced instead, which reads indices only.
 """
@@ -23,6 +23,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop, IterBasedTrainLoop
+from torch.utils.data import DataLoader
 
 from lifecycle.artifacts import atomic_write_bytes, remove_stale_temporaries
 from lifecycle.errors import quiet_exit_of_loader_workers
@@ -54,13 +55,27 @@ class _Advanced:
 
 
 class _SkipBatches:
-    """The train dataloader minus its first ``skip`` batches, for one epoch; everything else is the loader's."""
+    """The train dataloader minus its first ``skip`` batches, for one epoch; everything else is the loader's. The
+    loader's batch sampler is moved past them (indices, and for mmdet's AspectRatioBatchSampler the images' sizes
+    from the annotations: no image read), and a loader of the same settings reads the rest. Reading the skipped
+    batches instead, as mmengine would, decoded up to an epoch of images (49,653 VOC images of 1000x600 with the
+    recipe's 2 workers) after every preemption. The same batches either way: the sampler's order is its seed's and
+    epoch's."""
 
     def __init__(self, loader, skip: int):
         self.loader, self.skip = loader, skip
 
     def __iter__(self):
-        return itertools.islice(iter(self.loader), self.skip, None)
+        loader = self.loader
+        if getattr(loader, "batch_sampler", None) is None or not isinstance(loader, DataLoader):
+            return itertools.islice(iter(loader), self.skip, None)  # no batch sampler to move: read and dropped
+        batches = iter(loader.batch_sampler)
+        next(itertools.islice(batches, self.skip - 1, None), None)
+        workers = dict(prefetch_factor=loader.prefetch_factor) if loader.num_workers else {}
+        return iter(DataLoader(loader.dataset, batch_sampler=list(batches), num_workers=loader.num_workers,
+                               collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                               worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                               multiprocessing_context=loader.multiprocessing_context, **workers))
 
     def __len__(self):
         return len(self.loader) - self.skip
