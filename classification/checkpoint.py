@@ -102,7 +102,7 @@ def _loading(path: Path):
 
 def run_progress(ckpt: dict[str, Any], epochs: int) -> tuple[str, bool]:
     """("epoch 37 of 120, unfinished", False) for a checkpoint of a run planned for ``epochs`` epochs: a run stopped
-    early (preempted, or still training) or mid-epoch (step > 0) is unfinished (export/trained.py's words too)."""
+    early (preempted, or still training) or mid-epoch (step > 0) is unfinished (the export's words too)."""
     epoch, step = ckpt.get("epoch"), ckpt.get("step", 0)
     finished = epoch == epochs and not step
     return f"epoch {epoch} of {epochs}" + ("" if finished else f"{', mid-epoch' if step else ''}, unfinished"), finished

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from classification.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, resolve_checkpoint
+from classification.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, resolve_checkpoint, run_progress
 from classification.config import ConfigError, config_from_dict
 from classification.variants import get_variant
 
@@ -42,18 +42,10 @@ def _source_top1(ckpt: dict[str, Any], path: Path, weights: str) -> float | None
     return None
 
 
-def progress(ckpt: dict[str, Any], epochs: int) -> tuple[str, bool]:
-    """("epoch 37 of 120, unfinished", False) for a checkpoint of a run trained ``epochs`` epochs in all: a run
-    stopped early (preempted, or still training) or mid-epoch (step > 0) is unfinished."""
-    epoch, step = ckpt.get("epoch"), ckpt.get("step", 0)
-    finished = epoch == epochs and not step
-    return f"epoch {epoch} of {epochs}" + ("" if finished else f"{', mid-epoch' if step else ''}, unfinished"), finished
-
-
 def progress_of(meta: dict[str, Any]) -> str:
     """``progress``'s words for an export of a trained run, from its meta.json."""
     epoch = {"epoch": meta.get("source_epoch"), "step": meta.get("source_step", 0)}
-    return progress(epoch, meta.get("source_epochs"))[0]
+    return run_progress(epoch, meta.get("source_epochs"))[0]
 
 
 def run_checkpoint(src: str | Path, checkpoint: str | None = None) -> Path:
@@ -90,7 +82,7 @@ def export_backbone(src: str | Path, out_dir: str | Path, weights: str | None = 
         cfg = config_from_dict(ckpt["config"], str(path))
     except ConfigError as e:
         raise ExportError(str(e)) from e
-    said, finished = progress(ckpt, cfg.epochs)
+    said, finished = run_progress(ckpt, cfg.epochs)
     if not finished and path.name != BEST and not allow_unfinished:
         # Exported silently, a preempted or still-training run passed for the final weights the paper reports.
         run = path.parent if path.name == LAST else path

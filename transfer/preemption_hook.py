@@ -8,9 +8,10 @@ lost up to that much training. Registered in the generated config (``custom_hook
 
 Also, for epoch-based loops (the full VOC recipe), a checkpoint saved in the middle of an epoch resumes in the middle
 of it: mmengine itself restarts the epoch from its first batch, which would train those batches twice; the batch
-sampler is moved past them, reading none of their images. And an iteration-based loop (the ADE20K recipe) resumes without reading what it already trained: mmengine advances its
-dataloader by loading every batch up to the resumed iteration (80k iterations x 16 crops: 1.28 M images decoded
-after a preemption at the end); the sampler is advanced instead, which reads indices only.
+sampler is moved past them, reading none of their images. And an iteration-based loop (the ADE20K recipe) resumes
+without reading what it already trained: mmengine advances its dataloader by loading every batch up to the resumed
+iteration (80k iterations x 16 crops: 1.28 M images decoded after a preemption at the end); the sampler is advanced
+instead, which reads indices only.
 """
 
 from __future__ import annotations
