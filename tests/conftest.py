@@ -100,3 +100,16 @@ def jpeg_tree(root, size: tuple[int, int], n: int = 6):
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory):
     return jpeg_tree(tmp_path_factory.mktemp("photos"), (400, 300))
+
+
+@pytest.fixture
+def restore_handlers():
+    """The stop signals' handlers as they were before the test (a PreemptionHook or StopFlag installs its own)."""
+    import signal
+
+    from lifecycle.preemption import SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)

@@ -486,16 +486,6 @@ def json_of(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def restore_handlers():
-    from lifecycle.preemption import SIGNALS
-
-    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    yield
-    for sig, handler in before.items():
-        signal.signal(sig, handler)
-
-
 class Recorded(list):
     """A dataset that records which items were read (loaded and transformed)."""
 

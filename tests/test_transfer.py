@@ -674,18 +674,6 @@ def test_the_generated_config_keeps_the_recipes_custom_imports(monkeypatch):
     assert cfg.custom_imports == dict(imports=ours, allow_failed_imports=False)
 
 
-@pytest.fixture
-def _restore_stop_handlers():
-    import signal
-
-    from lifecycle.preemption import SIGNALS
-
-    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    yield
-    for sig, handler in before.items():
-        signal.signal(sig, handler)
-
-
 def accumulating_toy_runner(work: Path, stop_in_validation: bool = False):
     """mmengine's Runner on a linear model, SGD with momentum, accumulation 2 and PreemptionHook: 2 epochs of 5
     batches, validated after each; SIGTERM to itself in the first validation if asked."""
@@ -735,7 +723,7 @@ def accumulating_toy_runner(work: Path, stop_in_validation: bool = False):
                   experiment_name=f"acc_toy_{work.parent.name}_{work.name}_{stop_in_validation}")
 
 
-def test_a_stop_during_validation_inside_an_update_is_saved_at_the_update_boundary(tmp_path, _restore_stop_handlers):
+def test_a_stop_during_validation_inside_an_update_is_saved_at_the_update_boundary(tmp_path, restore_handlers):
     """Accumulation 2 over epochs of 5 batches: the validation after epoch 1 falls inside the third update (mmengine
     counts passes across epochs). Saved there, the partial gradient would be lost on resume; the stop waits for the
     update's end instead (iteration 6), and the resumed run ends at the uninterrupted run's weights."""
