@@ -127,16 +127,18 @@ def arm_jobs(spec: StudySpec, steps: list[Step], args) -> list[ArmJob]:
     holder: dict[tuple, str] = {}  # step key -> the job that runs it
     for step in steps:
         part = STAGES[step.stage].part
-        if step.stage == "export" and not step.needs:
+        if step.stage == "export" and not step.needs and args.nodes == 1:
             # Published weights: an export that reads no classification. Run first in its arm's transfer job, not
             # as an ImageNet job of its own that would hold a whole GPU allocation for a download and a conversion.
+            # (On several nodes the other nodes would not wait for it: they skip what the first node runs alone and
+            # find the export missing; there it stays a job of its own, on one node without a GPU, below.)
             part = STAGES[DOWNSTREAM[0]].part
         name = f"{step.arm}.seed{step.seed}.{part}"
         jobs.setdefault(name, ArmJob(name, [], args.work_dir, args.gpus_per_node, args.nodes)).steps.append(step)
         holder[step.key] = name
     for job in jobs.values():
         if all(step.stage == "export" for step in job.steps):  # a conversion on the CPU (--only export): no GPU
-            job.gpus_per_node = 0
+            job.gpus_per_node, job.nodes = 0, 1
         job.after = sorted({holder[need] for step in job.steps for need in step.needs
                             if need in holder and holder[need] != job.name})
     order = graphlib.TopologicalSorter({name: job.after for name, job in jobs.items()}).static_order()

@@ -540,6 +540,11 @@ def test_published_weights_are_exported_in_their_transfer_job_and_an_export_alon
         "gluon_d.seed0.transfer", ["export", "detection"], [], 8)
     (alone,) = slurm.arm_jobs(spec, plan(spec, args.work_dir, ("export",)), args)
     assert ([s.stage for s in alone.steps], alone.gpus_per_node) == (["export"], 0)
+    # On two nodes the second would not wait for the first's export: a job of its own, one node, no GPU, before.
+    args.nodes = 2
+    export, transfer = slurm.arm_jobs(spec, plan(spec, args.work_dir), args)
+    assert (export.name, export.gpus_per_node, export.nodes) == ("gluon_d.seed0.imagenet", 0, 1)
+    assert (transfer.after, transfer.gpus_per_node, transfer.nodes) == ([export.name], 8, 2)
 
 
 def test_slurm_job_runs_its_arm_through_submitit(tiny_data, tmp_path):
