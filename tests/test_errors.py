@@ -461,8 +461,13 @@ def test_tools_print_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_report_tool_is_one_line_and_takes_debug(tmp_path):
-    """study/report.py reports its own errors (exit 2); the wrapper adds --debug, which its parser does not know."""
-    for extra in ([], ["--debug"]):
-        out = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(tmp_path / "nowhere"),
-                              "--out", str(tmp_path / "rep"), *extra], capture_output=True, text=True, timeout=120)
-        assert out.returncode != 0 and one_line(out.stderr) and str(tmp_path / "nowhere") in out.stderr
+    """study/report.py's own errors: one line and exit 1, as every tool; --debug (the wrapper's, which the report's
+    parser does not know) shows the traceback instead."""
+    def report(*extra):
+        return subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(tmp_path / "nowhere"),
+                               "--out", str(tmp_path / "rep"), *extra], capture_output=True, text=True, timeout=120)
+
+    out = report()
+    assert out.returncode == 1 and one_line(out.stderr) and str(tmp_path / "nowhere") in out.stderr
+    out = report("--debug")
+    assert out.returncode == 1 and "Traceback" in out.stderr and str(tmp_path / "nowhere") in out.stderr
