@@ -190,7 +190,7 @@ def test_a_non_finite_metric_stops_the_report_before_it_writes(study, tmp_path, 
     summary = json.loads(bad.read_text())
     summary["metrics"]["mAcc"] = float("nan")
     bad.write_text(json.dumps(summary))
-    assert main([str(study), "--out", str(out)]) == 2
+    assert main([str(study), "--out", str(out)]) == 1
     assert f"{bad}: summary metric 'mAcc' is nan, not a finite number; rerun the stage" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no file of the report half rewritten
 
