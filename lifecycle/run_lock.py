@@ -13,7 +13,8 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lifecycle.errors import UserError
@@ -30,28 +31,39 @@ class RunDirBusy(UserError, RuntimeError):
 class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self._fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            raise RunDirBusy(f"{run_dir}: another process (pid {holder}) is training in this run dir; stop it or "
-                             f"wait for it, then rerun (one writer per run dir)") from None
-        except OSError as e:
-            if e.errno not in UNSUPPORTED:
-                raise
-            # Lustre mounted without flock, NFS without lockd: the lock is a guard, not a condition to run.
-            log.warning("%s: this file system does not support locks (%s); one writer per run dir is not enforced "
-                        "here: do not start the same command twice", self.path, errno.errorcode[e.errno])
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
+        self._fd = hold(self.path, lambda holder: RunDirBusy(
+            f"{run_dir}: another process ({holder}) is training in this run dir; stop it or wait for it, then rerun "
+            f"(one writer per run dir)"), unlocked="one writer per run dir is not enforced here: do not start the "
+                                                   "same command twice")
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
+
+
+def hold(path: Path, busy: Callable[[str], Exception], unlocked: str) -> int:
+    """Open ``path`` and lock it without waiting; the descriptor returned holds the lock until it is closed, and the
+    file names this process (host and pid) for the next one. Held by another process: raises ``busy(holder)``, with
+    what the holder wrote. On a file system without locks (Lustre mounted without flock, NFS without lockd) the lock
+    is a guard, not a condition to run: a warning ending in ``unlocked``, and the descriptor, unlocked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "its host and pid not yet written"
+        os.close(fd)
+        raise busy(holder) from None
+    except OSError as e:
+        if e.errno not in UNSUPPORTED:
+            os.close(fd)
+            raise
+        log.warning("%s: this file system does not support locks (%s); %s", path, errno.errorcode[e.errno], unlocked)
+        return fd
+    os.ftruncate(fd, 0)
+    os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
+    return fd
 
 
 _unlocked_warned: set[Path] = set()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import fcntl
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from lifecycle import progress
 from lifecycle.artifacts import atomic_write_json
 from lifecycle.errors import UserError
 from lifecycle.preemption import EXIT_INTERRUPTED, SIGNALS
-from lifecycle.run_lock import UNSUPPORTED, waiting_lock
+from lifecycle.run_lock import hold, waiting_lock
 from lifecycle.stages import NAMES
 from study.plan import FROZEN, REPO, Step, command
 from study.spec import STATUS_FILE
@@ -110,32 +109,14 @@ def study_lock(work_dir: Path) -> Iterator[None]:
     """One local study per work dir: a second one stops at once with one line, before it records anything. Without
     it, its stages hit the run dirs' locks and were recorded ``failed`` over the first study's ``running`` entries,
     blocking their students. An flock, which the kernel releases when its holder dies, SIGKILL included."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(work_dir / STUDY_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = hold(work_dir / STUDY_LOCK, lambda holder: StudyBusy(
+        f"{work_dir}: another study is running in this work dir ({holder}); wait for it or stop it, then rerun "
+        f"(--status shows its stages)"), unlocked="two studies in this work dir are not kept apart: do not start it "
+                                                  "twice")
     try:
-        if _locked(fd, work_dir):
-            os.ftruncate(fd, 0)
-            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _locked(fd: int, work_dir: Path) -> bool:
-    """True when this process holds the lock, False on a file system without locks (a warning, as RunLock)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "its host and pid not yet written"
-        raise StudyBusy(f"{work_dir}: another study is running in this work dir ({holder}); wait for it or stop "
-                        f"it, then rerun (--status shows its stages)") from None
-    except OSError as e:
-        if e.errno not in UNSUPPORTED:
-            raise
-        echo(f"{work_dir / STUDY_LOCK}: this file system does not support locks; two studies in this work dir are "
-             f"not kept apart: do not start it twice")
-        return False
 
 
 class _Running:  # the stage running now, for the signal handlers (ours, or submitit's checkpoint in a Slurm job)
