@@ -12,10 +12,12 @@ import functools
 import math
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
@@ -256,6 +258,62 @@ class PackedSamples:
         return (self[i] for i in range(len(self)))
 
 
+@dataclass
+class Listing:
+    """One ImageFolder split as listed: its class names and (path, label) samples, packed."""
+    classes: list[str]
+    samples: PackedSamples
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.samples.labels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def list_split(root: Path) -> Listing:
+    """List an ImageFolder split with the file rules of datakit/files.py; DataError naming the folder if it is not
+    one."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; point --data-root at the ImageFolder holding train/ and val/")
+    try:
+        folder = _ImageFolder(str(root), loader=_load_rgb, allow_empty=False)
+    except UserError:  # ours already name the folder and the fix
+        raise
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{root}: {e}; see tools/check_data.py imagenet") from e
+    return Listing(folder.classes, PackedSamples(folder.samples))  # the list of tuples goes (see PackedSamples)
+
+
+def listed_once(root: Path, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Listing]:
+    """The listings of ``root``'s splits, made by rank 0 alone and sent to the other ranks (one broadcast).
+
+    When every rank listed the tree itself, each walked ImageNet's 1.33 M names, all at once on the same (often
+    shared) storage, and each had its own view: on a node whose local copy lacked a file, an index named another
+    image than on rank 0, and where the epoch's update count differed too, one rank would wait forever for the
+    others' last all_reduce. Sent, the listing is the same on every rank by construction, and a file one node lacks
+    is that node's unreadable-image error (``bad_images``). A listing rank 0 cannot make is every rank's error,
+    never a hang."""
+    def listings() -> dict[str, Listing]:
+        return {split: list_split(root / split) for split in splits}
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return listings()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = listings()
+        except Exception as e:
+            box[0] = str(e) if isinstance(e, UserError) else f"{root}: rank 0 could not list it ({e!r})"
+            dist.broadcast_object_list(box, src=0)  # before raising: the other ranks are waiting for it
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise DataError(box[0])
+    return box[0]
+
+
 class ImageFolderData(Dataset):
     """torchvision ImageFolder whose items are keyed by (index, epoch); bad images raise or are flagged.
 
@@ -263,19 +321,9 @@ class ImageFolderData(Dataset):
     counts. Indexing with a plain int uses epoch 0 (evaluation is deterministic anyway).
     """
 
-    def __init__(self, root: str | Path, transform, *, seed: int, skip_bad: bool, decode=None):
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"{root}: no such folder; point --data-root at the ImageFolder holding train/ and val/")
-        try:
-            self.folder = _ImageFolder(str(root), loader=_load_rgb, allow_empty=False)
-        except UserError:  # ours already name the folder and the fix
-            raise
-        except (FileNotFoundError, RuntimeError) as e:
-            raise DataError(f"{root}: {e}; see tools/check_data.py imagenet") from e
-        packed = PackedSamples(self.folder.samples)  # the list of tuples goes (see PackedSamples)
-        self.folder.samples = self.folder.imgs = packed
-        self.folder.targets = packed.labels
+    def __init__(self, root: str | Path, transform, *, seed: int, skip_bad: bool, decode=None,
+                 listing: Listing | None = None):
+        self.folder = listing or list_split(Path(root))  # a listing given: one another process made (listed_once)
         self.transform = transform
         self.decode = decode or _load_rgb  # path -> PIL image; JpegCropDecoder for decode=simplejpeg
         self.seed = seed
@@ -429,16 +477,21 @@ def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool, dev
         raise DataError(problem)
     skip = cfg.bad_images == "skip"
     on_device = cfg.decode == "gpu"
+    listed = listed_once(root)
     if on_device:  # workers read bytes and draw; the device decodes and augments (classification/device_data.py)
         from .device_data import DeviceAugment, DeviceLoader, EvalDraws, ReadJpeg, TrainDraws, raw_collate
 
-        train_set = ImageFolderData(root / "train", TrainDraws(cfg), seed=cfg.seed, skip_bad=skip, decode=ReadJpeg())
-        val_set = ImageFolderData(root / "val", EvalDraws(cfg), seed=cfg.seed, skip_bad=skip, decode=ReadJpeg())
+        train_set = ImageFolderData(root / "train", TrainDraws(cfg), seed=cfg.seed, skip_bad=skip, decode=ReadJpeg(),
+                                    listing=listed["train"])
+        val_set = ImageFolderData(root / "val", EvalDraws(cfg), seed=cfg.seed, skip_bad=skip, decode=ReadJpeg(),
+                                  listing=listed["val"])
     else:
         fast_jpeg = cfg.decode == "simplejpeg"
         train_set = ImageFolderData(root / "train", train_transform(cfg, crop=not fast_jpeg), seed=cfg.seed,
-                                    skip_bad=skip, decode=JpegCropDecoder(cfg) if fast_jpeg else None)
-        val_set = ImageFolderData(root / "val", eval_transform(cfg), seed=cfg.seed, skip_bad=skip)
+                                    skip_bad=skip, decode=JpegCropDecoder(cfg) if fast_jpeg else None,
+                                    listing=listed["train"])
+        val_set = ImageFolderData(root / "val", eval_transform(cfg), seed=cfg.seed, skip_bad=skip,
+                                  listing=listed["val"])
     mismatch = class_mismatch(root, train_set.classes, val_set.classes)
     if mismatch:
         raise DataError(mismatch)

@@ -159,3 +159,49 @@ def test_ade_symlink_loop_is_one_line(ade: Path) -> None:
     link.symlink_to(link.parent, target_is_directory=True)
     problems = check.check("ade20k", ade).problems
     assert len(problems) == 1 and problems[0].startswith(f"{link}: links to ")
+
+
+
+LISTED_ONCE = """
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from classification import data
+
+dist.init_process_group("gloo")
+rank, root = dist.get_rank(), Path(sys.argv[1])
+if rank == 1:  # this rank must not list: its view of the tree would be its own
+    data.list_split = lambda split: (_ for _ in ()).throw(AssertionError(f"rank 1 listed {split}"))
+listed = data.listed_once(root)
+print(rank, "listed", repr([listed["train"].classes, list(listed["train"].samples), list(listed["val"].samples)]),
+      flush=True)
+try:
+    data.listed_once(root / "absent")
+except data.DataError as e:
+    print(rank, "error", e, flush=True)
+"""
+
+
+def test_rank_0_lists_the_tree_once_and_every_rank_gets_its_listing(imagenet: Path, tmp_path: Path) -> None:
+    """Under torchrun only rank 0 walks the tree (1.33 M names at ImageNet size, every rank at once before) and the
+    other ranks get its listing, so every rank indexes the same files; a tree rank 0 cannot list is every rank's
+    one-line error, not a hang in the broadcast."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    script = tmp_path / "listed_once.py"
+    script.write_text(LISTED_ONCE)
+    listing = [ImageFolderData(imagenet / "train", None, seed=0, skip_bad=False).classes,
+               *(list(ImageFolderData(imagenet / split, None, seed=0, skip_bad=False).folder.samples)
+                 for split in ("train", "val"))]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+                          str(script), str(imagenet)], capture_output=True, text=True, timeout=300, cwd=repo,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = sorted(out.stdout.splitlines())
+    error = f"error {imagenet / 'absent' / 'train'}: no such folder; point --data-root at the ImageFolder holding " \
+            f"train/ and val/"
+    assert lines == sorted(f"{rank} {said}" for rank in (0, 1) for said in (f"listed {listing!r}", error)), out.stdout

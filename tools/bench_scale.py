@@ -50,6 +50,10 @@ try:  # this version's stage-start check; absent before issue 13
     from datakit import check_cache
 except ImportError:
     check_cache = None
+try:  # rank 0 lists the ImageFolder and sends it; before, every rank listed it
+    from classification.data import listed_once
+except ImportError:
+    listed_once = None
 
 # Real sizes, in files as the checks count them (images, plus one annotation per image for VOC and ADE20K).
 REAL_FILES = {"imagenet": 1_281_167 + 50_000, "voc": 2 * (5_011 + 4_952 + 11_540), "ade20k": 2 * (20_210 + 2_000)}
@@ -266,6 +270,44 @@ def _imagefolder_scan(root: Path) -> None:
         ImageFolderData(root / split, None, seed=0, skip_bad=False)
 
 
+# Under torchrun: rank 0 lists the tree and sends it (listed_once, as the trainer), then the broadcast alone is
+# timed on rank 1 from a barrier, three times; rank 1 prints its seconds.
+_SENT = """
+import json, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from classification import data
+dist.init_process_group("gloo")
+listed = data.listed_once(Path(sys.argv[1]))  # the trainer's call; then its broadcast alone, timed
+seconds = []
+for _ in range(3):
+    box = [listed if dist.get_rank() == 0 else None]
+    dist.barrier()
+    t = time.perf_counter()
+    dist.broadcast_object_list(box, src=0)
+    seconds.append(time.perf_counter() - t)
+    assert len(box[0]["train"]) > 0
+if dist.get_rank() == 1:
+    print(json.dumps(seconds))
+"""
+
+
+def _listing_sent(root: Path) -> list[float]:
+    """Seconds for rank 1 to receive rank 0's listing of ``root`` (2 gloo processes on this machine)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "--no-python", sys.executable, "-c", _SENT, str(root)],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if out.returncode:
+        raise SystemExit(f"bench_scale: the listing's broadcast failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _cls_first_batch(root: Path, workers: int | None) -> list[float]:
     from classification.config import load_config
     from classification.data import build_loaders
@@ -431,8 +473,11 @@ def main(argv: list[str] | None = None) -> int:
             for k, pc in enumerate(per_class):
                 root, n = trees.imagenet(pc)
                 print(f"imagenet-like tree: {IMAGENET_CLASSES} classes x {pc} images + val ({n:,} files)", flush=True)
-                add("ImageFolder scan (train + val)", "imagenet", "every rank", n,
+                add("ImageFolder scan (train + val)", "imagenet", "rank 0" if listed_once else "every rank", n,
                     timed(lambda root=root: _imagefolder_scan(root)))
+                if listed_once:
+                    add("ImageFolder listing received from rank 0", "imagenet", "every other rank", n,
+                        _listing_sent(root))
                 add("classification first batch (128 images)", "imagenet", "every rank", n,
                     _cls_first_batch(root, args.workers))
                 if k < 2:  # the dataset tool, on the two smallest sizes (a full decode is slow by nature)
