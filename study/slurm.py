@@ -7,12 +7,14 @@ teacher's classification, not for the teacher's transfer. A job whose dependency
 sent by Slurm to every process of the job): the running stage saves and exits 75, and submitit, listening to
 SIGUSR1 too, calls ``ArmJob.checkpoint`` and requeues the job, whose stages then find themselves done or resume.
 SIGTERM (scancel, a preemption) reaches the running stage from Slurm; the job starts no further stage after it.
-Each job's id is said, and added to WORK_DIR/slurm/submitted.txt, as soon as it is queued.
+Each job's id is said, and added to WORK_DIR/slurm/submitted.txt, as soon as it is queued. Every job is a Slurm
+``singleton`` of its name (arm, seed, part and study): a second submission of the study waits for the first's.
 """
 
 from __future__ import annotations
 
 import graphlib
+import hashlib
 import os
 import shlex
 import signal
@@ -145,8 +147,17 @@ def arm_jobs(spec: StudySpec, steps: list[Step], args) -> list[ArmJob]:
     return [jobs[name] for name in order]
 
 
+def job_name(job: ArmJob) -> str:
+    """``study.<arm>.seed<S>.<part>.<study>``, the last part a digest of the work dir: the same name for the same
+    job of the same study only, which is what ``--dependency=singleton`` keys on."""
+    return f"study.{job.name}.{hashlib.sha1(str(Path(job.work_dir).resolve()).encode()).hexdigest()[:6]}"
+
+
 def sbatch_parameters(job: ArmJob, args, dependency: str | None = None) -> dict[str, Any]:
-    """The sbatch parameters of a job, in the names of submitit's SlurmExecutor.update_parameters."""
+    """The sbatch parameters of a job, in the names of submitit's SlurmExecutor.update_parameters. Every job is a
+    ``singleton`` too: a study submitted again while its first submission's jobs still run (or a requeued one
+    waits) queues its jobs behind theirs, to find their stages done or resume them, rather than run beside them,
+    where each stage would stop at its run dir's lock and be recorded ``failed`` over the live one."""
     extra = extra_parameters(args.slurm)
     # CPUs and memory for the whole node's processes (one task per node): without them a job gets the cluster's
     # default, often one CPU, and the loader workers of 8 GPUs share it. --slurm cpus_per_task=/mem= replace them.
@@ -156,14 +167,14 @@ def sbatch_parameters(job: ArmJob, args, dependency: str | None = None) -> dict[
     # srun does not pass the job's CPUs on to its task on Slurm 22.05 to 23.02 (their release notes): the task, and
     # all 8 GPUs' loader workers, would be bound to one CPU. Asked again on srun's line (any version takes that).
     cpus = extra.get("cpus_per_task", resources.get("cpus_per_task"))
-    return dict(job_name=f"study.{job.name}", nodes=job.nodes, ntasks_per_node=1, gpus_per_node=job.gpus_per_node,
+    return dict(job_name=job_name(job), nodes=job.nodes, ntasks_per_node=1, gpus_per_node=job.gpus_per_node,
                 time=args.time, signal_delay_s=SIGNAL_DELAY_S, srun_args=[f"--cpus-per-task={cpus}"],
                 **resources, **{k: v for k, v in (
                     ("partition", args.partition), ("account", args.account)) if v},
                 setup=["export SUBMITIT_PREEMPT_SIGNAL=USR1"],  # submitit's handler on the stop contract's signal
                 additional_parameters={"signal": f"USR1@{SIGNAL_DELAY_S}", "requeue": True,
-                                       **({"dependency": dependency, "kill_on_invalid_dep": "yes"}
-                                          if dependency else {}), **extra})
+                                       "dependency": ",".join([*([dependency] if dependency else []), "singleton"]),
+                                       **({"kill_on_invalid_dep": "yes"} if dependency else {}), **extra})
 
 
 def submission_text(job: ArmJob, params: dict[str, Any], folder: Path) -> str:

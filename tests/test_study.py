@@ -2,6 +2,7 @@
 refused with the key named) recorded in study_status.json with max_steps, interruption and SIGKILL outcomes; carry on
 past a failed arm; print commands or Slurm jobs without running them; refuse a bad study file with one line."""
 
+import hashlib
 import json
 import os
 import re
@@ -428,14 +429,18 @@ def test_paper_study_on_slurm_dry_run_prints_two_jobs_per_arm(tmp_path, capsys):
     by_name = {}
     for text in jobs:
         params = sbatch(text)
-        name = params.pop("job-name")[len("study."):]
+        name, study = params.pop("job-name")[len("study."):].rsplit(".", 1)  # the study: its work dir's digest
+        assert study == hashlib.sha1(str((tmp_path / "w").resolve()).encode()).hexdigest()[:6]
         by_name[name] = text
         assert params.pop("output").endswith("%j_0_log.out") and params.pop("error")
-        after = {"dependency": f"'afterok:<{name.replace('transfer', 'imagenet')}>'", "kill-on-invalid-dep": "yes"}
+        # Every job is a singleton (a second submission of the study waits for the first's job of that name).
+        after = {"dependency": f"'afterok:<{name.replace('transfer', 'imagenet')}>,singleton'",
+                 "kill-on-invalid-dep": "yes"} if name.endswith("transfer") and not name.startswith("random") else \
+            {"dependency": "singleton"}
         assert params == {"nodes": "2", "ntasks-per-node": "1", "gpus-per-node": "4", "partition": "gpu",
                           "time": "600", "account": "vision", "qos": "high", "cpus-per-task": "40", "mem": "256G",
                           "signal": "USR1@150", "requeue": "", "open-mode": "append", "wckey": "submitit",
-                          **(after if name.endswith("transfer") and not name.startswith("random") else {})}, name
+                          **after}, name
         assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in text and "-m submitit.core._submit" in text
         srun = next(line for line in text.splitlines() if line.startswith("srun "))
         assert "--cpus-per-task=40" in srun.split(), srun  # asked again: srun 22.05-23.02 does not inherit it
@@ -484,9 +489,11 @@ def test_slurm_submission_teacher_first_with_afterok(tiny_data, tmp_path, monkey
                      "--gpus-per-node", "2"]) == 0  # TINY: a global batch of 4 in passes of 2
     files = sorted((tmp_path / "w" / "slurm").rglob("*_submission.sh"))
     texts = [sbatch(f.read_text()) for f in files]
-    assert sorted(t["job-name"] for t in texts) == ["study.b_standard.seed0.imagenet", "study.d_student.seed0.imagenet"]
-    student = next(t for t in texts if t["job-name"] == "study.d_student.seed0.imagenet")
-    assert student["dependency"] == "afterok:4242" and student["signal"] == "USR1@150"
+    tag = hashlib.sha1(str((tmp_path / "w").resolve()).encode()).hexdigest()[:6]
+    assert sorted(t["job-name"] for t in texts) == [f"study.b_standard.seed0.imagenet.{tag}",
+                                                    f"study.d_student.seed0.imagenet.{tag}"]
+    student = next(t for t in texts if t["job-name"] == f"study.d_student.seed0.imagenet.{tag}")
+    assert student["dependency"] == "afterok:4242,singleton" and student["signal"] == "USR1@150"
     # Requeued at every time limit, not only the first 3 (submitit's default), each job with its own CPUs on srun.
     for path in sorted((tmp_path / "w" / "slurm").rglob("*_submitted.pkl")):
         assert DelayedSubmission.load(path)._timeout_countdown == slurm.MAX_TIME_LIMIT_REQUEUES
