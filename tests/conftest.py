@@ -38,7 +38,9 @@ def _data_check_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(autouse=True)
 def _detach_mm_log_files():
     """A Runner built in this process leaves mmengine's current logger writing to a file in the test's tmp_path,
-    which is removed when the test passes: a later test logging through it would fail to reopen it."""
+    which is removed when the test passes: a later test logging through it would fail to reopen it. Likewise its
+    console handler may hold the test's captured stderr (capsys), closed after the test: a later test's mmengine
+    warning (init_default_scope switching scope) failed on it with "I/O operation on closed file"."""
     yield
     if "mmengine" in sys.modules:
         import logging
@@ -49,6 +51,9 @@ def _detach_mm_log_files():
             for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
                 handler.close()
                 logger.removeHandler(handler)
+            for handler in logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                    handler.stream = sys.stderr  # not setStream: it flushes the closed one
 
 
 @pytest.fixture(scope="session")
