@@ -655,9 +655,13 @@ def test_a_loop_given_by_by_epoch_or_a_scoped_type_is_planned_as_mmengine_builds
                                                                                                    **loop))
         assert (cfg.train_cfg.max_iters, cfg.train_cfg.val_interval) == (4 * 80000, 4 * 8000), loop
         assert cfg.param_scheduler[0]["end"] == 4 * 80000 and ", 80000 updates, PolyLR" in protocol_line(cfg, decided)
+    # An epoch-based loop keeps its epochs; a checkpoint every N iterations (by_epoch=False) counts passes there
+    # too, so it holds in updates only multiplied.
     cfg, decided = configured(seg, monkeypatch=monkeypatch, max_images_per_gpu=4,
-                              train_cfg=dict(_delete_=True, by_epoch=True, max_epochs=3))
+                              train_cfg=dict(_delete_=True, by_epoch=True, max_epochs=3),
+                              default_hooks=dict(checkpoint=dict(by_epoch=False, interval=500)))
     assert cfg.train_cfg.max_epochs == 3 and ", 3 epochs, PolyLR" in protocol_line(cfg, decided)
+    assert cfg.default_hooks.checkpoint.interval == 4 * 500
     with pytest.raises(StageError, match=r"train_cfg.type='ValLoop' is neither an iteration- nor an epoch-based"):
         configured(seg, monkeypatch=monkeypatch, train_cfg=dict(_delete_=True, type="ValLoop"))
 

@@ -186,9 +186,9 @@ def _scale_iterations(cfg, factor: int, loop_kind: str) -> dict[str, Any]:
     if loop_kind == "iterations":
         for key in ("max_iters", "val_interval"):
             scale(cfg.train_cfg, key, f"train_cfg.{key}")
-        ckpt = cfg.get("default_hooks", {}).get("checkpoint")
-        if ckpt is not None and not ckpt.get("by_epoch", True):
-            scale(ckpt, "interval", "default_hooks.checkpoint.interval")
+    ckpt = cfg.get("default_hooks", {}).get("checkpoint")
+    if ckpt is not None and not ckpt.get("by_epoch", True):  # counted in passes in an epoch-based loop too
+        scale(ckpt, "interval", "default_hooks.checkpoint.interval")
     schedulers = cfg.get("param_scheduler") or []
     for i, sched in enumerate([schedulers] if isinstance(schedulers, dict) else schedulers):
         if not sched.get("by_epoch", True):
