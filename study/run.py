@@ -284,6 +284,14 @@ def headline(step: Step) -> str:
     return ""
 
 
+def _stamp(path: Path) -> int | None:
+    """The file's modification time (ns), None when it does not exist."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def outcome(step: Step, rc: int | None, error: str) -> tuple[str, str | None]:
     if rc == 0 and step.output.exists():
         return DONE, None
@@ -318,6 +326,9 @@ def run_steps(steps: list[Step], work_dir: Path, gpus: int, nodes: int = 1, rank
                 echo(f"{step.label}: blocked: {why}")
             continue
         argv = command(step, gpus, nodes, master, job_id, rank)
+        found = _stamp(step.output)  # complete already? Then the rerun below only checks it: see after it
+        earlier = next((e.get("seconds") for e in _load(work_dir / STATUS_FILE)
+                        if (e.get("arm"), e.get("seed"), e.get("stage")) == step.key), None) if found else None
         note(work_dir, step.key, RUNNING, command=shlex.join(argv))  # the command: in study_status.json and the log
         if _Running.signum is not None:  # the stop came while it was being recorded: it does not start
             note(work_dir, step.key, INTERRUPTED, error=f"stopped by {signal.Signals(_Running.signum).name} before it "
@@ -328,10 +339,13 @@ def run_steps(steps: list[Step], work_dir: Path, gpus: int, nodes: int = 1, rank
         rc, error, last_lines = run_stage(step, argv, work_dir, rank)
         state, error = outcome(step, rc, error)
         seconds = round(time.perf_counter() - t0, 1)
-        note(work_dir, step.key, state, seconds=seconds, error=error)
+        checked = state == DONE and found is not None and _stamp(step.output) == found
+        # A stage found complete trained nothing: its entry keeps the time of the run that made its output, not the
+        # seconds its check took (the table's time column is the stage's, as summary.json's is).
+        note(work_dir, step.key, state, seconds=earlier if checked else seconds, error=error)
         metric = headline(step) if state == DONE else ""
-        echo(f"{step.label}: {state} in {seconds:.1f}s" + (f": {metric}" if metric else "")
-             + (f": {error}" if error else ""))
+        echo(f"{step.label}: {'already done, checked' if checked else state} in {seconds:.1f}s"
+             + (f": {metric}" if metric else "") + (f": {error}" if error else ""))
         if state == FAILED:
             print("\n".join(f"    {line}" for line in last_lines), flush=True)
         if state != DONE:

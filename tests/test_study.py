@@ -109,13 +109,16 @@ def test_study_runs_every_stage_of_every_arm_teacher_first(work):
 
 
 def test_rerun_of_a_finished_study_changes_nothing(done, work, capfd):
-    before = outputs(work)
+    before, seconds = outputs(work), {key: e["seconds"] for key, e in status(work).items()}
     assert len(before) == sum(len(arm_stages(a)) for a in ARMS.values())
     assert run(done[0], work) == 0
     assert {e["status"] for e in status(work).values()} == {"done"}
     assert outputs(work) == before  # bytes and mtimes
+    # Each stage's time stays the run's that made it, not its re-check's.
+    assert {key: e["seconds"] for key, e in status(work).items()} == seconds
     out = capfd.readouterr().out  # one line per stage start and end; each stage's own output is in its stage.log
     assert out.count(": started; its output: ") == len(before) and "progress:" not in out
+    assert out.count(": already done, checked in ") == len(before)
     runs = {p: p.read_text().split("\n=== ") for p in work.glob("*/seed0/cls/stage.log")}
     assert len(runs) == 2 and all(len(r) == 2 and "already complete" in r[1] for r in runs.values())  # the trainer's
 
