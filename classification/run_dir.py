@@ -38,21 +38,24 @@ def check_resumable(ckpt: dict, cfg: Config, path: Path) -> None:
                               f"use another --work-dir or restore the original settings")
 
 
-def check_resume(ckpt: dict, cfg: Config, path: Path, classes: list[str], train_images: int,
+def check_resume(ckpt: dict, cfg: Config, path: Path, classes: list[str], train_images: int, val_images: int,
                  teacher: dict | None) -> None:
-    """What a resume from ``path`` must keep: the settings, and the training set and teacher, unless the run is
-    complete (its summary written): it trains nothing more, and what it trained on is its record."""
+    """What a resume from ``path`` must keep: the settings, and the data and teacher, unless the run is complete
+    (its summary written): it trains nothing more, and what it trained on is its record."""
     check_resumable(ckpt, cfg, path)
     if ckpt["epoch"] >= cfg.epochs and (path.parent / "summary.json").exists():
         return
-    check_same_data(ckpt, classes, train_images, cfg, path)
+    check_same_data(ckpt, classes, train_images, val_images, cfg, path)
     check_same_teacher(ckpt, teacher, cfg, path)
 
 
-def check_same_data(ckpt: dict, classes: list[str], train_images: int, cfg: Config, path: Path) -> None:
-    """The training set a run resumes on must be the one it started on: other class names relabel every image
-    silently, and another image count (a file deleted or added) reshuffles every later epoch and moves the
-    updates per epoch and with them the lr schedule. Checkpoints from before the count was kept resume unchecked."""
+def check_same_data(ckpt: dict, classes: list[str], train_images: int, val_images: int, cfg: Config,
+                    path: Path) -> None:
+    """The data a run resumes on must be the data it started on: other class names relabel every image silently,
+    and another training image count (a file deleted or added) reshuffles every later epoch and moves the updates
+    per epoch and with them the lr schedule; another validation image count makes the top-1 of its epochs (and
+    best.pth, the best of them) compare different sets. Checkpoints from before a count was kept resume unchecked
+    on it."""
     train = Path(cfg.data_root) / "train"
     saved = ckpt.get("classes")
     if saved is not None and list(saved) != list(classes):
@@ -64,11 +67,22 @@ def check_same_data(ckpt: dict, classes: list[str], train_images: int, cfg: Conf
                               f"another --work-dir")
     count = ckpt.get("train_images")
     if count is not None and count != train_images:
-        diff = f"{abs(train_images - count)} {'fewer' if train_images < count else 'more'}"
-        raise CheckpointError(f"{path}: the run trained on {count} images, {train} now holds {train_images} ({diff}), "
-                              f"which would reshuffle every later epoch and move the lr schedule; restore the files "
-                              f"(an unreadable one: put it back and rerun with --set bad_images=skip, which skips it "
-                              f"in place) or use another --work-dir")
+        raise CheckpointError(f"{path}: the run trained on {count} images, {train} now holds {train_images} "
+                              f"({_change(count, train_images)}), which would reshuffle every later epoch and move the "
+                              f"lr schedule; {RESTORE}")
+    count = ckpt.get("val_images")
+    if count is not None and count != val_images:
+        raise CheckpointError(f"{path}: the run was evaluated on {count} images, {Path(cfg.data_root) / 'val'} now "
+                              f"holds {val_images} ({_change(count, val_images)}), so its epochs' top-1 (and best.pth) "
+                              f"would compare different sets; {RESTORE}")
+
+
+RESTORE = ("restore the files (an unreadable one: put it back and rerun with --set bad_images=skip, which skips it in "
+           "place) or use another --work-dir")
+
+
+def _change(before: int, now: int) -> str:
+    return f"{abs(now - before)} {'fewer' if now < before else 'more'}"
 
 
 def check_same_teacher(ckpt: dict, teacher: dict | None, cfg: Config, path: Path) -> None:

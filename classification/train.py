@@ -392,7 +392,7 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
             log.info("removed %s, left by an interrupted save", tmp)
     ckpt = agreed_checkpoint(last, d, device)
     if ckpt is not None:
-        check_resume(ckpt, cfg, last, classes, sampler.n, teacher_identity)
+        check_resume(ckpt, cfg, last, classes, sampler.n, len(val_loader.dataset), teacher_identity)
         model.load_state_dict(ckpt["model"], strict=True)
         if ema is not None:
             ema.module.load_state_dict(ckpt["ema"], strict=True)
@@ -429,7 +429,8 @@ def train_run(cfg: Config, run_dir: Path, d: Dist, stop: StopFlag) -> int:
                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                                 scheduler=scheduler.state_dict(), epoch=epoch, step=step, history=history,
                                 best_top1=best_top1, config=cfg.to_dict(), num_classes=len(classes), classes=classes,
-                                train_images=sampler.n, teacher=teacher_identity, world_size=d.world_size, rng=rngs,
+                                train_images=sampler.n, val_images=len(val_loader.dataset), teacher=teacher_identity,
+                                world_size=d.world_size, rng=rngs,
                                 epoch_tally=vars(tally) if tally else None,
                                 wall_time_s=wall_before + time.perf_counter() - t0)
         if dist.is_initialized():

@@ -187,8 +187,9 @@ def test_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path, capsys)
 def test_a_resume_refuses_another_training_set_and_takes_the_errors_own_fix(folder, tmp_path, capsys):
     """Day 3, an unreadable image stops the run: the error's fix, rerunning with bad_images=skip, resumes it (before,
     it was refused as a changed setting). Deleting the image instead (one image fewer: other updates per epoch and
-    every later epoch's order) or a data root with other class names (labels renamed) is refused in one line naming
-    what changed; before, both resumed silently. A checkpoint from before the count was kept still resumes."""
+    every later epoch's order), a validation image fewer (the epochs' top-1 on different sets) or a data root with
+    other class names (labels renamed) is refused in one line naming what changed; before, all resumed silently. A
+    checkpoint from before the counts were kept still resumes."""
     def resume_on(data, run, *sets):
         shutil.copytree(tmp_path / "started", tmp_path / run)
         return run_train(data, tmp_path / run, "epochs=2", "base_lr=0.01", *sets)  # 0.01: batches of 3 stay finite
@@ -213,6 +214,12 @@ def test_a_resume_refuses_another_training_set_and_takes_the_errors_own_fix(fold
     assert f"trained on 16 images, {deleted / 'train'} now holds 15 (1 fewer)" in err and "bad_images=skip" in err
     assert err.count("\n") == 1
 
+    fewer_val = changed_copy("fewer_val")
+    (fewer_val / "val" / "class0" / "0.jpg").unlink()
+    assert resume_on(fewer_val, "fewer_val") == 1
+    err = capsys.readouterr().err
+    assert f"evaluated on 4 images, {fewer_val / 'val'} now holds 3 (1 fewer)" in err and err.count("\n") == 1
+
     renamed = changed_copy("renamed")
     for split in ("train", "val"):
         for old, new in (("class0", "ant"), ("class1", "bee")):
@@ -223,7 +230,8 @@ def test_a_resume_refuses_another_training_set_and_takes_the_errors_own_fix(fold
 
     shutil.copytree(tmp_path / "started", tmp_path / "older")
     ckpt = torch.load(tmp_path / "older" / "last.pth", weights_only=True)
-    torch.save({k: v for k, v in ckpt.items() if k not in ("train_images", "teacher")}, tmp_path / "older" / "last.pth")
+    torch.save({k: v for k, v in ckpt.items() if k not in ("train_images", "val_images", "teacher")},
+               tmp_path / "older" / "last.pth")
     assert run_train(folder, tmp_path / "older", "epochs=2", "base_lr=0.01") == 0
 
 
