@@ -38,7 +38,8 @@ def _progress_bar(kind: str) -> tuple[Callable[[int], None], Callable[[], None]]
 @cli  # one line per failure (lifecycle/errors.py); --debug shows the traceback
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="check_data", description="Validate an ImageFolder, VOCdevkit or ADEChallengeData2016 tree: "
-                     "structure, annotations and image headers; --full also decodes every image.")
+                     "structure, annotations, image headers and ends (a truncated image is decoded); --full also "
+                     "decodes every image.")
     parser.add_argument("kind", choices=list(KINDS), help="dataset format")
     parser.add_argument("root", help="imagenet: folder with train/ and val/; voc: VOCdevkit; "
                                      "ade20k: ADEChallengeData2016")
@@ -69,11 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     if len(shown) < len(rep.problems):
         print(f"... {len(rep.problems) - len(shown)} more problems not shown (--max-lines 0 prints all)")
-    depth = "decoded" if args.full else "structure and headers; --full decodes every image"
+    depth = "decoded" if args.full else "structure, headers and ends; --full decodes every image"
     if rep.problems:
         n = len(rep.problems)
         print(f"check_data {args.kind}: {n} problem{'s' if n != 1 else ''} in {rep.files} files ({args.root})")
-        check_cache.forget(args.kind, args.root)  # e.g. a truncated file that an earlier headers check passed
+        check_cache.forget(args.kind, args.root)  # e.g. a damaged file that an earlier headers check passed
         return 1
     if manifest is not None:  # remember the pass, so that a stage started on this unchanged tree skips its check
         check_cache.record(args.kind, args.root, manifest, rep, time.perf_counter() - t0)

@@ -88,15 +88,25 @@ def test_a_failed_full_check_forgets_the_earlier_pass(voc: Path) -> None:
     from datakit import check_cli
 
     jpeg = _a_jpeg(voc)
-    jpeg.write_bytes(jpeg.read_bytes()[:-2000])  # a truncated download: its header still reads
+    data = jpeg.read_bytes()  # damaged inside (a bad sector, a flipped block): its header and its end still read
+    jpeg.write_bytes(data[:len(data) // 2] + b"\xff" * 64 + data[len(data) // 2 + 64:])
     assert check_cache.check_once("voc", voc).problems == []  # headers: passed, and remembered
     assert check_cache.check_once("voc", voc).cached
     assert check_cli.main(["voc", str(voc), "--full", "--jobs", "1"]) == 1
     again = check_cache.check_once("voc", voc)  # the unchanged tree: the pass above must not be reused
     assert not again.cached and again.problems == []
-    # A check of headers cannot see the truncation: it is --full's, every time until the file is replaced.
+    # A check of headers cannot see the damage: it is --full's, every time until the file is replaced.
     (line,) = check.check("voc", voc, full=True).problems
     assert line.startswith(f"{jpeg}: image cannot be decoded")
+
+
+def test_a_truncated_image_is_found_at_the_stage_start(voc: Path) -> None:
+    """A truncated download (the commonest damage) lacks its end marker: the stage-start check of headers decodes
+    that file and stops the stage with --full's line, where it used to pass it to a training that read it."""
+    jpeg = _a_jpeg(voc)
+    jpeg.write_bytes(jpeg.read_bytes()[:-2000])
+    (line,) = check_cache.check_once("voc", voc).problems
+    assert line == check.check("voc", voc, full=True).problems[0] and "truncated" in line
 
 
 def test_cache_off_or_unwritable_checks_every_time_and_the_run_goes_on(voc: Path, checks: list[str], tmp_path: Path,
