@@ -323,7 +323,8 @@ class ImageFolderData(Dataset):
 
     def __init__(self, root: str | Path, transform, *, seed: int, skip_bad: bool, decode=None,
                  listing: Listing | None = None):
-        self.folder = listing or list_split(Path(root))  # a listing given: one another process made (listed_once)
+        # A listing given: one that rank 0 made and sent (listed_once).
+        self.folder = listing if listing is not None else list_split(Path(root))
         self.transform = transform
         self.decode = decode or _load_rgb  # path -> PIL image; JpegCropDecoder for decode=simplejpeg
         self.seed = seed

@@ -6,7 +6,8 @@
     python tools/bench_scale.py --quick    # the smallest sizes only, same output (a few minutes)
     python tools/bench_scale.py --json out.json --keep DIR
 
-For each size it measures the fixed costs of a stage's start: the ImageFolder scan (classification), the
+For each size it measures the fixed costs of a stage's start: the ImageFolder scan (classification; rank 0's,
+then the time another rank takes to receive it under torchrun), the
 detection/segmentation data check (first, and again on the unchanged tree), MMDetection's and MMSegmentation's
 dataset construction, the time to the first training batch, and a ResNet-50 checkpoint save and load. Each
 stage's growth is fitted as seconds = a + b x (thousands of files) over the sizes and extrapolated to the real
