@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
@@ -25,6 +24,7 @@ from torchvision.transforms import functional as TF
 
 from datakit.files import DECODE_ERRORS, ImageModeError, class_folders, class_mismatch, image_files, load_rgb
 from datakit.synthetic import synthetic_problem
+from lifecycle.distributed import made_by_rank0
 from lifecycle.errors import UserError
 from lifecycle.shared_memory import shared, stacked
 from lifecycle.stop_flag import shield_child
@@ -286,32 +286,23 @@ def list_split(root: Path) -> Listing:
     return Listing(folder.classes, PackedSamples(folder.samples))  # the list of tuples goes (see PackedSamples)
 
 
-def listed_once(root: Path, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Listing]:
-    """The listings of ``root``'s splits, made by rank 0 alone and sent to the other ranks (one broadcast).
+def listed_once(root: Path, *, allow_synthetic: bool, splits: tuple[str, ...] = ("train", "val")
+                ) -> dict[str, Listing]:
+    """The listings of ``root``'s splits, made by rank 0 alone and sent to the other ranks (made_by_rank0), after
+    refusing generated data unless allowed.
 
     When every rank listed the tree itself, each walked ImageNet's 1.33 M names, all at once on the same (often
     shared) storage, and each had its own view: on a node whose local copy lacked a file, an index named another
     image than on rank 0, and where the epoch's update count differed too, one rank would wait forever for the
     others' last all_reduce. Sent, the listing is the same on every rank by construction, and a file one node lacks
-    is that node's unreadable-image error (``bad_images``). A listing rank 0 cannot make is every rank's error,
-    never a hang."""
+    is that node's unreadable-image error (``bad_images``). What rank 0 refuses, every rank refuses in its words."""
     def listings() -> dict[str, Listing]:
+        problem = synthetic_problem(root, allow_synthetic)
+        if problem:
+            raise DataError(problem)
         return {split: list_split(root / split) for split in splits}
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return listings()
-    box: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = listings()
-        except Exception as e:
-            box[0] = str(e) if isinstance(e, UserError) else f"{root}: rank 0 could not list it ({e!r})"
-            dist.broadcast_object_list(box, src=0)  # before raising: the other ranks are waiting for it
-            raise
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], str):
-        raise DataError(box[0])
-    return box[0]
+    return made_by_rank0(listings, DataError)
 
 
 class ImageFolderData(Dataset):
@@ -473,12 +464,9 @@ def build_loaders(cfg: Config, rank: int, world_size: int, pin_memory: bool, dev
     """(train loader of device_batch passes, val loader, train sampler, class names).
     With ``decode: gpu`` both loaders yield batches already decoded and augmented on ``device``."""
     root = Path(cfg.data_root)
-    problem = synthetic_problem(root, cfg.allow_synthetic)
-    if problem:
-        raise DataError(problem)
     skip = cfg.bad_images == "skip"
     on_device = cfg.decode == "gpu"
-    listed = listed_once(root)
+    listed = listed_once(root, allow_synthetic=cfg.allow_synthetic)
     if on_device:  # workers read bytes and draw; the device decodes and augments (classification/device_data.py)
         from .device_data import DeviceAugment, DeviceLoader, EvalDraws, ReadJpeg, TrainDraws, raw_collate
 

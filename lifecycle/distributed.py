@@ -5,12 +5,17 @@ BatchNorm normalises over)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from lifecycle.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,6 +61,39 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+# How long the other ranks wait for rank 0's made_by_rank0: a walk of a large tree on cold shared storage may take
+# longer than NCCL's default collective timeout (10 minutes), which would end the job.
+RANK0_WAIT = timedelta(hours=2)
+
+
+def made_by_rank0(make: Callable[[], T], error: type[Exception] = UserError) -> T:
+    """``make()`` run by rank 0 alone and its result sent to every rank (pickled), over a gloo group of its own:
+    CPU memory, and RANK0_WAIT rather than NCCL's timeout. Whatever ``make`` raises on rank 0 is raised there, and
+    sent to the other ranks as its line, which they raise as ``error``: every rank stops, none waits for a result
+    that will not come."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return make()
+    group = dist.new_group(backend="gloo", timeout=RANK0_WAIT)
+    try:
+        box: list = [None]
+        failed = None
+        if dist.get_rank() == 0:
+            try:
+                box[0] = (True, make())
+            except BaseException as e:  # tell the waiting ranks, then fail here with the real traceback
+                failed = e
+                box[0] = (False, str(e) if isinstance(e, UserError) else f"rank 0 failed: {type(e).__name__}: {e}")
+        dist.broadcast_object_list(box, src=0, group=group)
+        if failed is not None:
+            raise failed
+        made, value = box[0]
+        if not made:
+            raise error(value)
+        return value
+    finally:
+        dist.destroy_process_group(group)
 
 
 def rank0_first(fn):

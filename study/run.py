@@ -341,8 +341,9 @@ def run_steps(steps: list[Step], work_dir: Path, gpus: int, nodes: int = 1, rank
         seconds = round(time.perf_counter() - t0, 1)
         checked = state == DONE and found is not None and _stamp(step.output) == found
         # A stage found complete trained nothing: its entry keeps the time of the run that made its output, not the
-        # seconds its check took (the table's time column is the stage's, as summary.json's is).
-        note(work_dir, step.key, state, seconds=earlier if checked else seconds, error=error)
+        # seconds its check took (the table's time column is the stage's, as summary.json's is); where no entry
+        # has that time (a lost status file, a study killed before it recorded the end), the check's.
+        note(work_dir, step.key, state, seconds=earlier if checked and earlier is not None else seconds, error=error)
         metric = headline(step) if state == DONE else ""
         echo(f"{step.label}: {'already done, checked' if checked else state} in {seconds:.1f}s"
              + (f": {metric}" if metric else "") + (f": {error}" if error else ""))

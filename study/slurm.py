@@ -60,9 +60,10 @@ DERIVED = {  # key -> the rest of its error line: the flag to use, or why it is 
     "cpus_per_gpu": "; use --cpus-per-gpu, or cpus_per_task=", "mem_per_gpu": "; use --mem-per-gpu, or mem=",
     "signal": _fixed("the stop contract's warning before the time limit"),
     "requeue": _fixed("requeued at each time limit"), "no_requeue": _fixed("requeued at each time limit"),
-    "dependency": _fixed("each job waits for the jobs holding what it reads"),
+    "dependency": _fixed("each job waits for the jobs holding what it reads, and is a singleton of its name"),
     "kill_on_invalid_dep": _fixed("a job whose dependency failed is cancelled"),
-    "array": _fixed("one job per arm, seed and part, run once"), "job_name": _fixed("the job's arm, seed and part"),
+    "array": _fixed("one job per arm, seed and part, run once"),
+    "job_name": _fixed("the job's arm, seed, part and study, which its singleton dependency keys on"),
     "output": _LOGS, "error": _LOGS, "open_mode": _LOGS,
 }
 

@@ -14,6 +14,7 @@ from classification.data import DataError, ImageFolderData
 from datakit import check
 from datakit.files import TreeError, ade_images, image_files, load_rgb
 from datakit.render import CATEGORIES
+from datakit.synthetic import synthetic_problem
 
 C0 = CATEGORIES[0].name
 
@@ -172,22 +173,25 @@ from classification import data
 
 dist.init_process_group("gloo")
 rank, root = dist.get_rank(), Path(sys.argv[1])
-if rank == 1:  # this rank must not list: its view of the tree would be its own
+said = open(Path(sys.argv[2]) / f"rank{rank}.txt", "w")  # a file per rank: two ranks' lines on one pipe interleave
+if rank == 1:  # this rank must not list nor judge: its view of the tree would be its own
     data.list_split = lambda split: (_ for _ in ()).throw(AssertionError(f"rank 1 listed {split}"))
-listed = data.listed_once(root)
-print(rank, "listed", repr([listed["train"].classes, list(listed["train"].samples), list(listed["val"].samples)]),
-      flush=True)
-try:
-    data.listed_once(root / "absent")
-except data.DataError as e:
-    print(rank, "error", e, flush=True)
+    data.synthetic_problem = lambda root, allowed: None
+listed = data.listed_once(root, allow_synthetic=True)
+print("listed", repr([listed["train"].classes, list(listed["train"].samples), list(listed["val"].samples)]),
+      file=said)
+for where, allowed in ((root / "absent", True), (root, False)):  # rank 0's refusals: every rank's
+    try:
+        data.listed_once(where, allow_synthetic=allowed)
+    except data.DataError as e:
+        print("error", e, file=said)
 """
 
 
 def test_rank_0_lists_the_tree_once_and_every_rank_gets_its_listing(imagenet: Path, tmp_path: Path) -> None:
     """Under torchrun only rank 0 walks the tree (1.33 M names at ImageNet size, every rank at once before) and the
-    other ranks get its listing, so every rank indexes the same files; a tree rank 0 cannot list is every rank's
-    one-line error, not a hang in the broadcast."""
+    other ranks get its listing, so every rank indexes the same files; a tree rank 0 cannot list or refuses
+    (generated data not allowed) is every rank's one-line error, not a hang in the broadcast."""
     import subprocess
     import sys
 
@@ -198,10 +202,12 @@ def test_rank_0_lists_the_tree_once_and_every_rank_gets_its_listing(imagenet: Pa
                *(list(ImageFolderData(imagenet / split, None, seed=0, skip_bad=False).folder.samples)
                  for split in ("train", "val"))]
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
-                          str(script), str(imagenet)], capture_output=True, text=True, timeout=300, cwd=repo,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
+                          str(script), str(imagenet), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
     assert out.returncode == 0, out.stdout + out.stderr
-    lines = sorted(out.stdout.splitlines())
-    error = f"error {imagenet / 'absent' / 'train'}: no such folder; point --data-root at the ImageFolder holding " \
-            f"train/ and val/"
-    assert lines == sorted(f"{rank} {said}" for rank in (0, 1) for said in (f"listed {listing!r}", error)), out.stdout
+    absent = f"error {imagenet / 'absent' / 'train'}: no such folder; point --data-root at the ImageFolder holding " \
+             f"train/ and val/"
+    generated = f"error {synthetic_problem(imagenet, False)}"
+    for rank in (0, 1):
+        said = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert said == [f"listed {listing!r}", absent, generated], (rank, said)
