@@ -295,17 +295,15 @@ if dist.get_rank() == 1:
 
 def _listing_sent(root: Path) -> list[float]:
     """Seconds for rank 1 to receive rank 0's listing of ``root`` (2 gloo processes on this machine)."""
-    import socket
     import subprocess
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    # --standalone: torchrun picks a free port itself (a port found free here could be taken before it binds)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "--no-python", sys.executable, "-c", _SENT, str(root)],
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     if out.returncode:
-        raise SystemExit(f"bench_scale: the listing's broadcast failed:\n{out.stderr[-2000:]}")
+        raise SystemExit(f"bench_scale: the listing's broadcast failed (exit {out.returncode}):\n"
+                         f"{out.stdout[-1000:]}{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
