@@ -61,6 +61,11 @@ def _load(path: Path) -> list[dict[str, Any]]:
         return []
 
 
+def entry_of(entries: list[dict[str, Any]], key: tuple[str, int, str]) -> dict[str, Any]:
+    """The entry of ``key`` = (arm, seed, stage) among study_status.json's, or {}."""
+    return next((e for e in entries if (e.get("arm"), e.get("seed"), e.get("stage")) == key), {})
+
+
 def record(work_dir: Path, key: tuple[str, int, str], status: str, **fields: Any) -> None:
     """Update the entry of ``key`` = (arm, seed, stage); ``running`` also names this process and the time."""
     now = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -71,7 +76,7 @@ def record(work_dir: Path, key: tuple[str, int, str], status: str, **fields: Any
     # flock, which NFS (as POSIX locks) and Lustre mounted with flock honour across nodes; without locks, a warning
     with waiting_lock(work_dir / f".{STATUS_FILE}.lock"):
         entries = _load(work_dir / STATUS_FILE)
-        old = next((e for e in entries if (e.get("arm"), e.get("seed"), e.get("stage")) == key), {})
+        old = entry_of(entries, key)
         new = {**old, "arm": key[0], "seed": key[1], "stage": key[2], "status": status,
                **({} if status == RUNNING else {"finished": now}), **fields}
         atomic_write_json(work_dir / STATUS_FILE, [e for e in entries if e is not old] + [new])
@@ -327,8 +332,7 @@ def run_steps(steps: list[Step], work_dir: Path, gpus: int, nodes: int = 1, rank
             continue
         argv = command(step, gpus, nodes, master, job_id, rank)
         found = _stamp(step.output)  # complete already? Then the rerun below only checks it: see after it
-        earlier = next((e.get("seconds") for e in _load(work_dir / STATUS_FILE)
-                        if (e.get("arm"), e.get("seed"), e.get("stage")) == step.key), None) if found else None
+        earlier = entry_of(_load(work_dir / STATUS_FILE), step.key).get("seconds") if found else None
         note(work_dir, step.key, RUNNING, command=shlex.join(argv))  # the command: in study_status.json and the log
         if _Running.signum is not None:  # the stop came while it was being recorded: it does not start
             note(work_dir, step.key, INTERRUPTED, error=f"stopped by {signal.Signals(_Running.signum).name} before it "
